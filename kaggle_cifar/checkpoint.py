@@ -1,0 +1,42 @@
+"""Checkpoints: written atomically, read with `weights_only=True` (a checkpoint never runs code),
+and checked against the run they are loaded into."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from kaggle_cifar.atomic import atomic_path
+
+
+class CheckpointError(Exception):
+    """A checkpoint is unreadable, unsafe, or belongs to another run; the message names the file."""
+
+
+def run_meta(cfg, classes: list[str]) -> dict:
+    """What a checkpoint must agree on with the run (a TrainConfig and its classes) that loads it."""
+    return {"arch": cfg.arch, "width": cfg.width, "classes": list(classes)}
+
+
+def save(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: Path, expected_meta: dict, device: torch.device | str = "cpu") -> dict:
+    """Load `path`, refusing pickled code and any `meta` entry that differs from `expected_meta`."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused, it is not a plain weights file ({first})") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).strip().splitlines()[0]})") from None
+    meta = state.get("meta", {}) if isinstance(state, dict) else {}
+    wrong = {k: (meta.get(k), v) for k, v in expected_meta.items() if meta.get(k) != v}
+    if wrong:
+        listed = "; ".join(f"{k} is {got!r}, this run has {want!r}" for k, (got, want) in wrong.items())
+        raise CheckpointError(f"{path}: belongs to another run: {listed}")
+    return state

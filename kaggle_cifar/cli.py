@@ -1,0 +1,41 @@
+"""What the scripts share: the input/run-dir flags, logging to stderr, and one clear error line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kaggle_cifar.checkpoint import CheckpointError
+from kaggle_cifar.config import ConfigError
+from kaggle_cifar.cv import RunDirError
+from kaggle_cifar.data import InputError, default_cache_dir
+from kaggle_cifar.submission import SubmissionError
+from kaggle_cifar.train import TrainingDiverged
+
+EXPECTED_ERRORS = (ConfigError, InputError, CheckpointError, RunDirError, SubmissionError, TrainingDiverged)
+
+
+def add_io_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", type=Path, default=Path("input"),
+                        help="competition folder: trainLabels.csv, train/, test/ (default: input)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
+                        help="where checkpoints, OOF predictions and reports go (default: runs/default)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where decoded images are cached (default: INPUT/.cache, or ./cache if INPUT is read-only)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    return args.cache_dir or default_cache_dir(args.input)
+
+
+def run(main) -> None:
+    """Run `main()`, turning the project's expected errors into one `error:` line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        sys.exit(main())
+    except EXPECTED_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

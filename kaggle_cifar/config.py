@@ -1,0 +1,92 @@
+"""Every training hyperparameter in one frozen dataclass; argparse flags are generated from it.
+
+The resolved config is saved as `config.json` in each run dir: it is the run's identity (a run dir
+made with other settings is refused) and `--config FILE` re-runs it, with CLI flags overriding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config value out of range, or a config file that is not this dataclass."""
+
+
+def _opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool) or any timm model name")
+    width: int = _opt(64, "base width of resnet18_cifar (64 is the standard ResNet18; 16 for quick CPU runs)")
+    folds: int = _opt(5, "number of stratified folds (K)")
+    seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
+    epochs: int = _opt(30, "epochs per fold")
+    batch_size: int = _opt(512, "training batch size (per process)")
+    lr: float = _opt(0.2, "peak learning rate of the one-cycle schedule (SGD, Nesterov)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay, not applied to BatchNorm weights and biases")
+    warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up (linear)")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
+    ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
+    crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
+    cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
+    tta: str = _opt("flip", "test-time views for OOF and predict: none, flip or flip_translate")
+
+    def __post_init__(self):
+        from kaggle_cifar.augment import TTA_VIEWS
+
+        problems = [f"{name} must be {rule}" for name, ok, rule in [
+            ("folds", self.folds >= 2, "at least 2"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("width", self.width >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("warmup", 0 < self.warmup < 1, "between 0 and 1"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("crop_pad", self.crop_pad >= 0, "0 or more"),
+            ("cutout", self.cutout >= 0, "0 or more"),
+            ("tta", self.tta in TTA_VIEWS, f"one of {', '.join(TTA_VIEWS)}"),
+        ] if not ok]
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable config ({e})") from None
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{path}: unknown config keys {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (`--batch-size` for `batch_size`), default None so that only
+    the flags given on the command line override `--config FILE` or the dataclass defaults."""
+    group = parser.add_argument_group("training config (saved as RUN_DIR/config.json)")
+    group.add_argument("--config", type=Path, help="config.json of an earlier run to start from; flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        group.add_argument(
+            "--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    return dataclasses.replace(base, **overrides)

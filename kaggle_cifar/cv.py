@@ -1,0 +1,107 @@
+"""Cross-validation runs: the run dir, the fold split, the folds (split across torchrun ranks), the
+OOF report; and the test-set prediction of a finished run.
+
+Run dir contents: config.json (the run's identity), classes.json, folds.csv (id,fold),
+fold<k>/ (see train.py), oof.csv (id, fold, label, prediction, per-class probabilities),
+report.json (CV accuracy, per-fold and per-class accuracy, confusion matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kaggle_cifar import distributed
+from kaggle_cifar.atomic import write_text
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.data import load_test, load_train
+from kaggle_cifar.folds import stratified_folds
+from kaggle_cifar.predict import load_fold_models, predict_test
+from kaggle_cifar.report import oof_summary
+from kaggle_cifar.submission import render, submission_frame
+from kaggle_cifar.train import FoldData, train_fold
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(Exception):
+    """The run dir belongs to another configuration or dataset."""
+
+
+def _check_or_write(path: Path, content: str, what: str) -> None:
+    if path.exists():
+        if path.read_text() != content:
+            raise RunDirError(f"{path}: this run dir was made with a different {what}; "
+                              f"use another --run-dir, or delete it to start over")
+    else:
+        write_text(path, content)
+
+
+def prepare_run_dir(run_dir: Path, cfg: TrainConfig, classes: list[str], ids: np.ndarray, fold_of: np.ndarray) -> None:
+    """Record the run's identity, or refuse a run dir that holds another run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_or_write(run_dir / "config.json", cfg.to_json(), "config")
+    _check_or_write(run_dir / "classes.json", json.dumps(classes) + "\n", "set of classes")
+    _check_or_write(run_dir / "folds.csv", pd.DataFrame({"id": ids, "fold": fold_of}).to_csv(index=False),
+                    "training set or fold split")
+
+
+def read_run(run_dir: Path) -> tuple[TrainConfig, list[str]]:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise RunDirError(f"{path}: missing; {run_dir} is not a finished training run (run train_folds.py)")
+    return TrainConfig.from_json(path), json.loads((Path(run_dir) / "classes.json").read_text())
+
+
+def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context,
+                compile: bool = False) -> dict | None:
+    """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
+    train = load_train(input_dir, cache_dir, cfg.folds)
+    labels = train.labels
+    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed)
+    if ctx.is_main:
+        prepare_run_dir(run_dir, cfg, labels.classes, labels.ids, fold_of)
+    distributed.barrier(ctx)
+
+    images = torch.from_numpy(np.array(train.images)).to(ctx.device)  # the whole set, uint8, once
+    targets = torch.from_numpy(labels.targets).to(ctx.device)
+    pixels = images.reshape(-1, images.shape[-1]).float()
+    mean, std = pixels.mean(0), pixels.std(0)
+    del pixels
+    for fold in range(ctx.rank, cfg.folds, ctx.world_size):
+        held_out = torch.from_numpy(fold_of == fold).to(ctx.device)
+        data = FoldData(fold, images[~held_out], targets[~held_out], images[held_out], targets[held_out])
+        train_fold(cfg, data, labels.classes, mean, std, run_dir / f"fold{fold}", ctx.device, compile)
+    distributed.barrier(ctx)
+    return write_oof_report(run_dir, cfg, labels.ids, labels.targets, labels.classes, fold_of) if ctx.is_main else None
+
+
+def write_oof_report(run_dir: Path, cfg: TrainConfig, ids: np.ndarray, targets: np.ndarray, classes: list[str],
+                     fold_of: np.ndarray) -> dict:
+    probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    for fold in range(cfg.folds):
+        probs[fold_of == fold] = np.load(run_dir / f"fold{fold}" / "oof.npy")
+    summary = oof_summary(probs, targets, fold_of, classes)
+    oof = pd.DataFrame({"id": ids, "fold": fold_of, "label": np.asarray(classes)[targets],
+                        "prediction": np.asarray(classes)[probs.argmax(1)]})
+    oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
+    write_text(run_dir / "oof.csv", oof.to_csv(index=False, float_format="%.6f"))
+    write_text(run_dir / "report.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def predict_run(input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context, tta: str | None = None,
+                batch_size: int = 2048) -> str | None:
+    """The fold ensemble's submission CSV for the test set, validated (on rank 0; None elsewhere)."""
+    cfg, classes = read_run(run_dir)
+    ids, images = load_test(input_dir, cache_dir)
+    models = load_fold_models(run_dir, cfg, classes, images.shape[1:], ctx.device)
+    probs = predict_test(images, models, tta or cfg.tta, ctx, batch_size)
+    if not ctx.is_main:
+        return None
+    return render(submission_frame(ids, probs, classes), ids, classes)

@@ -1,0 +1,65 @@
+"""torch.distributed under torchrun, and the single-process case as world size 1.
+
+Folds are independent, so ranks split whole folds (fold i on rank i mod N) and shards of the test
+set; no gradient is ever all-reduced. NCCL on GPUs, gloo on CPU (so tests run 2 processes here)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str | None = None) -> Context:
+    """Join the torchrun group if launched by torchrun; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(rank, world_size, device)
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int, ctx: Context) -> slice:
+    """This rank's contiguous share of n rows."""
+    per = -(-n // ctx.world_size)
+    return slice(min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per))
+
+
+def gather_rows(local: torch.Tensor, n: int, ctx: Context) -> torch.Tensor:
+    """Concatenate every rank's `shard` of an (n, ...) tensor, on every rank."""
+    if ctx.world_size == 1:
+        return local
+    per = -(-n // ctx.world_size)
+    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]

@@ -1,0 +1,69 @@
+"""Models: the CIFAR-stem ResNet18 (default) or any timm architecture, behind a uint8 input layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+
+class Normalize(nn.Module):
+    """uint8 NCHW images in, standardised float out; mean/std are buffers, so they travel with the
+    checkpoint and predict needs nothing but the weights."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float())
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+def _stage(inplanes: int, planes: int, stride: int) -> nn.Sequential:
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+    return nn.Sequential(BasicBlock(inplanes, planes, stride, downsample), BasicBlock(planes, planes))
+
+
+class ResNet18Cifar(nn.Module):
+    """ResNet18 with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool, so 32x32 inputs keep
+    their resolution into the first stage. timm's ResNet hard-wires a 64-channel stem, hence this
+    assembly of torchvision's BasicBlock with a free base width."""
+
+    def __init__(self, num_classes: int, width: int = 64):
+        super().__init__()
+        w = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = nn.Sequential(nn.Conv2d(3, w[0], 3, 1, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True))
+        self.stages = nn.Sequential(_stage(w[0], w[0], 1), _stage(w[0], w[1], 2), _stage(w[1], w[2], 2), _stage(w[2], w[3], 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w[3], num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for block in self.stages.modules():
+            if isinstance(block, BasicBlock):
+                nn.init.zeros_(block.bn2.weight)  # each residual block starts as identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+def build_model(arch: str, num_classes: int, width: int, mean: torch.Tensor, std: torch.Tensor) -> nn.Sequential:
+    if arch == "resnet18_cifar":
+        net = ResNet18Cifar(num_classes, width)
+    else:
+        import timm
+
+        net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    return nn.Sequential(Normalize(mean, std), net)
+
+
+def training_flops_per_image(model: nn.Module, image_shape: tuple[int, int, int]) -> float:
+    """Forward + backward FLOPs of one image (3x the forward count), from torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *image_shape, dtype=torch.uint8, device=next(model.parameters()).device))
+    return 3.0 * counter.get_total_flops()

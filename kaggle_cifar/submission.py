@@ -1,0 +1,82 @@
+"""Write and validate Kaggle submissions (`id,label`, class names, ids 1..N in numeric order).
+
+    python -m kaggle_cifar.submission check submissions/sub.csv --input input
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kaggle_cifar.data import InputError, listing, read_labels, test_ids
+
+
+class SubmissionError(Exception):
+    """A submission that Kaggle would reject or mis-score; the message names the problem."""
+
+
+def submission_frame(ids: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"id": ids, "label": np.asarray(classes)[probs.argmax(1)]})
+
+
+def validate(frame: pd.DataFrame, expected_ids: np.ndarray, classes: list[str], source: str) -> None:
+    if list(frame.columns) != ["id", "label"]:
+        raise SubmissionError(f"{source}: header is {list(frame.columns)}, expected ['id', 'label']")
+    if len(frame) != len(expected_ids):
+        raise SubmissionError(f"{source}: {len(frame)} rows, expected one per test image ({len(expected_ids)})")
+    ids = pd.to_numeric(frame["id"], errors="coerce").to_numpy()
+    wrong = np.flatnonzero(ids != expected_ids)
+    if len(wrong):
+        rows = [f"row {r + 2} has id {frame['id'].iloc[r]}, expected {expected_ids[r]}" for r in wrong[:3]]
+        raise SubmissionError(f"{source}: ids are not 1..{len(expected_ids)} in order: {'; '.join(rows)}")
+    unknown = sorted(set(frame["label"].astype(str)) - set(classes))
+    if unknown:
+        raise SubmissionError(f"{source}: labels that are not classes: {listing(unknown)} (classes: {', '.join(classes)})")
+
+
+def _read(source) -> pd.DataFrame:
+    return pd.read_csv(source, dtype=str, keep_default_na=False)
+
+
+def render(frame: pd.DataFrame, expected_ids: np.ndarray, classes: list[str]) -> str:
+    """The CSV text of `frame`, checked by parsing that very text back: what is validated is what
+    gets written."""
+    text = frame.to_csv(index=False)
+    validate(_read(io.StringIO(text)), expected_ids, classes, "the submission about to be written")
+    return text
+
+
+def check_file(path: Path, input_dir: Path) -> pd.DataFrame:
+    """Validate a submission file against the competition input it is meant for."""
+    try:
+        frame = _read(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SubmissionError(f"{path}: not a readable CSV ({e})") from None
+    validate(frame, test_ids(input_dir), read_labels(input_dir).classes, str(path))
+    return frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kaggle_cifar.submission",
+                                     description="Validate a submission CSV before uploading it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate FILE against the competition input")
+    check.add_argument("file", type=Path)
+    check.add_argument("--input", type=Path, default=Path("input"), help="competition folder (default: input)")
+    args = parser.parse_args(argv)
+    try:
+        frame = check_file(args.file, args.input)
+    except (SubmissionError, InputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid submission, {len(frame)} rows", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Train one fold: the whole loop, top to bottom, with per-epoch atomic checkpoints and resume.
+
+Fold directory contents:
+  last.pt      everything needed to resume (weights, EMA, optimizer, schedule, scaler, epoch, log)
+  log.csv      one row per epoch: train/val loss and accuracy, learning rate, time, images/s
+  model.pt     final weights (the EMA's when enabled) and the meta predict checks
+  oof.npy      class probabilities (with the run's TTA) for the fold's held-out images
+  result.json  written last: the fold is finished and is skipped on a re-run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from kaggle_cifar import checkpoint
+from kaggle_cifar.atomic import atomic_path, write_text
+from kaggle_cifar.augment import TTA_VIEWS, cutout, flip_crop
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.model import build_model
+from kaggle_cifar.predict import predict_probs
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """One fold's split of the training images, already on the training device as uint8 NHWC."""
+    fold: int
+    train_images: torch.Tensor
+    train_targets: torch.Tensor
+    val_images: torch.Tensor
+    val_targets: torch.Tensor
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs, none (float32) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def epoch_generator(cfg: TrainConfig, fold: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Shuffling and augmentation randomness of one epoch, derived from (seed, fold, epoch) so that
+    a resumed run replays exactly what an uninterrupted one would, with no RNG state to save."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + fold * 10_007 + epoch)
+
+
+def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """uint8 NHWC batch in, augmented uint8 NCHW batch out."""
+    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator)
+    return cutout(x, cfg.cutout, generator) if cfg.cutout else x
+
+
+def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch.Tensor, std: torch.Tensor,
+               fold_dir: Path, device: torch.device, compile: bool = False) -> dict:
+    """Train (or resume, or skip if finished) one fold; return its result."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    result_path, last_path = fold_dir / "result.json", fold_dir / "last.pt"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    meta = checkpoint.run_meta(cfg, classes)
+
+    torch.manual_seed(cfg.seed * 1_000_003 + data.fold)  # initial weights
+    model = build_model(cfg.arch, len(classes), cfg.width, mean, std).to(device, memory_format=torch.channels_last)
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV3
+
+    # timm's factory: Nesterov SGD with weight decay on conv/linear weights only (not BN, not biases).
+    optimizer = create_optimizer_v2(model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, filter_bias_and_bn=True)
+    n_train = len(data.train_targets)
+    batch_size = min(cfg.batch_size, n_train)
+    steps_per_epoch = n_train // batch_size  # drop the last partial batch: fixed shapes for torch.compile
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
+        anneal_strategy="linear", div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    step_model = torch.compile(model) if compile else model
+
+    start_epoch, history = 0, []
+    if last_path.exists():
+        state = checkpoint.load(last_path, meta, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, last_path)
+
+    eval_model = ema.module if ema is not None else model
+    bar = tqdm(total=cfg.epochs * steps_per_epoch * batch_size, initial=start_epoch * steps_per_epoch * batch_size,
+               desc=f"fold {data.fold}", unit="img", unit_scale=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        generator = epoch_generator(cfg, data.fold, epoch, device)
+        order = torch.randperm(n_train, device=device, generator=generator)
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = step_model(inputs)
+                loss = criterion(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss.detach() * batch_size
+            correct += (logits.argmax(1) == targets).sum()
+            bar.update(batch_size)
+        seen = steps_per_epoch * batch_size
+        train_loss = loss_sum.item() / seen  # the one sync of the epoch
+        if not math.isfinite(train_loss):
+            bar.close()
+            kept = f"last good checkpoint kept: {last_path}" if last_path.exists() else "no checkpoint was written"
+            raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {train_loss}; "
+                                   f"{kept} (try a lower --lr)")
+        train_seconds = time.perf_counter() - t0
+        val_probs = predict_probs([eval_model], data.val_images, TTA_VIEWS["none"], device)
+        val_loss, val_acc = nll_and_accuracy(val_probs, data.val_targets)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
+                        "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+                        "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds})
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}")
+        checkpoint.save(last_path, {
+            "meta": meta, "epoch": epoch, "history": history, "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
+        write_text(fold_dir / "log.csv", pd.DataFrame(history).to_csv(index=False))
+    bar.close()
+
+    oof = predict_probs([eval_model], data.val_images, TTA_VIEWS[cfg.tta], device)
+    checkpoint.save(fold_dir / "model.pt", {"meta": meta, "model": eval_model.state_dict()})
+    with atomic_path(fold_dir / "oof.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, oof.cpu().numpy())
+    _, accuracy = nll_and_accuracy(oof, data.val_targets)
+    result = {"fold": data.fold, "accuracy": accuracy, "epochs": cfg.epochs,
+              "seconds": sum(h["seconds"] for h in history)}
+    write_text(result_path, json.dumps(result, indent=2) + "\n")
+    log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, accuracy, cfg.tta)
+    return result
+
+
+def nll_and_accuracy(probs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    targets = targets.to(probs.device)
+    nll = -probs.gather(1, targets[:, None]).clamp_min(1e-12).log().mean()
+    return nll.item(), (probs.argmax(1) == targets).float().mean().item()

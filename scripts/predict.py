@@ -1,0 +1,42 @@
+"""Predict the test set with every fold's model and test-time augmentation; the submission CSV goes
+to stdout (or --output), written only once every prediction is done and the CSV has been validated.
+
+    python scripts/predict.py > submissions/sub.csv
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kaggle_cifar import cli, distributed  # noqa: E402
+from kaggle_cifar.atomic import write_text  # noqa: E402
+from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
+from kaggle_cifar.cv import predict_run  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_io_flags(parser)
+    parser.add_argument("--tta", choices=sorted(TTA_VIEWS), default=None,
+                        help="test-time views: none (1), flip (2), flip_translate (6) (default: the run's --tta)")
+    parser.add_argument("--batch-size", type=int, default=2048, help="inference batch size (default: 2048)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the CSV to this file (atomically) instead of stdout")
+    args = parser.parse_args()
+    ctx = distributed.setup(args.device)
+    try:
+        csv = predict_run(args.input, args.run_dir, cli.cache_dir(args), ctx, args.tta, args.batch_size)
+    finally:
+        distributed.teardown(ctx)
+    if csv is not None:
+        if args.output:
+            write_text(args.output, csv)
+        else:
+            sys.stdout.write(csv)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

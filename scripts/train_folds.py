@@ -1,0 +1,41 @@
+"""Stratified k-fold training: one model per fold, OOF predictions and the CV accuracy.
+
+    python scripts/train_folds.py                                 # defaults: 5 folds, ResNet18
+    torchrun --nproc_per_node=8 scripts/train_folds.py            # folds in parallel, fold k on rank k mod 8
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kaggle_cifar import cli, distributed  # noqa: E402
+from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
+from kaggle_cifar.cv import train_folds  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_io_flags(parser)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the training step (default: on for CUDA, off on CPU)")
+    add_config_flags(parser)
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+    ctx = distributed.setup(args.device)
+    compile = args.compile if args.compile is not None else ctx.device.type == "cuda"
+    try:
+        summary = train_folds(cfg, args.input, args.run_dir, cli.cache_dir(args), ctx, compile)
+    finally:
+        distributed.teardown(ctx)
+    if summary is not None:
+        print(json.dumps({k: summary[k] for k in ("cv_accuracy", "fold_accuracy", "per_class_accuracy")}, indent=2),
+              file=sys.stderr)
+        print(f"CV accuracy {summary['cv_accuracy']:.4f}; report: {args.run_dir / 'report.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
