@@ -31,11 +31,11 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     """Zero a size x size square at a random centre in each image (clipped at the borders)."""
     n, _, h, w = images.shape
     device = images.device
-    cy = torch.randint(0, h, (n, 1, 1), device=device, generator=generator)
-    cx = torch.randint(0, w, (n, 1, 1), device=device, generator=generator)
+    top = torch.randint(0, h, (n, 1, 1), device=device, generator=generator) - size // 2
+    left = torch.randint(0, w, (n, 1, 1), device=device, generator=generator) - size // 2
     y = torch.arange(h, device=device)[None, :, None]
     x = torch.arange(w, device=device)[None, None, :]
-    inside = ((y - cy).abs() * 2 < size) & ((x - cx).abs() * 2 < size)
+    inside = (y >= top) & (y < top + size) & (x >= left) & (x < left + size)
     return images * ~inside[:, None]
 
 

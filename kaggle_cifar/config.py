@@ -28,7 +28,7 @@ class TrainConfig:
     folds: int = _opt(5, "number of stratified folds (K)")
     seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
     epochs: int = _opt(30, "epochs per fold")
-    batch_size: int = _opt(512, "training batch size (per process)")
+    batch_size: int = _opt(128, "training batch size (per process)")
     lr: float = _opt(0.2, "peak learning rate of the one-cycle schedule (SGD, Nesterov)")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "weight decay, not applied to BatchNorm weights and biases")

@@ -58,6 +58,14 @@ def read_run(run_dir: Path) -> tuple[TrainConfig, list[str]]:
     return TrainConfig.from_json(path), json.loads((Path(run_dir) / "classes.json").read_text())
 
 
+def check_input(input_dir: Path, cache_dir: Path, folds: int) -> str:
+    """Validate every competition file (decoding each image, which also builds the cache)."""
+    train = load_train(input_dir, cache_dir, folds)
+    ids, _ = load_test(input_dir, cache_dir)
+    return (f"input OK: {len(train.labels.ids)} training images in {len(train.labels.classes)} classes "
+            f"({', '.join(train.labels.classes)}), {len(ids)} test images, {train.images.shape[1:]} uint8 each")
+
+
 def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context,
                 compile: bool = False) -> dict | None:
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
@@ -74,11 +82,16 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     mean, std = pixels.mean(0), pixels.std(0)
     del pixels
     for fold in range(ctx.rank, cfg.folds, ctx.world_size):
-        held_out = torch.from_numpy(fold_of == fold).to(ctx.device)
-        data = FoldData(fold, images[~held_out], targets[~held_out], images[held_out], targets[held_out])
-        train_fold(cfg, data, labels.classes, mean, std, run_dir / f"fold{fold}", ctx.device, compile)
+        train_fold(cfg, fold_data(images, targets, fold_of, fold), labels.classes, mean, std,
+                   run_dir / f"fold{fold}", ctx.device, compile)
     distributed.barrier(ctx)
     return write_oof_report(run_dir, cfg, labels.ids, labels.targets, labels.classes, fold_of) if ctx.is_main else None
+
+
+def fold_data(images: torch.Tensor, targets: torch.Tensor, fold_of: np.ndarray, fold: int) -> FoldData:
+    """Fold `fold` holds its images out: they are its validation set and never in its training set."""
+    held_out = torch.from_numpy(fold_of == fold).to(images.device)
+    return FoldData(fold, images[~held_out], targets[~held_out], images[held_out], targets[held_out])
 
 
 def write_oof_report(run_dir: Path, cfg: TrainConfig, ids: np.ndarray, targets: np.ndarray, classes: list[str],

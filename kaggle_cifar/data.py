@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from kaggle_cifar.atomic import atomic_path, write_text
@@ -131,12 +132,12 @@ def _fingerprint(folder: Path, ids: np.ndarray) -> dict:
 
 
 def _decode(path: Path) -> np.ndarray:
-    """One PNG as (H, W, C) uint8; torchvision's libpng decoder is ~1.5x faster than PIL here."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_png
-
-    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    return decode_png(data, ImageReadMode.UNCHANGED).permute(1, 2, 0).numpy()
+    """One PNG as (H, W, C) uint8, its channels as stored (a grayscale PNG gives C=1)."""
+    with Image.open(path) as image:
+        if image.format != "PNG":
+            raise OSError(f"a {image.format} file, not a PNG")
+        array = np.asarray(image)
+    return array if array.ndim == 3 else array[:, :, None]
 
 
 def _describe(image: np.ndarray) -> str:
@@ -146,16 +147,13 @@ def _describe(image: np.ndarray) -> str:
 
 def _decode_chunk(task: tuple) -> list[tuple[int, str]]:
     """Worker: decode PNGs into rows [start, start+len) of the memory-mapped cache; return problems."""
-    import torch
-
-    torch.set_num_threads(1)
     npy_path, folder, ids, start = task
     out = np.lib.format.open_memmap(npy_path, mode="r+")
     problems = []
     for row, i in enumerate(ids, start):
         try:
             image = _decode(Path(folder) / f"{i}.png")
-        except (RuntimeError, OSError) as e:
+        except (OSError, SyntaxError, ValueError) as e:
             problems.append((int(i), f"not a readable PNG ({str(e).splitlines()[0][:80]})"))
             continue
         if image.shape != out.shape[1:]:
@@ -175,7 +173,7 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
     folder = Path(folder)
     try:
         first = _decode(folder / f"{ids[0]}.png")
-    except (RuntimeError, OSError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{folder / f'{ids[0]}.png'}: not a readable PNG ({e})") from None
     if first.ndim != 3 or first.shape[2] != 3:
         raise InputError(f"{folder / f'{ids[0]}.png'}: {_describe(first)}, expected an RGB image")

@@ -6,6 +6,7 @@
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -13,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kaggle_cifar import cli, distributed  # noqa: E402
 from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
-from kaggle_cifar.cv import train_folds  # noqa: E402
+from kaggle_cifar.cv import check_input, train_folds  # noqa: E402
+
+log = logging.getLogger("train_folds")
 
 
 def main() -> int:
@@ -21,9 +24,14 @@ def main() -> int:
     cli.add_io_flags(parser)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the training step (default: on for CUDA, off on CPU)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the input (labels, every train and test image) and exit without training")
     add_config_flags(parser)
     args = parser.parse_args()
     cfg = config_from_args(args)
+    if args.check:
+        log.info(check_input(args.input, cli.cache_dir(args), cfg.folds))
+        return 0
     ctx = distributed.setup(args.device)
     compile = args.compile if args.compile is not None else ctx.device.type == "cuda"
     try:

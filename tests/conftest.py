@@ -1,0 +1,57 @@
+"""Tiny Kaggle-format competitions, made by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "frog"]
+# One saturated colour per class plus noise: learnable in a few CPU steps, so the end-to-end tests
+# can demand accuracy far above chance, which a pipeline that scrambles ids or labels cannot reach.
+COLOURS = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220]])
+
+
+def class_image(rng: np.random.Generator, c: int, size: int = 32) -> np.ndarray:
+    noise = rng.integers(-35, 36, size=(size, size, 3))
+    return np.clip(COLOURS[c] + noise, 0, 255).astype(np.uint8)
+
+
+def make_competition(root: Path, per_class: int = 20, n_test: int = 24, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    targets = np.repeat(np.arange(len(CLASSES)), per_class)
+    rng.shuffle(targets)
+    for i, c in enumerate(targets, 1):
+        Image.fromarray(class_image(rng, c)).save(root / "train" / f"{i}.png")
+    (root / "trainLabels.csv").write_text("id,label\n" + "".join(f"{i},{CLASSES[c]}\n" for i, c in enumerate(targets, 1)))
+    test_targets = rng.integers(0, len(CLASSES), n_test)
+    for i, c in enumerate(test_targets, 1):
+        Image.fromarray(class_image(rng, c)).save(root / "test" / f"{i}.png")
+    (root / "sampleSubmission.csv").write_text("id,label\n" + "".join(f"{i},cat\n" for i in range(1, n_test + 1)))
+    np.save(root.parent / f"{root.name}_test_targets.npy", test_targets)
+    return root
+
+
+@pytest.fixture
+def competition(tmp_path) -> Path:
+    return make_competition(tmp_path / "input")
+
+
+TINY = ["--folds", "2", "--epochs", "4", "--width", "8", "--batch-size", "16", "--lr", "0.05"]
+
+
+def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,68 @@
+"""End to end: train_folds then predict on a tiny competition, through the real scripts."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from conftest import CLASSES, TINY, run_script
+from kaggle_cifar import checkpoint
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.data import cached_images
+from kaggle_cifar.predict import load_fold_models, predict_probs
+
+
+def test_train_then_predict_writes_a_valid_submission(competition, tmp_path):
+    run = tmp_path / "run"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    report = json.loads((run / "report.json").read_text())
+    assert report["classes"] == sorted(CLASSES)
+    assert len(report["fold_accuracy"]) == 2
+    assert report["cv_accuracy"] > 0.8  # chance is 1/3
+
+    proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(run))
+    sub = pd.read_csv(io.StringIO(proc.stdout), dtype=str)  # stdout holds the CSV and nothing else
+    assert list(sub.columns) == ["id", "label"]
+    assert sub["id"].tolist() == [str(i) for i in range(1, 25)]
+    assert set(sub["label"]) <= set(CLASSES)
+    truth = np.asarray(sorted(CLASSES))[np.load(tmp_path / "input_test_targets.npy")]
+    assert (sub["label"].to_numpy() == truth).mean() > 0.8
+
+
+def test_oof_probabilities_come_from_the_model_that_held_the_image_out(competition, tmp_path):
+    run = tmp_path / "run"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    cfg = TrainConfig.from_json(run / "config.json")
+    classes = json.loads((run / "classes.json").read_text())
+    folds = pd.read_csv(run / "folds.csv")
+    oof = pd.read_csv(run / "oof.csv")
+    assert oof["id"].tolist() == folds["id"].tolist()
+    images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")
+    models = load_fold_models(run, cfg, classes, images.shape[1:], torch.device("cpu"))
+    prob_columns = [f"p_{c}" for c in classes]
+    for k, model in enumerate(models):
+        held_out = (folds["fold"] == k).to_numpy()
+        expected = predict_probs([model], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
+        np.testing.assert_allclose(oof.loc[held_out, prob_columns].to_numpy(), expected, atol=1e-5)
+        # and the other fold's model gives different probabilities for these images
+        other = predict_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
+        assert not np.allclose(other, expected, atol=1e-3)
+    fold_ckpt = checkpoint.load(run / "fold0" / "model.pt", checkpoint.run_meta(cfg, classes))
+    assert fold_ckpt["meta"]["classes"] == classes
+
+
+def test_predict_orders_ids_numerically(tmp_path):
+    from conftest import make_competition
+
+    competition = make_competition(tmp_path / "input", per_class=4, n_test=12)
+    run = tmp_path / "run"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--folds", "2", "--epochs", "1",
+               "--width", "4", "--batch-size", "8")
+    out = tmp_path / "sub.csv"
+    run_script("predict.py", "--input", str(competition), "--run-dir", str(run), "--tta", "none", "--output", str(out))
+    assert pd.read_csv(out)["id"].tolist() == list(range(1, 13))  # 10, 11, 12 after 9, not after 1
