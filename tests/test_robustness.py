@@ -1,0 +1,127 @@
+"""Interruptions, divergence and untrusted files: nothing finished is lost, nothing unsafe is run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from conftest import make_competition, run_script
+from kaggle_cifar import checkpoint, distributed, train
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import RunDirError, train_folds
+
+CFG = TrainConfig(folds=2, epochs=4, width=4, batch_size=4, lr=0.05)  # 9 training images: 2 steps an epoch
+CPU = distributed.setup("cpu")
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_competition(tmp_path / "input", per_class=6, n_test=6)
+
+
+def run(cfg, small, run_dir):
+    return train_folds(cfg, small, run_dir, small / ".cache", CPU)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch):
+    run(CFG, small, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_augment = train.augment
+
+    def crash_in_epoch_3_of_fold_1(images, cfg, generator):
+        calls["n"] += 1
+        if calls["n"] == 4 * 2 + 2 * 2 + 2:  # fold 0 done (4 epochs x 2 steps), fold 1 epochs 1-2 done, mid epoch 3
+            raise KeyboardInterrupt("simulated kill")
+        return real_augment(images, cfg, generator)
+
+    monkeypatch.setattr(train, "augment", crash_in_epoch_3_of_fold_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(CFG, small, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "fold0" / "result.json").exists()
+    assert not (tmp_path / "resumed" / "fold1" / "result.json").exists()
+    assert torch.load(tmp_path / "resumed" / "fold1" / "last.pt", weights_only=True)["epoch"] == 1  # 0-based
+    fold0_mtime = (tmp_path / "resumed" / "fold0" / "model.pt").stat().st_mtime_ns
+
+    monkeypatch.setattr(train, "augment", real_augment)
+    summary = run(CFG, small, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "fold0" / "model.pt").stat().st_mtime_ns == fold0_mtime  # finished fold skipped
+    for fold in (0, 1):
+        straight = weights(tmp_path / "straight" / f"fold{fold}" / "model.pt")
+        resumed = weights(tmp_path / "resumed" / f"fold{fold}" / "model.pt")
+        for name in straight:
+            torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+    assert summary["cv_accuracy"] == run(CFG, small, tmp_path / "straight")["cv_accuracy"]
+    assert not list((tmp_path / "resumed").rglob(".*tmp*"))  # no temp files left behind
+
+
+def test_run_dir_with_other_settings_is_refused(small, tmp_path):
+    run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
+    with pytest.raises(RunDirError, match=r"config\.json: this run dir was made with a different config"):
+        run(dataclasses.replace(CFG, epochs=2), small, tmp_path / "run")
+
+
+def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(small, tmp_path, monkeypatch):
+    real_loss = torch.nn.CrossEntropyLoss
+    calls = {"n": 0}
+
+    class NanAfterTwoEpochs(real_loss):
+        def forward(self, logits, targets):
+            calls["n"] += 1
+            loss = super().forward(logits, targets)
+            return loss * float("nan") if calls["n"] > 4 else loss  # 2 steps per epoch
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAfterTwoEpochs)
+    with pytest.raises(train.TrainingDiverged, match=r"fold 0, epoch 3: training loss is nan; last good checkpoint kept"):
+        run(CFG, small, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_tampered_checkpoint_is_refused_without_running_its_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "model.pt"
+    torch.save({"meta": {}, "model": Exploit()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.pt: refused, it is not a plain weights file"):
+        checkpoint.load(path, {})
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_mismatched_checkpoint_is_refused(small, tmp_path):
+    run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
+    other = dataclasses.replace(CFG, width=8)
+    with pytest.raises(checkpoint.CheckpointError, match=r"belongs to another run: width is 4, this run has 8"):
+        checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", checkpoint.run_meta(other, ["cat", "dog", "frog"]))
+    with pytest.raises(checkpoint.CheckpointError, match=r"classes is \['cat', 'dog', 'frog'\], this run has"):
+        checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", checkpoint.run_meta(CFG, ["cat", "dog"]))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"meta": {}, "model": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(checkpoint.CheckpointError, match=r"last\.pt: unreadable checkpoint"):
+        checkpoint.load(path, {})
+
+
+def test_predict_refuses_a_run_with_a_missing_fold(small, tmp_path):
+    run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
+    (tmp_path / "run" / "fold1" / "model.pt").unlink()
+    out = tmp_path / "sub.csv"
+    proc = run_script("predict.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--output", str(out),
+                      check=False)
+    assert proc.returncode == 2 and "fold1/model.pt: missing; fold 1 has not finished" in proc.stderr
+    assert proc.stdout == "" and not out.exists()
