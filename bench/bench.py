@@ -1,0 +1,91 @@
+"""One-call benchmark of the whole pipeline; prints a short table last.
+
+    python bench/bench.py --input input                       # the default run, as a competitor runs it
+    python bench/bench.py --input /tmp/cifar-small --folds 2 --epochs 4 --width 16    # CPU-sized
+
+Measures, from a cold cache: PNG decode images/s (train and test), training images/s per fold
+(epochs after the first, so warm-up and compilation stay out), epoch time, predict images/s per
+TTA view and fold, the wall time of the whole pipeline (decode + k folds + predict + CSV), the
+model's training FLOPs per image and the TFLOP/s they imply. Run outputs go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kaggle_cifar import distributed  # noqa: E402
+from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
+from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
+from kaggle_cifar.cv import predict_run, train_folds  # noqa: E402
+from kaggle_cifar.data import cached_images, image_ids, read_labels  # noqa: E402
+from kaggle_cifar.model import build_model, training_flops_per_image  # noqa: E402
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, default=Path("input"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    add_config_flags(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = config_from_args(args)
+    ctx = distributed.setup()
+    compile = args.compile if args.compile is not None else ctx.device.type == "cuda"
+    rows = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, run_dir = Path(tmp) / "cache", Path(tmp) / "run"
+        t_start = time.perf_counter()
+        for folder, ids in (("train", read_labels(args.input).ids), ("test", image_ids(args.input / "test"))):
+            _, seconds = timed(lambda: cached_images(args.input / folder, ids, cache))
+            rows.append((f"decode {folder} (cold cache)", f"{len(ids) / seconds:,.0f} images/s", f"{seconds:.1f} s"))
+        _, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
+        rows.append((f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s"))
+        warm_rates, epoch_times = [], []
+        for fold in range(cfg.folds):
+            log = pd.read_csv(run_dir / f"fold{fold}" / "log.csv")
+            warm = log.iloc[1:] if len(log) > 1 else log
+            warm_rates.append(warm["train_images_per_s"].median())
+            epoch_times += warm["seconds"].tolist()
+            rows.append((f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", ""))
+        rows.append(("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s"))
+        csv, seconds = timed(lambda: predict_run(args.input, run_dir, cache, ctx))
+        n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
+        rows.append((f"predict {n_test:,} images, tta {cfg.tta}", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold",
+                     f"{seconds:.1f} s"))
+        rows.append(("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s"))
+
+    model = build_model(cfg.arch, 10, cfg.width, torch.zeros(3), torch.ones(3)).to(ctx.device)
+    flops = training_flops_per_image(model, (3, 32, 32))
+    rate = statistics.median(warm_rates)
+    rows.append(("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved"))
+    device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "CPU"
+    print(f"\ndevice: {device}; torch {torch.__version__}; compile={compile}; config: {cfg.to_json().replace(chr(10), ' ')}")
+    width = max(len(r[0]) for r in rows)
+    for name, rate_text, time_text in rows:
+        print(f"{name:<{width}}  {rate_text:>36}  {time_text:>24}")
+
+
+if __name__ == "__main__":
+    main()
