@@ -27,7 +27,8 @@ def main() -> int:
     args = parser.parse_args()
     ctx = distributed.setup(args.device)
     try:
-        csv = predict_run(args.input, args.run_dir, cli.cache_dir(args), ctx, args.tta, args.batch_size)
+        cli.resolve_paths(args, ctx)
+        csv = predict_run(args.input, args.run_dir, args.cache_dir, ctx, args.tta, args.batch_size)
     finally:
         distributed.teardown(ctx)
     if csv is not None:

@@ -29,13 +29,14 @@ def main() -> int:
     add_config_flags(parser)
     args = parser.parse_args()
     cfg = config_from_args(args)
-    if args.check:
-        log.info(check_input(args.input, cli.cache_dir(args), cfg.folds))
-        return 0
     ctx = distributed.setup(args.device)
     compile = args.compile if args.compile is not None else ctx.device.type == "cuda"
     try:
-        summary = train_folds(cfg, args.input, args.run_dir, cli.cache_dir(args), ctx, compile)
+        cli.resolve_paths(args, ctx)
+        if args.check:
+            log.info(check_input(args.input, args.cache_dir, cfg.folds))
+            return 0
+        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, compile)
     finally:
         distributed.teardown(ctx)
     if summary is not None:

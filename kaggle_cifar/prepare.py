@@ -1,0 +1,104 @@
+"""From the raw Kaggle download to the competition layout.
+
+`kaggle competitions download -c cifar-10 -p input` gives `input/cifar-10.zip` holding `train.7z`,
+`test.7z`, `trainLabels.csv` and `sampleSubmission.csv`; Kaggle's notebooks mount the same four files,
+unzipped, read-only under /kaggle/input/cifar-10. `prepare` unpacks whichever is there into
+`train/` and `test/` beside the CSVs (into a writable folder when the input is read-only) and is a
+no-op once done. Each archive is extracted under a temporary name and renamed into place, so an
+interrupted extraction is redone, never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kaggle_cifar.data import LABELS_FILE, InputError
+
+log = logging.getLogger(__name__)
+
+ZIP_NAME = "cifar-10.zip"
+CSV_FILES = (LABELS_FILE, "sampleSubmission.csv")
+
+
+def is_prepared(folder: Path) -> bool:
+    return (folder / LABELS_FILE).is_file() and (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def _extract_7z(archive: Path, dest: Path, part: str) -> None:
+    import py7zr  # optional: only the raw download needs it
+    from py7zr.callbacks import ExtractCallback
+
+    class Progress(ExtractCallback):
+        """Counts finished files on the tqdm bar."""
+
+        def report_start_preparation(self): pass
+        def report_start(self, processing_file_path, processing_bytes): pass
+        def report_update(self, decompressed_bytes): pass
+        def report_postprocess(self): pass
+        def report_warning(self, message): log.warning("py7zr: %s", message)
+
+        def report_end(self, processing_file_path, wrote_bytes):
+            bar.update(1)
+
+    tmp = dest / f".{part}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with py7zr.SevenZipFile(archive) as z:
+            with tqdm(total=len(z.getnames()), desc=f"extract {archive.name}", unit="file", unit_scale=True) as bar:
+                z.extractall(tmp, callback=Progress())
+    except (py7zr.exceptions.Bad7zFile, OSError, EOFError) as e:
+        raise InputError(f"{archive}: not a readable 7z archive ({e}); download it again") from None
+    inner = tmp / part if (tmp / part).is_dir() else tmp
+    if not any(inner.glob("*.png")):
+        raise InputError(f"{archive}: holds no {part}/<id>.png images")
+    os.replace(inner, dest / part)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepared_dir(input_dir: Path) -> Path:
+    """Where the layout for `input_dir` is: itself when prepared or writable, else ./input."""
+    input_dir = Path(input_dir)
+    return input_dir if is_prepared(input_dir) or os.access(input_dir, os.W_OK) else Path("input")
+
+
+def prepare(input_dir: Path, dest: Path | None = None) -> Path:
+    """Make sure the competition layout exists; return the folder that holds it."""
+    input_dir = Path(input_dir)
+    if is_prepared(input_dir):
+        return input_dir
+    dest = Path(dest) if dest is not None else prepared_dir(input_dir)
+    if is_prepared(dest):
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    source = input_dir
+    zip_path = input_dir / ZIP_NAME
+    if not (input_dir / "train.7z").is_file() and zip_path.is_file():
+        log.info("unzipping %s", zip_path)
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(dest, members=[n for n in z.namelist() if n in ("train.7z", "test.7z", *CSV_FILES)])
+        except zipfile.BadZipFile as e:
+            raise InputError(f"{zip_path}: not a readable zip ({e}); download it again") from None
+        source = dest
+    for part in ("train", "test"):
+        if (dest / part).is_dir():
+            continue
+        archive = source / f"{part}.7z"
+        if not archive.is_file():
+            raise InputError(f"{input_dir}: no {part}/ folder, {part}.7z or {ZIP_NAME} "
+                             f"(download with: kaggle competitions download -c cifar-10 -p {input_dir})")
+        _extract_7z(archive, dest, part)
+    for name in CSV_FILES:
+        if not (dest / name).is_file() and (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+    if source == dest:  # the archives were unzipped here: the extracted folders replace them
+        for part in ("train", "test"):
+            (dest / f"{part}.7z").unlink(missing_ok=True)
+    log.info("prepared %s", dest)
+    return dest

@@ -1,0 +1,66 @@
+"""Validate a submission, then upload it with the Kaggle CLI, with a message built from the run.
+
+    python scripts/submit.py submissions/sub.csv --run-dir runs/default
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kaggle_cifar import cli  # noqa: E402
+from kaggle_cifar.cv import read_run  # noqa: E402
+from kaggle_cifar.submission import check_file  # noqa: E402
+
+COMPETITION = "cifar-10"
+HINTS = [  # (text in the Kaggle CLI's output, what it means in plain words)
+    ("403", f"Kaggle answered 403 Forbidden: accept the competition rules first, on "
+            f"https://www.kaggle.com/c/{COMPETITION}/rules, with the account whose token you use."),
+    ("401", "Kaggle answered 401 Unauthorized: the API token is wrong or expired; create a new one "
+            "(kaggle.com > Settings > API > Create New Token) and save it as ~/.kaggle/kaggle.json."),
+    ("kaggle.json", "No Kaggle credentials found: save your API token as ~/.kaggle/kaggle.json (chmod 600), "
+                    "or set KAGGLE_USERNAME and KAGGLE_KEY."),
+]
+
+
+def message_for(run_dir: Path) -> str:
+    cfg, _ = read_run(run_dir)
+    parts = [f"{cfg.folds}-fold {cfg.arch} w{cfg.width}", f"{cfg.epochs} ep", f"tta {cfg.tta}"]
+    report = run_dir / "report.json"
+    if report.exists():
+        parts.append(f"CV {json.loads(report.read_text())['cv_accuracy']:.4f}")
+    return ", ".join(parts)
+
+
+def explain(output: str) -> str:
+    return next((hint for needle, hint in HINTS if needle in output), output.strip().splitlines()[-1] if output.strip() else "")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", type=Path, help="the submission CSV")
+    parser.add_argument("--input", type=Path, default=Path("input"), help="competition folder to check against (default: input)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="run the submission came from (default: runs/default)")
+    parser.add_argument("-m", "--message", default=None, help="submission message (default: built from the run's config and CV)")
+    args = parser.parse_args()
+    check_file(args.file, args.input)
+    message = args.message or message_for(args.run_dir)
+    if shutil.which("kaggle") is None:
+        print("error: the Kaggle CLI is not installed: pip install kaggle", file=sys.stderr)
+        return 2
+    proc = subprocess.run(["kaggle", "competitions", "submit", "-c", COMPETITION, "-f", str(args.file), "-m", message],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"error: kaggle submit failed: {explain(proc.stdout + proc.stderr)}", file=sys.stderr)
+        return 2
+    print(proc.stdout.strip(), file=sys.stderr)
+    print(f"submitted {args.file}: {message}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

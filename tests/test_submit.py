@@ -1,0 +1,66 @@
+"""scripts/submit.py: validates before any upload; Kaggle's errors in plain words. The Kaggle CLI is
+replaced at the process boundary by a fake `kaggle` executable on PATH that records its arguments."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_competition
+
+
+def fake_kaggle(bin_dir, exit_code=0, output="Successfully submitted to CIFAR-10"):
+    bin_dir.mkdir()
+    script = bin_dir / "kaggle"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {bin_dir / 'called'}\necho '{output}'\nexit {exit_code}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def submit(competition, sub, bin_dir, run_dir):
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), str(sub), "--input", str(competition),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"folds": 2, "width": 8}')
+    (run_dir / "classes.json").write_text('["cat", "dog", "frog"]')
+    (run_dir / "report.json").write_text('{"cv_accuracy": 0.91234}')
+    sub = tmp_path / "sub.csv"
+    sub.write_text("id,label\n1,cat\n2,dog\n3,frog\n")
+    return competition, run_dir, sub, tmp_path
+
+
+def test_valid_submission_is_uploaded_with_a_message_from_the_run(setup):
+    competition, run_dir, sub, tmp = setup
+    bin_dir = fake_kaggle(tmp / "bin")
+    proc = submit(competition, sub, bin_dir, run_dir)
+    assert proc.returncode == 0, proc.stderr
+    called = (bin_dir / "called").read_text()
+    assert called.startswith(f"competitions submit -c cifar-10 -f {sub} -m 2-fold resnet18_cifar w8")
+    assert "CV 0.9123" in called
+
+
+def test_invalid_submission_never_reaches_kaggle(setup):
+    competition, run_dir, sub, tmp = setup
+    sub.write_text("id,label\n1,cat\n3,frog\n2,dog\n")
+    bin_dir = fake_kaggle(tmp / "bin")
+    proc = submit(competition, sub, bin_dir, run_dir)
+    assert proc.returncode == 2 and "ids are not 1..3 in order" in proc.stderr
+    assert not (bin_dir / "called").exists()
+
+
+def test_rules_not_accepted_is_explained(setup):
+    competition, run_dir, sub, tmp = setup
+    bin_dir = fake_kaggle(tmp / "bin", exit_code=1, output="403 - Forbidden - You must accept the rules of this competition")
+    proc = submit(competition, sub, bin_dir, run_dir)
+    assert proc.returncode == 2 and "accept the competition rules first" in proc.stderr
