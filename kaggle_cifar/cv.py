@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kaggle_cifar import distributed
+from kaggle_cifar import distributed, plots
 from kaggle_cifar.atomic import write_text
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import load_test, load_train
@@ -85,7 +85,12 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         train_fold(cfg, fold_data(images, targets, fold_of, fold), labels.classes, mean, std,
                    run_dir / f"fold{fold}", ctx.device, compile)
     distributed.barrier(ctx)
-    return write_oof_report(run_dir, cfg, labels.ids, labels.targets, labels.classes, fold_of) if ctx.is_main else None
+    if not ctx.is_main:
+        return None
+    summary = write_oof_report(run_dir, cfg, labels.ids, labels.targets, labels.classes, fold_of)
+    if plots.available():
+        plots.write_report(run_dir, train.images)
+    return summary
 
 
 def fold_data(images: torch.Tensor, targets: torch.Tensor, fold_of: np.ndarray, fold: int) -> FoldData:

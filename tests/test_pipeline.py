@@ -66,3 +66,32 @@ def test_predict_orders_ids_numerically(tmp_path):
     out = tmp_path / "sub.csv"
     run_script("predict.py", "--input", str(competition), "--run-dir", str(run), "--tta", "none", "--output", str(out))
     assert pd.read_csv(out)["id"].tolist() == list(range(1, 13))  # 10, 11, 12 after 9, not after 1
+
+
+def test_report_pictures_are_made_by_training_and_by_report_script(competition, tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY[:-4])
+    pictures = sorted((run / "report").glob("*.png"))
+    assert [p.name for p in pictures] == ["confusion.png", "curves.png", "mistakes.png", "per_class.png"]
+    for p in pictures:
+        with Image.open(p) as image:
+            assert image.size[0] > 300 and image.size[1] > 150
+            assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
+        p.unlink()
+    proc = run_script("report.py", str(run), "--input", str(competition))
+    assert len(proc.stdout.split()) == 4 and all((run / "report" / p.name).exists() for p in pictures)
+
+
+def test_config_round_trips_and_flags_override_it(competition, tmp_path):
+    first = tmp_path / "first"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(first), *TINY[:-2], "--epochs", "1",
+               "--label-smoothing", "0.05")
+    saved = TrainConfig.from_json(first / "config.json")
+    assert saved.label_smoothing == 0.05 and saved.epochs == 1 and saved.width == 8
+    second = tmp_path / "second"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), "--config",
+               str(first / "config.json"), "--seed", "7")
+    import dataclasses
+    assert TrainConfig.from_json(second / "config.json") == dataclasses.replace(saved, seed=7)

@@ -1,0 +1,124 @@
+"""The run's report as pictures (matplotlib, optional): learning curves, confusion matrix, per-class
+accuracy, and the most confident OOF mistakes. Written into RUN_DIR/report/ from the run's own files
+(fold logs, report.json, oof.csv) plus the training images, so `scripts/report.py` can redo them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kaggle_cifar.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def learning_curves(run_dir: Path, folds: int):
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for fold in range(folds):
+        log_csv = pd.read_csv(run_dir / f"fold{fold}" / "log.csv")
+        line, = ax_loss.plot(log_csv["epoch"], log_csv["train_loss"], label=f"fold {fold} train")
+        ax_loss.plot(log_csv["epoch"], log_csv["val_loss"], "--", color=line.get_color(), label=f"fold {fold} val")
+        ax_acc.plot(log_csv["epoch"], log_csv["train_acc"], color=line.get_color(), label=f"fold {fold} train")
+        ax_acc.plot(log_csv["epoch"], log_csv["val_acc"], "--", color=line.get_color(), label=f"fold {fold} val")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=7, ncol=2)
+    fig.suptitle("training (solid) and held-out (dashed) per fold")
+    return fig
+
+
+def confusion(summary: dict):
+    import matplotlib.pyplot as plt
+
+    matrix, classes = np.array(summary["confusion"]), summary["classes"]
+    rates = matrix / matrix.sum(1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), [f"{c} ({summary['per_class_accuracy'][c]:.1%})" for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (per-class accuracy)")
+    ax.set_title(f"OOF confusion matrix, CV accuracy {summary['cv_accuracy']:.2%}")
+    return fig
+
+
+def per_class(summary: dict):
+    import matplotlib.pyplot as plt
+
+    classes = summary["classes"]
+    acc = [summary["per_class_accuracy"][c] for c in classes]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(classes, acc, color="tab:blue")
+    ax.axhline(summary["cv_accuracy"], color="tab:red", linestyle="--", label="CV accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("OOF accuracy")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend()
+    return fig
+
+
+def confident_mistakes(oof: pd.DataFrame, images: np.ndarray, count: int = 32):
+    """The wrong OOF predictions with the highest predicted probability: label noise or hard cases."""
+    import matplotlib.pyplot as plt
+
+    wrong = oof[oof["label"] != oof["prediction"]].copy()
+    wrong["confidence"] = [row[f"p_{row['prediction']}"] for _, row in wrong.iterrows()]
+    wrong = wrong.nlargest(count, "confidence")
+    cols = 8
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.75), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (index, row) in zip(axes.flat, wrong.iterrows()):
+        ax.imshow(images[index])
+        ax.set_title(f"#{row['id']} {row['label']}\n-> {row['prediction']} {row['confidence']:.0%}", fontsize=6)
+    fig.suptitle("most confident OOF mistakes (id, true -> predicted, probability)")
+    return fig
+
+
+def write_report(run_dir: Path, train_images: np.ndarray) -> list[Path]:
+    """All report PNGs; `train_images` rows are in the order of oof.csv (ascending id)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "report.json").read_text())
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"label": str, "prediction": str})
+    folds = int(oof["fold"].max()) + 1
+    out = run_dir / "report"
+    figures = {
+        "curves.png": learning_curves(run_dir, folds),
+        "confusion.png": confusion(summary),
+        "per_class.png": per_class(summary),
+        "mistakes.png": confident_mistakes(oof, train_images),
+    }
+    for name, fig in figures.items():
+        _save(fig, out / name)
+    log.info("report pictures: %s", out)
+    return [out / name for name in figures]
