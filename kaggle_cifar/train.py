@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from kaggle_cifar import checkpoint
@@ -76,9 +78,6 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
 
     torch.manual_seed(cfg.seed * 1_000_003 + data.fold)  # initial weights
     model = build_model(cfg.arch, len(classes), cfg.width, mean, std).to(device, memory_format=torch.channels_last)
-    from timm.optim import create_optimizer_v2
-    from timm.utils import ModelEmaV3
-
     # timm's factory: Nesterov SGD with weight decay on conv/linear weights only (not BN, not biases).
     optimizer = create_optimizer_v2(model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=True)

@@ -125,3 +125,12 @@ def test_predict_refuses_a_run_with_a_missing_fold(small, tmp_path):
                       check=False)
     assert proc.returncode == 2 and "fold1/model.pt: missing; fold 1 has not finished" in proc.stderr
     assert proc.stdout == "" and not out.exists()
+
+
+def test_ema_weights_are_the_ones_saved_for_predict(small, tmp_path):
+    run(dataclasses.replace(CFG, epochs=2, ema_decay=0.5, cutout=8), small, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
+    final = weights(tmp_path / "run" / "fold0" / "model.pt")
+    name = "1.head.2.weight"  # the classifier
+    torch.testing.assert_close(final[name], last["ema"][f"module.{name}"], rtol=0, atol=0)
+    assert not torch.equal(final[name], last["model"][name])
