@@ -3,6 +3,7 @@
 Fold directory contents:
   last.pt      everything needed to resume (weights, EMA, optimizer, schedule, scaler, epoch, log)
   log.csv      one row per epoch: train/val loss and accuracy, learning rate, time, images/s
+  tensorboard/ the same metrics for TensorBoard, when it is installed
   model.pt     final weights (the EMA's when enabled) and the meta predict checks
   oof.npy      class probabilities (with the run's TTA) for the fold's held-out images
   result.json  written last: the fold is finished and is skipped on a re-run
@@ -106,6 +107,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
         log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, last_path)
 
     eval_model = ema.module if ema is not None else model
+    board = tensorboard_writer(fold_dir)
     bar = tqdm(total=cfg.epochs * steps_per_epoch * batch_size, initial=start_epoch * steps_per_epoch * batch_size,
                desc=f"fold {data.fold}", unit="img", unit_scale=True)
     for epoch in range(start_epoch, cfg.epochs):
@@ -150,7 +152,13 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
             "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
         write_text(fold_dir / "log.csv", pd.DataFrame(history).to_csv(index=False))
+        if board is not None:
+            for name, value in history[-1].items():
+                board.add_scalar(name, value, epoch + 1)
+            board.flush()
     bar.close()
+    if board is not None:
+        board.close()
 
     oof = predict_probs([eval_model], data.val_images, TTA_VIEWS[cfg.tta], device)
     checkpoint.save(fold_dir / "model.pt", {"meta": meta, "model": eval_model.state_dict()})
@@ -162,6 +170,15 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
     write_text(result_path, json.dumps(result, indent=2) + "\n")
     log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, accuracy, cfg.tta)
     return result
+
+
+def tensorboard_writer(fold_dir: Path):
+    """A TensorBoard writer into FOLD_DIR/tensorboard when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(fold_dir / "tensorboard"))
 
 
 def nll_and_accuracy(probs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

@@ -134,3 +134,17 @@ def test_ema_weights_are_the_ones_saved_for_predict(small, tmp_path):
     name = "1.head.2.weight"  # the classifier
     torch.testing.assert_close(final[name], last["ema"][f"module.{name}"], rtol=0, atol=0)
     assert not torch.equal(final[name], last["model"][name])
+
+
+def test_epoch_metrics_go_to_csv_and_tensorboard(small, tmp_path):
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(dataclasses.replace(CFG, epochs=2), small, tmp_path / "run")
+    log = pd.read_csv(tmp_path / "run" / "fold1" / "log.csv")
+    assert log["epoch"].tolist() == [1, 2]
+    events = EventAccumulator(str(tmp_path / "run" / "fold1" / "tensorboard"))
+    events.Reload()
+    val_acc = events.Scalars("val_acc")
+    assert [e.step for e in val_acc] == [1, 2]
+    assert [round(e.value, 5) for e in val_acc] == [round(v, 5) for v in log["val_acc"]]
