@@ -69,7 +69,7 @@ def check_input(input_dir: Path, cache_dir: Path, folds: int) -> str:
 def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context,
                 compile: bool = False) -> dict | None:
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
-    train = load_train(input_dir, cache_dir, cfg.folds)
+    train = distributed.main_rank_first(ctx, lambda: load_train(input_dir, cache_dir, cfg.folds))
     labels = train.labels
     fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed)
     if ctx.is_main:
@@ -117,7 +117,7 @@ def predict_run(input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distribute
                 batch_size: int = 2048) -> str | None:
     """The fold ensemble's submission CSV for the test set, validated (on rank 0; None elsewhere)."""
     cfg, classes = read_run(run_dir)
-    ids, images = load_test(input_dir, cache_dir)
+    ids, images = distributed.main_rank_first(ctx, lambda: load_test(input_dir, cache_dir))
     models = load_fold_models(run_dir, cfg, classes, images.shape[1:], ctx.device)
     probs = predict_test(images, models, tta or cfg.tta, ctx, batch_size)
     if not ctx.is_main:

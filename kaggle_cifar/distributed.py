@@ -42,6 +42,15 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+def main_rank_first(ctx: Context, fn):
+    """`fn()` on rank 0 first (it builds what is shared on disk: the image cache), then on the rest.
+    If rank 0 fails, torchrun ends the other ranks."""
+    if ctx.is_main:
+        result = fn()
+    barrier(ctx)
+    return result if ctx.is_main else fn()
+
+
 def teardown(ctx: Context) -> None:
     if ctx.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
