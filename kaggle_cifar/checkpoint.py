@@ -25,8 +25,8 @@ def save(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load(path: Path, expected_meta: dict, device: torch.device | str = "cpu") -> dict:
-    """Load `path`, refusing pickled code and any `meta` entry that differs from `expected_meta`."""
+def read(path: Path, device: torch.device | str = "cpu"):
+    """Load `path` with `weights_only=True`: tensors and plain containers, never pickled code."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -34,6 +34,12 @@ def load(path: Path, expected_meta: dict, device: torch.device | str = "cpu") ->
         raise CheckpointError(f"{path}: refused, it is not a plain weights file ({first})") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).strip().splitlines()[0]})") from None
+    return state
+
+
+def load(path: Path, expected_meta: dict, device: torch.device | str = "cpu") -> dict:
+    """Load `path` safely, refusing any `meta` entry that differs from `expected_meta`."""
+    state = read(path, device)
     meta = state.get("meta", {}) if isinstance(state, dict) else {}
     wrong = {k: (meta.get(k), v) for k, v in expected_meta.items() if meta.get(k) != v}
     if wrong:

@@ -37,6 +37,8 @@ class TrainConfig:
     ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
+    pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "
+                                "read with weights_only=True, nothing is downloaded)")
     tta: str = _opt("flip", "test-time views for OOF and predict: none, flip or flip_translate")
 
     def __post_init__(self):

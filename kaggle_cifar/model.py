@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from kaggle_cifar import checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class Normalize(nn.Module):
@@ -57,6 +64,29 @@ def build_model(arch: str, num_classes: int, width: int, mean: torch.Tensor, std
 
         net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     return nn.Sequential(Normalize(mean, std), net)
+
+
+def load_pretrained(model: nn.Sequential, path: Path) -> None:
+    """Initialise `model` (as built by build_model) from a local weights file, read with
+    `weights_only=True`: a plain state dict (timm, torchvision), or an earlier run's `model.pt`.
+    Tensors are matched by name and shape, so a 1000-class head or a 7x7 ImageNet stem is skipped."""
+    state = checkpoint.read(path)
+    if isinstance(state, dict) and isinstance(state.get("model", state.get("state_dict")), dict):
+        state = state.get("model", state.get("state_dict"))
+    if not isinstance(state, dict):
+        raise checkpoint.CheckpointError(f"{path}: not a state dict")
+    own = model.state_dict()
+    matched = {}
+    for name, tensor in state.items():
+        target = name if name in own else f"1.{name}"  # a bare network's names sit under our Normalize layer
+        if target in own and isinstance(tensor, torch.Tensor) and own[target].shape == tensor.shape:
+            matched[target] = tensor
+    if not matched:
+        raise checkpoint.CheckpointError(f"{path}: no tensor matches this model by name and shape")
+    model.load_state_dict(matched, strict=False)
+    skipped = sorted(set(own) - set(matched))
+    log.info("pretrained %s: %d of %d tensors loaded; kept fresh: %s", path, len(matched), len(own),
+             ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
 
 
 def training_flops_per_image(model: nn.Module, image_shape: tuple[int, int, int]) -> float:

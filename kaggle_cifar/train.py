@@ -29,7 +29,7 @@ from kaggle_cifar import checkpoint
 from kaggle_cifar.atomic import atomic_path, write_text
 from kaggle_cifar.augment import TTA_VIEWS, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.model import build_model
+from kaggle_cifar.model import build_model, load_pretrained
 from kaggle_cifar.predict import predict_probs
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
     meta = checkpoint.run_meta(cfg, classes)
 
     torch.manual_seed(cfg.seed * 1_000_003 + data.fold)  # initial weights
-    model = build_model(cfg.arch, len(classes), cfg.width, mean, std).to(device, memory_format=torch.channels_last)
+    model = build_model(cfg.arch, len(classes), cfg.width, mean, std)
+    if cfg.pretrained:
+        load_pretrained(model, Path(cfg.pretrained))
+    model = model.to(device, memory_format=torch.channels_last)
     # timm's factory: Nesterov SGD with weight decay on conv/linear weights only (not BN, not biases).
     optimizer = create_optimizer_v2(model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=True)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from kaggle_cifar.checkpoint import CheckpointError
+from kaggle_cifar.model import ResNet18Cifar, build_model, load_pretrained
+
+
+def fresh(num_classes=3):
+    torch.manual_seed(1)
+    return build_model("resnet18_cifar", num_classes, 4, torch.zeros(3), torch.ones(3))
+
+
+def test_bare_state_dict_loads_all_but_the_mismatched_head(tmp_path):
+    torch.manual_seed(0)
+    source = ResNet18Cifar(num_classes=1000, width=4)  # e.g. a 1000-class pretrained network
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    model = fresh()
+    head_before = model[1].head[2].weight.clone()
+    load_pretrained(model, tmp_path / "weights.pth")
+    torch.testing.assert_close(model[1].stem[0].weight, source.stem[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(model[1].stages[3][1].bn2.weight, source.stages[3][1].bn2.weight, rtol=0, atol=0)
+    assert torch.equal(model[1].head[2].weight, head_before)  # 1000-class head: kept fresh
+
+
+def test_earlier_runs_model_pt_loads_whole(tmp_path):
+    source = fresh()
+    torch.nn.init.normal_(source[1].head[2].weight)
+    torch.save({"meta": {}, "model": source.state_dict()}, tmp_path / "model.pt")
+    model = fresh()
+    load_pretrained(model, tmp_path / "model.pt")
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_unrelated_or_unsafe_files_are_refused(tmp_path):
+    torch.save({"something": torch.ones(3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other\.pth: no tensor matches this model"):
+        load_pretrained(fresh(), tmp_path / "other.pth")
+    torch.save({"model": {"w": ResNet18Cifar}}, tmp_path / "code.pth")  # a class: not plain data
+    with pytest.raises(CheckpointError, match=r"code\.pth: refused"):
+        load_pretrained(fresh(), tmp_path / "code.pth")
+
+
+def test_training_starts_every_fold_from_the_pretrained_weights(tmp_path):
+    import dataclasses
+
+    from conftest import make_competition
+    from kaggle_cifar import distributed
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.cv import train_folds
+
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    source = fresh()
+    torch.nn.init.normal_(source[1].stem[0].weight)
+    torch.save(source[1].state_dict(), tmp_path / "weights.pth")
+    cfg = TrainConfig(folds=2, epochs=1, width=4, batch_size=4, lr=1e-9, pretrained=str(tmp_path / "weights.pth"))
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    for fold in (0, 1):
+        trained = torch.load(tmp_path / "run" / f"fold{fold}" / "model.pt", weights_only=True)["model"]
+        torch.testing.assert_close(trained["1.stem.0.weight"], source[1].stem[0].weight, rtol=0, atol=1e-6)
+    unseeded = dataclasses.replace(cfg, pretrained="")
+    train_folds(unseeded, competition, tmp_path / "plain", competition / ".cache", distributed.setup("cpu"))
+    plain = torch.load(tmp_path / "plain" / "fold0" / "model.pt", weights_only=True)["model"]
+    assert not torch.allclose(plain["1.stem.0.weight"], source[1].stem[0].weight, atol=1e-3)
