@@ -12,7 +12,7 @@ from kaggle_cifar.checkpoint import CheckpointError
 from kaggle_cifar.config import ConfigError
 from kaggle_cifar.cv import RunDirError
 from kaggle_cifar.data import InputError, default_cache_dir
-from kaggle_cifar.prepare import is_prepared, prepare, prepared_dir
+from kaggle_cifar.prepare import prepare
 from kaggle_cifar.submission import SubmissionError
 from kaggle_cifar.train import TrainingDiverged
 
@@ -32,13 +32,8 @@ def add_io_flags(parser: argparse.ArgumentParser) -> None:
 def resolve_paths(args: argparse.Namespace, ctx: distributed.Context) -> None:
     """Unpack a raw Kaggle download first if that is all `--input` holds (rank 0 only, the others
     wait), then point `args.input` at the prepared layout and fill in the cache dir."""
-    dest = prepared_dir(args.input)
-    if not is_prepared(dest):
-        if ctx.is_main:
-            prepare(args.input, dest)
-        distributed.barrier(ctx)
-    args.input = dest
-    args.cache_dir = args.cache_dir or default_cache_dir(dest)
+    args.input = distributed.main_rank_first(ctx, lambda: prepare(args.input))  # a no-op once prepared
+    args.cache_dir = args.cache_dir or default_cache_dir(args.input)
 
 
 def run(main) -> None:

@@ -61,22 +61,18 @@ def _extract_7z(archive: Path, dest: Path, part: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepared_dir(input_dir: Path) -> Path:
-    """Where the layout for `input_dir` is: itself when prepared or writable, else ./input."""
-    input_dir = Path(input_dir)
-    return input_dir if is_prepared(input_dir) or os.access(input_dir, os.W_OK) else Path("input")
-
-
 def prepare(input_dir: Path, dest: Path | None = None) -> Path:
     """Make sure the competition layout exists; return the folder that holds it."""
     input_dir = Path(input_dir)
     if is_prepared(input_dir):
         return input_dir
-    dest = Path(dest) if dest is not None else prepared_dir(input_dir)
+    if dest is None:  # Kaggle notebooks mount the input read-only
+        dest = input_dir if os.access(input_dir, os.W_OK) else Path("input")
+    dest = Path(dest)
     if is_prepared(dest):
         return dest
     dest.mkdir(parents=True, exist_ok=True)
-    source = input_dir
+    source, unzipped = input_dir, False
     zip_path = input_dir / ZIP_NAME
     if not (input_dir / "train.7z").is_file() and zip_path.is_file():
         log.info("unzipping %s", zip_path)
@@ -85,7 +81,7 @@ def prepare(input_dir: Path, dest: Path | None = None) -> Path:
                 z.extractall(dest, members=[n for n in z.namelist() if n in ("train.7z", "test.7z", *CSV_FILES)])
         except zipfile.BadZipFile as e:
             raise InputError(f"{zip_path}: not a readable zip ({e}); download it again") from None
-        source = dest
+        source, unzipped = dest, True  # these .7z copies are ours: removed once extracted
     for part in ("train", "test"):
         if (dest / part).is_dir():
             continue
@@ -97,7 +93,7 @@ def prepare(input_dir: Path, dest: Path | None = None) -> Path:
     for name in CSV_FILES:
         if not (dest / name).is_file() and (source / name).is_file():
             shutil.copyfile(source / name, dest / name)
-    if source == dest:  # the archives were unzipped here: the extracted folders replace them
+    if unzipped:  # never the user's own archives
         for part in ("train", "test"):
             (dest / f"{part}.7z").unlink(missing_ok=True)
     log.info("prepared %s", dest)

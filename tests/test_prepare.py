@@ -83,3 +83,13 @@ def test_train_folds_prepares_a_raw_download_by_itself(download, tmp_path):
                       "--check")
     assert "input OK: 12 training images in 3 classes" in proc.stderr
     assert (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def test_users_own_archives_are_kept(download):
+    folder, _ = download
+    with zipfile.ZipFile(folder / "cifar-10.zip") as z:
+        z.extractall(folder)
+    (folder / "cifar-10.zip").unlink()
+    assert prepare(folder) == folder
+    assert (folder / "train.7z").is_file() and (folder / "test.7z").is_file()
+    assert len(list((folder / "train").iterdir())) == 12
