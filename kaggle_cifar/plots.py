@@ -88,7 +88,8 @@ def confident_mistakes(oof: pd.DataFrame, images: np.ndarray, count: int = 32):
     import matplotlib.pyplot as plt
 
     wrong = oof[oof["label"] != oof["prediction"]].copy()
-    wrong["confidence"] = [row[f"p_{row['prediction']}"] for _, row in wrong.iterrows()]
+    predicted_column = wrong.columns.get_indexer("p_" + wrong["prediction"])
+    wrong["confidence"] = wrong.to_numpy()[np.arange(len(wrong)), predicted_column].astype(float)
     wrong = wrong.nlargest(count, "confidence")
     cols = 8
     rows = max(1, -(-len(wrong) // cols))
