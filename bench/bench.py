@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kaggle_cifar import distributed  # noqa: E402
+from kaggle_cifar import cli, distributed  # noqa: E402
 from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
 from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
 from kaggle_cifar.cv import predict_run, train_folds  # noqa: E402
@@ -45,13 +45,13 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=Path("input"))
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    cli.add_compile_flag(parser)
     add_config_flags(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
     ctx = distributed.setup()
-    compile = args.compile if args.compile is not None else ctx.device.type == "cuda"
+    compile = cli.use_compile(args, ctx)
     rows = []
 
     with tempfile.TemporaryDirectory() as tmp:

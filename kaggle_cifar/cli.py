@@ -29,6 +29,15 @@ def add_io_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
 
 
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the training step (default: on for CUDA, off on CPU)")
+
+
+def use_compile(args: argparse.Namespace, ctx: distributed.Context) -> bool:
+    return args.compile if args.compile is not None else ctx.device.type == "cuda"
+
+
 def resolve_paths(args: argparse.Namespace, ctx: distributed.Context) -> None:
     """Unpack a raw Kaggle download first if that is all `--input` holds (rank 0 only, the others
     wait), then point `args.input` at the prepared layout and fill in the cache dir."""

@@ -22,15 +22,14 @@ log = logging.getLogger("train_folds")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the training step (default: on for CUDA, off on CPU)")
+    cli.add_compile_flag(parser)
     parser.add_argument("--check", action="store_true",
                         help="validate the input (labels, every train and test image) and exit without training")
     add_config_flags(parser)
     args = parser.parse_args()
     cfg = config_from_args(args)
     ctx = distributed.setup(args.device)
-    compile = args.compile if args.compile is not None else ctx.device.type == "cuda"
+    compile = cli.use_compile(args, ctx)
     try:
         cli.resolve_paths(args, ctx)
         if args.check:
