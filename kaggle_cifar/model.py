@@ -71,8 +71,9 @@ def load_pretrained(model: nn.Sequential, path: Path) -> None:
     `weights_only=True`: a plain state dict (timm, torchvision), or an earlier run's `model.pt`.
     Tensors are matched by name and shape, so a 1000-class head or a 7x7 ImageNet stem is skipped."""
     state = checkpoint.read(path)
-    if isinstance(state, dict) and isinstance(state.get("model", state.get("state_dict")), dict):
-        state = state.get("model", state.get("state_dict"))
+    inner = state.get("model", state.get("state_dict")) if isinstance(state, dict) else None
+    if isinstance(inner, dict):  # a checkpoint wrapping its weights
+        state = inner
     if not isinstance(state, dict):
         raise checkpoint.CheckpointError(f"{path}: not a state dict")
     own = model.state_dict()
