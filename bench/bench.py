@@ -6,7 +6,9 @@
 Measures, from a cold cache: PNG decode images/s (train and test), training images/s per fold
 (epochs after the first, so warm-up and compilation stay out), epoch time, predict images/s per
 TTA view and fold, the wall time of the whole pipeline (decode + k folds + predict + CSV), the
-model's training FLOPs per image and the TFLOP/s they imply. Run outputs go to a temporary folder.
+model's training FLOPs per image and the TFLOP/s they imply; then the run's accuracy report (CV,
+each fold with each TTA view set, and with --holdout N the fold ensemble against single folds).
+Run outputs go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
 from kaggle_cifar.cv import predict_run, train_folds  # noqa: E402
 from kaggle_cifar.data import cached_images, image_ids, read_labels  # noqa: E402
 from kaggle_cifar.model import build_model, training_flops_per_image  # noqa: E402
+from kaggle_cifar.report import describe  # noqa: E402
+from common import markdown_table, setting  # noqa: E402  (bench/common.py)
 
 
 def timed(fn):
@@ -60,7 +64,7 @@ def main() -> None:
         for folder, ids in (("train", read_labels(args.input).ids), ("test", image_ids(args.input / "test"))):
             _, seconds = timed(lambda: cached_images(args.input / folder, ids, cache))
             rows.append((f"decode {folder} (cold cache)", f"{len(ids) / seconds:,.0f} images/s", f"{seconds:.1f} s"))
-        _, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
+        summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
         rows.append((f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s"))
         warm_rates, epoch_times = [], []
         for fold in range(cfg.folds):
@@ -72,19 +76,18 @@ def main() -> None:
         rows.append(("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s"))
         csv, seconds = timed(lambda: predict_run(args.input, run_dir, cache, ctx))
         n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
-        rows.append((f"predict {n_test:,} images, tta {cfg.tta}", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold",
-                     f"{seconds:.1f} s"))
+        rows.append((f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",
+                     f"{n_test * views / seconds:,.0f} images/s per view", f"{seconds:.1f} s"))
+        rows.append(("predict, per model forward pass", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold", ""))
         rows.append(("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s"))
 
     model = build_model(cfg.arch, 10, cfg.width, torch.zeros(3), torch.ones(3)).to(ctx.device)
     flops = training_flops_per_image(model, (3, 32, 32))
     rate = statistics.median(warm_rates)
     rows.append(("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved"))
-    device = torch.cuda.get_device_name() if ctx.device.type == "cuda" else "CPU"
-    print(f"\ndevice: {device}; torch {torch.__version__}; compile={compile}; config: {cfg.to_json().replace(chr(10), ' ')}")
-    width = max(len(r[0]) for r in rows)
-    for name, rate_text, time_text in rows:
-        print(f"{name:<{width}}  {rate_text:>36}  {time_text:>24}")
+    print("\n" + setting(ctx.device, compile, cfg))
+    print(describe(summary, cfg.tta) + "\n")
+    print(markdown_table([{"what": name, "rate": rate_text, "time": time_text} for name, rate_text, time_text in rows]))
 
 
 if __name__ == "__main__":

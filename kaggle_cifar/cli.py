@@ -19,11 +19,11 @@ from kaggle_cifar.train import TrainingDiverged
 EXPECTED_ERRORS = (ConfigError, InputError, CheckpointError, RunDirError, SubmissionError, TrainingDiverged)
 
 
-def add_io_flags(parser: argparse.ArgumentParser) -> None:
+def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = Path("runs/default")) -> None:
     parser.add_argument("--input", type=Path, default=Path("input"),
                         help="competition folder: trainLabels.csv, train/, test/ (default: input)")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
-                        help="where checkpoints, OOF predictions and reports go (default: runs/default)")
+    parser.add_argument("--run-dir", type=Path, default=run_dir,
+                        help=f"where checkpoints, OOF predictions and reports go (default: {run_dir or 'a temporary folder'})")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where decoded images are cached (default: INPUT/.cache, or ./cache if INPUT is read-only)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")

@@ -26,6 +26,8 @@ class TrainConfig:
     arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool) or any timm model name")
     width: int = _opt(64, "base width of resnet18_cifar (64 is the standard ResNet18; 16 for quick CPU runs)")
     folds: int = _opt(5, "number of stratified folds (K)")
+    holdout: int = _opt(0, "training images kept out of every fold (stratified), on which the fold ensemble and "
+                           "the TTA views are measured against single folds; 0 for a submission run")
     seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
     epochs: int = _opt(30, "epochs per fold")
     batch_size: int = _opt(128, "training batch size (per process)")
@@ -46,6 +48,7 @@ class TrainConfig:
 
         problems = [f"{name} must be {rule}" for name, ok, rule in [
             ("folds", self.folds >= 2, "at least 2"),
+            ("holdout", self.holdout >= 0, "0 or more"),
             ("epochs", self.epochs >= 1, "at least 1"),
             ("width", self.width >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
@@ -73,6 +76,12 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    def describe(self) -> str:
+        """The fields that differ from the defaults, as flags would set them."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return "defaults" + (" except " + ", ".join(changed) if changed else "")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

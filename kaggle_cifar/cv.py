@@ -2,8 +2,9 @@
 OOF report; and the test-set prediction of a finished run.
 
 Run dir contents: config.json (the run's identity), classes.json, folds.csv (id,fold),
-fold<k>/ (see train.py), oof.csv (id, fold, label, prediction, per-class probabilities),
-report.json (CV accuracy, per-fold and per-class accuracy, confusion matrix).
+fold<k>/ (see train.py), oof.csv (id, fold, label, prediction, per-class probabilities; holdout images
+excluded), report.json (CV accuracy, per-fold accuracy with each TTA view set, per-class accuracy,
+confusion matrix; with --holdout, single-fold and ensemble accuracy on the holdout).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 
 from kaggle_cifar import distributed, plots
 from kaggle_cifar.atomic import write_text
-from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.data import load_test, load_train
-from kaggle_cifar.folds import stratified_folds
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import ConfigError, TrainConfig
+from kaggle_cifar.data import TrainSet, load_test, load_train
+from kaggle_cifar.folds import HOLDOUT, stratified_folds
 from kaggle_cifar.predict import load_fold_models, predict_test
-from kaggle_cifar.report import oof_summary
+from kaggle_cifar.report import holdout_summary, oof_summary
 from kaggle_cifar.submission import render, submission_frame
 from kaggle_cifar.train import FoldData, train_fold
 
@@ -71,16 +73,13 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
     train = distributed.main_rank_first(ctx, lambda: load_train(input_dir, cache_dir, cfg.folds))
     labels = train.labels
-    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed)
+    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed, cfg.holdout)
+    check_every_fold_has_every_class(cfg, labels.targets, fold_of, labels.classes)
     if ctx.is_main:
         prepare_run_dir(run_dir, cfg, labels.classes, labels.ids, fold_of)
     distributed.barrier(ctx)
 
-    images = torch.from_numpy(np.array(train.images)).to(ctx.device)  # the whole set, uint8, once
-    targets = torch.from_numpy(labels.targets).to(ctx.device)
-    pixels = images.reshape(-1, images.shape[-1]).float()
-    mean, std = pixels.mean(0), pixels.std(0)
-    del pixels
+    images, targets, mean, std = on_device(train, ctx.device)
     for fold in range(ctx.rank, cfg.folds, ctx.world_size):
         train_fold(cfg, fold_data(images, targets, fold_of, fold), labels.classes, mean, std,
                    run_dir / f"fold{fold}", ctx.device, compile)
@@ -89,23 +88,50 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         return None
     summary = write_oof_report(run_dir, cfg, labels.ids, labels.targets, labels.classes, fold_of)
     if plots.available():
-        plots.write_report(run_dir, train.images)
+        plots.write_report(run_dir, labels.ids, train.images)
     return summary
 
 
+def check_every_fold_has_every_class(cfg: TrainConfig, targets: np.ndarray, fold_of: np.ndarray,
+                                     classes: list[str]) -> None:
+    for fold in range(cfg.folds):
+        missing = [c for i, c in enumerate(classes) if not (targets[fold_of == fold] == i).any()]
+        if missing:
+            raise ConfigError(f"--holdout {cfg.holdout} leaves fold {fold} without images of {', '.join(missing)}; "
+                              f"use a smaller --holdout")
+
+
+def on_device(train: TrainSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole training set moved to the device once (uint8 images, targets), and its per-channel
+    pixel mean and std for the model's input normalisation."""
+    images = torch.from_numpy(np.array(train.images)).to(device)
+    targets = torch.from_numpy(train.labels.targets).to(device)
+    pixels = images.reshape(-1, images.shape[-1]).float()
+    return images, targets, pixels.mean(0), pixels.std(0)
+
+
 def fold_data(images: torch.Tensor, targets: torch.Tensor, fold_of: np.ndarray, fold: int) -> FoldData:
-    """Fold `fold` holds its images out: they are its validation set and never in its training set."""
+    """Fold `fold` holds its images out: they are its validation set and never in its training set;
+    the holdout images are in neither."""
     held_out = torch.from_numpy(fold_of == fold).to(images.device)
-    return FoldData(fold, images[~held_out], targets[~held_out], images[held_out], targets[held_out])
+    trained = torch.from_numpy((fold_of != fold) & (fold_of != HOLDOUT)).to(images.device)
+    holdout = torch.from_numpy(fold_of == HOLDOUT).to(images.device)
+    return FoldData(fold, images[trained], targets[trained], images[held_out], targets[held_out], images[holdout])
 
 
 def write_oof_report(run_dir: Path, cfg: TrainConfig, ids: np.ndarray, targets: np.ndarray, classes: list[str],
                      fold_of: np.ndarray) -> dict:
-    probs = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    results = [json.loads((run_dir / f"fold{fold}" / "result.json").read_text()) for fold in range(cfg.folds)]
+    in_folds = fold_of != HOLDOUT
+    probs = np.zeros((in_folds.sum(), len(classes)), dtype=np.float32)
     for fold in range(cfg.folds):
-        probs[fold_of == fold] = np.load(run_dir / f"fold{fold}" / "oof.npy")
-    summary = oof_summary(probs, targets, fold_of, classes)
-    oof = pd.DataFrame({"id": ids, "fold": fold_of, "label": np.asarray(classes)[targets],
+        probs[fold_of[in_folds] == fold] = np.load(run_dir / f"fold{fold}" / "oof.npy")
+    summary = oof_summary(probs, targets[in_folds], fold_of[in_folds], classes)
+    summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS}
+    if not in_folds.all():
+        per_fold = [dict(np.load(run_dir / f"fold{fold}" / "holdout.npz")) for fold in range(cfg.folds)]
+        summary["holdout"] = holdout_summary(per_fold, targets[~in_folds])
+    oof = pd.DataFrame({"id": ids[in_folds], "fold": fold_of[in_folds], "label": np.asarray(classes)[targets[in_folds]],
                         "prediction": np.asarray(classes)[probs.argmax(1)]})
     oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
     write_text(run_dir / "oof.csv", oof.to_csv(index=False, float_format="%.6f"))

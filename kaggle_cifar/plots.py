@@ -83,7 +83,7 @@ def per_class(summary: dict):
     return fig
 
 
-def confident_mistakes(oof: pd.DataFrame, images: np.ndarray, count: int = 32):
+def confident_mistakes(oof: pd.DataFrame, ids: np.ndarray, images: np.ndarray, count: int = 32):
     """The wrong OOF predictions with the highest predicted probability: label noise or hard cases."""
     import matplotlib.pyplot as plt
 
@@ -96,15 +96,16 @@ def confident_mistakes(oof: pd.DataFrame, images: np.ndarray, count: int = 32):
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.75), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (index, row) in zip(axes.flat, wrong.iterrows()):
-        ax.imshow(images[index])
+    rows_of = pd.Index(ids).get_indexer(wrong["id"])
+    for ax, row_of, (_, row) in zip(axes.flat, rows_of, wrong.iterrows()):
+        ax.imshow(images[row_of])
         ax.set_title(f"#{row['id']} {row['label']}\n-> {row['prediction']} {row['confidence']:.0%}", fontsize=6)
     fig.suptitle("most confident OOF mistakes (id, true -> predicted, probability)")
     return fig
 
 
-def write_report(run_dir: Path, train_images: np.ndarray) -> list[Path]:
-    """All report PNGs; `train_images` rows are in the order of oof.csv (ascending id)."""
+def write_report(run_dir: Path, train_ids: np.ndarray, train_images: np.ndarray) -> list[Path]:
+    """All report PNGs; `train_images` holds the image of each of `train_ids`, row by row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +118,7 @@ def write_report(run_dir: Path, train_images: np.ndarray) -> list[Path]:
         "curves.png": learning_curves(run_dir, folds),
         "confusion.png": confusion(summary),
         "per_class.png": per_class(summary),
-        "mistakes.png": confident_mistakes(oof, train_images),
+        "mistakes.png": confident_mistakes(oof, train_ids, train_images),
     }
     for name, fig in figures.items():
         _save(fig, out / name)

@@ -52,6 +52,14 @@ def predict_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tens
     return out
 
 
+def probs_per_tta(models: list[torch.nn.Module], images: torch.Tensor, device: torch.device,
+                  batch_size: int = 2048) -> dict[str, torch.Tensor]:
+    """predict_probs for every view set in TTA_VIEWS, each distinct view predicted once."""
+    views = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for view in view_set))
+    per_view = {view: predict_probs(models, images, [view], device, batch_size) for view in views}
+    return {name: torch.stack([per_view[view] for view in view_set]).mean(0) for name, view_set in TTA_VIEWS.items()}
+
+
 def load_fold_models(run_dir: Path, cfg: TrainConfig, classes: list[str], image_shape: tuple,
                      device: torch.device) -> list[torch.nn.Module]:
     """Every fold's final model; a missing fold is an error, not a silently smaller ensemble."""

@@ -1,4 +1,5 @@
-"""The out-of-fold report: CV accuracy, per-fold and per-class accuracy, confusion matrix."""
+"""The run's report: OOF CV accuracy, per-fold accuracy with each TTA view set, per-class accuracy,
+confusion matrix; with a holdout, single-fold against fold-ensemble accuracy; and its text table."""
 
 from __future__ import annotations
 
@@ -22,3 +23,34 @@ def oof_summary(probs: np.ndarray, targets: np.ndarray, fold_of: np.ndarray, cla
         "confusion": confusion.tolist(),
         "classes": list(classes),
     }
+
+
+def holdout_summary(fold_probs: list[dict[str, np.ndarray]], targets: np.ndarray) -> dict:
+    """Accuracy on images no fold trained on, for each TTA view set: each fold alone, and the fold
+    ensemble (probabilities averaged over folds), which is what a submission uses."""
+    def accuracy(probs: np.ndarray) -> float:
+        return float((probs.argmax(1) == targets).mean())
+
+    names = list(fold_probs[0])
+    return {
+        "images": int(len(targets)),
+        "single_fold_accuracy": {name: [accuracy(p[name]) for p in fold_probs] for name in names},
+        "ensemble_accuracy": {name: accuracy(np.mean([p[name] for p in fold_probs], axis=0)) for name in names},
+    }
+
+
+def describe(summary: dict, tta: str) -> str:
+    """The report as a short text table: the TTA gain per fold, and the ensemble gain on the holdout."""
+    by_tta = summary["fold_accuracy_by_tta"]
+    names = list(by_tta)
+    lines = [f"CV accuracy (out-of-fold, TTA {tta}): {summary['cv_accuracy']:.4f}",
+             f"{'held-out accuracy, TTA:':<34}" + "".join(f"{n:>16}" for n in names)]
+    for fold in range(len(summary["fold_accuracy"])):
+        lines.append(f"{f'  fold {fold}':<34}" + "".join(f"{by_tta[n][fold]:>16.4f}" for n in names))
+    if "holdout" in summary:
+        holdout = summary["holdout"]
+        single = holdout["single_fold_accuracy"]
+        lines.append(f"holdout ({holdout['images']:,} images no fold trained on):")
+        lines.append(f"{'  single fold (mean over folds)':<34}" + "".join(f"{np.mean(single[n]):>16.4f}" for n in names))
+        lines.append(f"{'  fold ensemble':<34}" + "".join(f"{holdout['ensemble_accuracy'][n]:>16.4f}" for n in names))
+    return "\n".join(lines)

@@ -6,11 +6,14 @@ Fold directory contents:
   tensorboard/ the same metrics for TensorBoard, when it is installed
   model.pt     final weights (the EMA's when enabled) and the meta predict checks
   oof.npy      class probabilities (with the run's TTA) for the fold's held-out images
-  result.json  written last: the fold is finished and is skipped on a re-run
+  holdout.npz  with --holdout: class probabilities for the holdout images, one array per TTA view set
+  result.json  written last (held-out accuracy with each TTA view set): the fold is finished and is
+               skipped on a re-run
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +33,7 @@ from kaggle_cifar.atomic import atomic_path, write_text
 from kaggle_cifar.augment import TTA_VIEWS, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.model import build_model, load_pretrained
-from kaggle_cifar.predict import predict_probs
+from kaggle_cifar.predict import predict_probs, probs_per_tta
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,14 @@ class TrainingDiverged(Exception):
 
 @dataclass(frozen=True)
 class FoldData:
-    """One fold's split of the training images, already on the training device as uint8 NHWC."""
+    """One fold's split of the training images, already on the training device as uint8 NHWC.
+    The holdout images (empty without --holdout) are in no fold's training or validation set."""
     fold: int
     train_images: torch.Tensor
     train_targets: torch.Tensor
     val_images: torch.Tensor
     val_targets: torch.Tensor
+    holdout_images: torch.Tensor
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -110,65 +115,66 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
         log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, last_path)
 
     eval_model = ema.module if ema is not None else model
-    board = tensorboard_writer(fold_dir)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch * batch_size, initial=start_epoch * steps_per_epoch * batch_size,
-               desc=f"fold {data.fold}", unit="img", unit_scale=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        generator = epoch_generator(cfg, data.fold, epoch, device)
-        order = torch.randperm(n_train, device=device, generator=generator)
-        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = step_model(inputs)
-                loss = criterion(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach() * batch_size
-            correct += (logits.argmax(1) == targets).sum()
-            bar.update(batch_size)
-        seen = steps_per_epoch * batch_size
-        train_loss = loss_sum.item() / seen  # the one sync of the epoch
-        if not math.isfinite(train_loss):
-            bar.close()
-            kept = f"last good checkpoint kept: {last_path}" if last_path.exists() else "no checkpoint was written"
-            raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {train_loss}; "
-                                   f"{kept} (try a lower --lr)")
-        train_seconds = time.perf_counter() - t0
-        val_probs = predict_probs([eval_model], data.val_images, TTA_VIEWS["none"], device)
-        val_loss, val_acc = nll_and_accuracy(val_probs, data.val_targets)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
-                        "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
-                        "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds})
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}")
-        checkpoint.save(last_path, {
-            "meta": meta, "epoch": epoch, "history": history, "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
-        write_text(fold_dir / "log.csv", pd.DataFrame(history).to_csv(index=False))
-        if board is not None:
-            for name, value in history[-1].items():
-                board.add_scalar(name, value, epoch + 1)
-            board.flush()
-    bar.close()
-    if board is not None:
-        board.close()
+    # Both close on any exit, a divergence included.
+    with tqdm(total=cfg.epochs * steps_per_epoch * batch_size, initial=start_epoch * steps_per_epoch * batch_size,
+              desc=f"fold {data.fold}", unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            generator = epoch_generator(cfg, data.fold, epoch, device)
+            order = torch.randperm(n_train, device=device, generator=generator)
+            loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = step_model(inputs)
+                    loss = criterion(logits, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                loss_sum += loss.detach() * batch_size
+                correct += (logits.argmax(1) == targets).sum()
+                bar.update(batch_size)
+            seen = steps_per_epoch * batch_size
+            train_loss = loss_sum.item() / seen  # the one sync of the epoch
+            if not math.isfinite(train_loss):
+                kept = f"last good checkpoint kept: {last_path}" if last_path.exists() else "no checkpoint was written"
+                raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {train_loss}; "
+                                       f"{kept} (try a lower --lr)")
+            train_seconds = time.perf_counter() - t0
+            val_probs = predict_probs([eval_model], data.val_images, TTA_VIEWS["none"], device)
+            val_loss, val_acc = nll_and_accuracy(val_probs, data.val_targets)
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
+                            "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+                            "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds})
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}")
+            checkpoint.save(last_path, {
+                "meta": meta, "epoch": epoch, "history": history, "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
+            write_text(fold_dir / "log.csv", pd.DataFrame(history).to_csv(index=False))
+            if board is not None:
+                for name, value in history[-1].items():
+                    board.add_scalar(name, value, epoch + 1)
+                board.flush()
 
-    oof = predict_probs([eval_model], data.val_images, TTA_VIEWS[cfg.tta], device)
     checkpoint.save(fold_dir / "model.pt", {"meta": meta, "model": eval_model.state_dict()})
+    oof_by_tta = probs_per_tta([eval_model], data.val_images, device)
     with atomic_path(fold_dir / "oof.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, oof.cpu().numpy())
-    _, accuracy = nll_and_accuracy(oof, data.val_targets)
-    result = {"fold": data.fold, "accuracy": accuracy, "epochs": cfg.epochs,
+        np.save(f, oof_by_tta[cfg.tta].cpu().numpy())
+    if len(data.holdout_images):
+        holdout_probs = probs_per_tta([eval_model], data.holdout_images, device)
+        with atomic_path(fold_dir / "holdout.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{name: p.cpu().numpy() for name, p in holdout_probs.items()})
+    accuracy_by_tta = {name: nll_and_accuracy(p, data.val_targets)[1] for name, p in oof_by_tta.items()}
+    accuracy = accuracy_by_tta[cfg.tta]
+    result = {"fold": data.fold, "accuracy": accuracy, "accuracy_by_tta": accuracy_by_tta, "epochs": cfg.epochs,
               "seconds": sum(h["seconds"] for h in history)}
     write_text(result_path, json.dumps(result, indent=2) + "\n")
     log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, accuracy, cfg.tta)
@@ -176,11 +182,12 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
 
 
 def tensorboard_writer(fold_dir: Path):
-    """A TensorBoard writer into FOLD_DIR/tensorboard when tensorboard is installed, else None."""
+    """A context manager giving a TensorBoard writer into FOLD_DIR/tensorboard, or None when
+    tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        return None
+        return contextlib.nullcontext(None)
     return SummaryWriter(str(fold_dir / "tensorboard"))
 
 

@@ -24,7 +24,7 @@ def main() -> int:
         return 2
     ids = read_labels(args.input).ids
     images = cached_images(args.input / "train", ids, args.cache_dir or default_cache_dir(args.input))
-    for path in plots.write_report(args.run_dir, images):
+    for path in plots.write_report(args.run_dir, ids, images):
         print(path)
     return 0
 

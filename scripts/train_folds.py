@@ -5,7 +5,6 @@
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kaggle_cifar import cli, distributed  # noqa: E402
 from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
 from kaggle_cifar.cv import check_input, train_folds  # noqa: E402
+from kaggle_cifar.report import describe  # noqa: E402
 
 log = logging.getLogger("train_folds")
 
@@ -39,9 +39,8 @@ def main() -> int:
     finally:
         distributed.teardown(ctx)
     if summary is not None:
-        print(json.dumps({k: summary[k] for k in ("cv_accuracy", "fold_accuracy", "per_class_accuracy")}, indent=2),
-              file=sys.stderr)
-        print(f"CV accuracy {summary['cv_accuracy']:.4f}; report: {args.run_dir / 'report.json'}", file=sys.stderr)
+        print(describe(summary, cfg.tta), file=sys.stderr)
+        print(f"report: {args.run_dir / 'report.json'}", file=sys.stderr)
     return 0
 
 

@@ -30,3 +30,35 @@ def test_fold_split_keeps_held_out_images_out_of_training():
         train = set(data.train_images[:, 0, 0, 0].tolist())
         assert val == set(np.flatnonzero(fold_of == k).tolist())
         assert not val & train and len(val | train) == 30
+
+
+def test_holdout_is_stratified_exact_and_outside_every_fold():
+    from kaggle_cifar.folds import HOLDOUT
+
+    targets = np.repeat([0, 1, 2, 3], [100, 50, 30, 20])
+    plain = stratified_folds(targets, 4, seed=2)
+    folds = stratified_folds(targets, 4, seed=2, holdout=40)
+    held = folds == HOLDOUT
+    assert held.sum() == 40
+    np.testing.assert_array_equal(np.bincount(targets[held]), [20, 10, 6, 4])  # in proportion to class sizes
+    assert set(folds[~held]) == set(range(4))
+    for c in range(4):
+        per_fold = np.bincount(folds[~held & (targets == c)], minlength=4)
+        assert per_fold.max() - per_fold.min() <= 1
+    assert not np.array_equal(held, stratified_folds(targets, 4, seed=3, holdout=40) == HOLDOUT)
+    assert (plain != HOLDOUT).all()
+
+
+def test_holdout_images_are_in_no_fold_training_or_validation_set():
+    from kaggle_cifar.cv import fold_data
+    from kaggle_cifar.folds import HOLDOUT
+
+    images = torch.arange(30, dtype=torch.uint8).reshape(30, 1, 1, 1).expand(30, 2, 2, 3)
+    targets = torch.arange(30) % 3
+    fold_of = stratified_folds(targets.numpy(), 3, seed=0, holdout=6)
+    holdout = set(np.flatnonzero(fold_of == HOLDOUT).tolist())
+    for k in range(3):
+        data = fold_data(images, targets, fold_of, k)
+        assert set(data.holdout_images[:, 0, 0, 0].tolist()) == holdout
+        seen = set(data.train_images[:, 0, 0, 0].tolist()) | set(data.val_images[:, 0, 0, 0].tolist())
+        assert not seen & holdout and len(seen) == 24

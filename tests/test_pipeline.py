@@ -95,3 +95,34 @@ def test_config_round_trips_and_flags_override_it(competition, tmp_path):
                str(first / "config.json"), "--seed", "7")
     import dataclasses
     assert TrainConfig.from_json(second / "config.json") == dataclasses.replace(saved, seed=7)
+
+
+def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(competition, tmp_path):
+    from kaggle_cifar.folds import HOLDOUT
+
+    run = tmp_path / "run"
+    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY, "--holdout", "12")
+    report = json.loads((run / "report.json").read_text())
+    cfg = TrainConfig.from_json(run / "config.json")
+    classes = json.loads((run / "classes.json").read_text())
+    folds = pd.read_csv(run / "folds.csv")
+    held = (folds["fold"] == HOLDOUT).to_numpy()
+    assert held.sum() == 12 and report["holdout"]["images"] == 12
+    assert not set(pd.read_csv(run / "oof.csv")["id"]) & set(folds["id"][held])  # holdout is not OOF
+    assert "fold ensemble" in proc.stderr
+
+    # The ensemble figure is the mean of the fold models' probabilities on exactly the holdout images.
+    images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")[held]
+    labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][held], "label"]
+    truth = np.searchsorted(classes, labels.to_numpy())
+    models = load_fold_models(run, cfg, classes, images.shape[1:], torch.device("cpu"))
+    for name, views in TTA_VIEWS.items():
+        ensemble = predict_probs(models, images, views, torch.device("cpu")).numpy()
+        assert report["holdout"]["ensemble_accuracy"][name] == (ensemble.argmax(1) == truth).mean()
+        singles = [predict_probs([m], images, views, torch.device("cpu")).numpy() for m in models]
+        for k, single in enumerate(singles):
+            np.testing.assert_allclose(np.load(run / f"fold{k}" / "holdout.npz")[name], single, atol=1e-5)
+        np.testing.assert_allclose(report["holdout"]["single_fold_accuracy"][name],
+                                   [(single.argmax(1) == truth).mean() for single in singles])
+    assert set(report["fold_accuracy_by_tta"]) == set(TTA_VIEWS)
+    np.testing.assert_allclose(report["fold_accuracy_by_tta"][cfg.tta], report["fold_accuracy"])

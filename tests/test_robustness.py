@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_competition, run_script
 from kaggle_cifar import checkpoint, distributed, train
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import ConfigError, TrainConfig
 from kaggle_cifar.cv import RunDirError, train_folds
 
 CFG = TrainConfig(folds=2, epochs=4, width=4, batch_size=4, lr=0.05)  # 9 training images: 2 steps an epoch
@@ -66,6 +66,12 @@ def test_run_dir_with_other_settings_is_refused(small, tmp_path):
     run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
     with pytest.raises(RunDirError, match=r"config\.json: this run dir was made with a different config"):
         run(dataclasses.replace(CFG, epochs=2), small, tmp_path / "run")
+
+
+def test_a_holdout_that_empties_a_fold_of_a_class_is_refused_before_training(small, tmp_path):
+    with pytest.raises(ConfigError, match=r"--holdout 14 leaves fold \d without images of \w+"):
+        run(dataclasses.replace(CFG, holdout=14), small, tmp_path / "run")  # 18 images: 4 left for 2 folds, 3 classes
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(small, tmp_path, monkeypatch):

@@ -1,0 +1,91 @@
+"""Recipe ablation in one call: one fold trained with the default recipe and with variants that each
+change one thing; prints held-out accuracy with each TTA view set, training time and images/s.
+
+    python bench/ablate.py --input input                                  # every variant, fold 0
+    python bench/ablate.py --input input --only default cutout_8 --epochs 15
+
+Every variant is measured on the same held-out fold (the seed variant excepted: its split differs),
+and the default is also run with another seed, so the table shows the seed-to-seed noise of a single
+fold: a gain smaller than that gap is not a measured gain. A row is printed as soon as its variant
+finishes, so a run cut short keeps what it measured; the whole table, in Markdown for
+bench/RESULTS.md, comes last. Flags such as --epochs change the base every variant starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kaggle_cifar import cli, distributed  # noqa: E402
+from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
+from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
+from kaggle_cifar.cv import check_every_fold_has_every_class, fold_data, on_device, prepare_run_dir  # noqa: E402
+from kaggle_cifar.data import load_train  # noqa: E402
+from kaggle_cifar.folds import stratified_folds  # noqa: E402
+from kaggle_cifar.train import train_fold  # noqa: E402
+from common import markdown_table, setting  # noqa: E402  (bench/common.py)
+
+# Each variant is the base config with these fields changed; the defaults stay what they are until
+# a row of this table shows a gain above the seed noise.
+VARIANTS = {
+    "default": {},
+    "default_seed1": {"seed": 1},
+    "no_label_smoothing": {"label_smoothing": 0.0},
+    "ema_0.999": {"ema_decay": 0.999},
+    "cutout_8": {"cutout": 8},
+    "crop_pad_2": {"crop_pad": 2},
+    "batch_512_lr_0.4": {"batch_size": 512, "lr": 0.4},
+    "epochs_40": {"epochs": 40},
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_io_flags(parser, run_dir=None)  # a given --run-dir keeps each variant's run (and resumes it)
+    cli.add_compile_flag(parser)
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
+                        help=f"variants to run (default: all): {', '.join(VARIANTS)}")
+    parser.add_argument("--fold", type=int, default=0, help="the fold every variant trains and is measured on")
+    add_config_flags(parser)
+    args = parser.parse_args()
+    base = config_from_args(args)
+    ctx = distributed.setup(args.device)
+    compile = cli.use_compile(args, ctx)
+    cli.resolve_paths(args, ctx)
+    train = load_train(args.input, args.cache_dir, base.folds)
+    images, targets, mean, std = on_device(train, ctx.device)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.run_dir or Path(tmp)
+        for name in args.only:
+            cfg = dataclasses.replace(base, **VARIANTS[name])
+            fold_of = stratified_folds(train.labels.targets, cfg.folds, cfg.seed, cfg.holdout)
+            check_every_fold_has_every_class(cfg, train.labels.targets, fold_of, train.labels.classes)
+            prepare_run_dir(out / name, cfg, train.labels.classes, train.labels.ids, fold_of)
+            fold_dir = out / name / f"fold{args.fold}"
+            result = train_fold(cfg, fold_data(images, targets, fold_of, args.fold), train.labels.classes, mean, std,
+                                fold_dir, ctx.device, compile)
+            log = pd.read_csv(fold_dir / "log.csv")
+            warm = log.iloc[1:] if len(log) > 1 else log
+            rows.append({"variant": name, "changes": ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-",
+                         **{f"acc {tta}": f"{result['accuracy_by_tta'][tta]:.4f}" for tta in TTA_VIEWS},
+                         "train s": f"{log['seconds'].sum():.1f}",
+                         "images/s": f"{warm['train_images_per_s'].median():,.0f}"})
+            print(markdown_table(rows[-1:], header=False), flush=True)
+    print(f"\nablation on fold {args.fold} of {base.folds}, {len(train.labels.ids):,} training images; "
+          f"every variant changes this base:\n{setting(ctx.device, compile, base)}")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,20 @@
+"""What the benchmark scripts print: the run's setting, and Markdown tables pasted as they are into
+bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import torch
+
+from kaggle_cifar.config import TrainConfig
+
+
+def setting(device: torch.device, compile: bool, cfg: TrainConfig) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"device: {name}; torch {torch.__version__}; compile={compile}; config: {cfg.describe()}"
+
+
+def markdown_table(rows: list[dict], header: bool = True) -> str:
+    """Rows with the same keys as a Markdown table (the keys are the header)."""
+    columns = list(rows[0])
+    head = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] if header else []
+    return "\n".join(head + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows])

@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end on CPU, so a GPU session never spends its time on a broken one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, TINY
+
+
+def bench(name: str, *args: str) -> str:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_bench_prints_the_pipeline_table_and_the_accuracy_report(competition):
+    out = bench("bench.py", "--input", str(competition), *TINY, "--holdout", "12")
+    for line in ("| decode train (cold cache) |", "| train fold 1 (after epoch 1) |", "| whole pipeline",
+                 "| training FLOPs per image |", "CV accuracy (out-of-fold, TTA flip):", "fold ensemble"):
+        assert line in out, f"{line!r} missing from:\n{out}"
+
+
+def test_ablation_trains_each_chosen_variant_on_the_same_fold(competition, tmp_path):
+    out = bench("ablate.py", "--input", str(competition), "--run-dir", str(tmp_path), *TINY,
+                "--only", "default", "no_label_smoothing", "--fold", "1")
+    table = out[out.index("| variant |"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| default", "| no_label_smoothing"]
+    assert (tmp_path / "no_label_smoothing" / "fold1" / "result.json").exists()
+    assert not (tmp_path / "default" / "fold0").exists()
+    assert '"label_smoothing": 0.0' in (tmp_path / "no_label_smoothing" / "config.json").read_text()
