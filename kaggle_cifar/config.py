@@ -42,6 +42,10 @@ class TrainConfig:
     pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "
                                 "read with weights_only=True, nothing is downloaded)")
     tta: str = _opt("flip", "test-time views for OOF and predict: none, flip or flip_translate")
+    pseudo_labels: str = _opt("", "a finished run with the same fold split: fold k adds to its training set the test "
+                                  "images that run's fold k predicts with probability >= --pseudo-threshold "
+                                  "(empty: off); an epoch is then a pass over the enlarged set")
+    pseudo_threshold: float = _opt(0.95, "least predicted probability of a pseudo-labelled test image")
 
     def __post_init__(self):
         from kaggle_cifar.augment import TTA_VIEWS
@@ -59,6 +63,7 @@ class TrainConfig:
             ("crop_pad", self.crop_pad >= 0, "0 or more"),
             ("cutout", self.cutout >= 0, "0 or more"),
             ("tta", self.tta in TTA_VIEWS, f"one of {', '.join(TTA_VIEWS)}"),
+            ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),
         ] if not ok]
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))

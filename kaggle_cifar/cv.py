@@ -26,7 +26,8 @@ from kaggle_cifar.folds import HOLDOUT, stratified_folds
 from kaggle_cifar.predict import load_fold_models, predict_test
 from kaggle_cifar.report import holdout_summary, oof_summary
 from kaggle_cifar.submission import render, submission_frame
-from kaggle_cifar.train import FoldData, train_fold
+from kaggle_cifar.pseudo import check_teacher_run, with_pseudo_labels
+from kaggle_cifar.train import FoldData, fold_finished, train_fold
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ def prepare_run_dir(run_dir: Path, cfg: TrainConfig, classes: list[str], ids: np
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_or_write(run_dir / "config.json", cfg.to_json(), "config")
     _check_or_write(run_dir / "classes.json", json.dumps(classes) + "\n", "set of classes")
-    _check_or_write(run_dir / "folds.csv", pd.DataFrame({"id": ids, "fold": fold_of}).to_csv(index=False),
-                    "training set or fold split")
+    _check_or_write(run_dir / "folds.csv", folds_table(ids, fold_of), "training set or fold split")
+
+
+def folds_table(ids: np.ndarray, fold_of: np.ndarray) -> str:
+    """folds.csv: the fold of every training id (HOLDOUT for the holdout)."""
+    return pd.DataFrame({"id": ids, "fold": fold_of}).to_csv(index=False)
 
 
 def read_run(run_dir: Path) -> tuple[TrainConfig, list[str]]:
@@ -79,10 +84,17 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         prepare_run_dir(run_dir, cfg, labels.classes, labels.ids, fold_of)
     distributed.barrier(ctx)
 
+    if cfg.pseudo_labels:
+        teacher_cfg = check_teacher_run(Path(cfg.pseudo_labels), folds_table(labels.ids, fold_of), labels.classes)
+        _, test_images = distributed.main_rank_first(ctx, lambda: load_test(input_dir, cache_dir))
     images, targets, mean, std = on_device(train, ctx.device)
     for fold in range(ctx.rank, cfg.folds, ctx.world_size):
-        train_fold(cfg, fold_data(images, targets, fold_of, fold), labels.classes, mean, std,
-                   run_dir / f"fold{fold}", ctx.device, compile)
+        fold_dir = run_dir / f"fold{fold}"
+        data = fold_data(images, targets, fold_of, fold)
+        if cfg.pseudo_labels and not fold_finished(fold_dir):
+            data = with_pseudo_labels(data, Path(cfg.pseudo_labels), teacher_cfg, labels.classes, test_images,
+                                      cfg.pseudo_threshold, ctx.device)
+        train_fold(cfg, data, labels.classes, mean, std, fold_dir, ctx.device, compile)
     distributed.barrier(ctx)
     if not ctx.is_main:
         return None

@@ -60,20 +60,22 @@ def probs_per_tta(models: list[torch.nn.Module], images: torch.Tensor, device: t
     return {name: torch.stack([per_view[view] for view in view_set]).mean(0) for name, view_set in TTA_VIEWS.items()}
 
 
+def load_fold_model(run_dir: Path, cfg: TrainConfig, classes: list[str], fold: int, image_shape: tuple,
+                    device: torch.device) -> torch.nn.Module:
+    """A finished fold's model; an unfinished fold is an error, never a silently smaller ensemble."""
+    path = Path(run_dir) / f"fold{fold}" / "model.pt"
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: missing; fold {fold} has not finished (run train_folds.py)")
+    state = checkpoint.load(path, checkpoint.run_meta(cfg, classes), device)
+    # mean/std are placeholders: the state dict carries the real buffers.
+    model = build_model(cfg.arch, len(classes), cfg.width, torch.zeros(image_shape[-1]), torch.ones(image_shape[-1]))
+    model.load_state_dict(state["model"])
+    return model.to(device, memory_format=torch.channels_last)
+
+
 def load_fold_models(run_dir: Path, cfg: TrainConfig, classes: list[str], image_shape: tuple,
                      device: torch.device) -> list[torch.nn.Module]:
-    """Every fold's final model; a missing fold is an error, not a silently smaller ensemble."""
-    models = []
-    for fold in range(cfg.folds):
-        path = Path(run_dir) / f"fold{fold}" / "model.pt"
-        if not path.exists():
-            raise checkpoint.CheckpointError(f"{path}: missing; fold {fold} has not finished (run train_folds.py)")
-        state = checkpoint.load(path, checkpoint.run_meta(cfg, classes), device)
-        # mean/std are placeholders: the state dict carries the real buffers.
-        model = build_model(cfg.arch, len(classes), cfg.width, torch.zeros(image_shape[-1]), torch.ones(image_shape[-1]))
-        model.load_state_dict(state["model"])
-        models.append(model.to(device, memory_format=torch.channels_last))
-    return models
+    return [load_fold_model(run_dir, cfg, classes, fold, image_shape, device) for fold in range(cfg.folds)]
 
 
 def predict_test(images: np.ndarray, models: list[torch.nn.Module], tta: str, ctx: distributed.Context,

@@ -67,6 +67,15 @@ def epoch_generator(cfg: TrainConfig, fold: int, epoch: int, device: torch.devic
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + fold * 10_007 + epoch)
 
 
+def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor, std: torch.Tensor):
+    """Fold `fold`'s starting weights: seeded by (seed, fold), or the --pretrained file's."""
+    torch.manual_seed(cfg.seed * 1_000_003 + fold)
+    model = build_model(cfg.arch, num_classes, cfg.width, mean, std)
+    if cfg.pretrained:
+        load_pretrained(model, Path(cfg.pretrained))
+    return model
+
+
 def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """uint8 NHWC batch in, augmented uint8 NCHW batch out."""
     x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator)
@@ -78,15 +87,11 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
     """Train (or resume, or skip if finished) one fold; return its result."""
     fold_dir.mkdir(parents=True, exist_ok=True)
     result_path, last_path = fold_dir / "result.json", fold_dir / "last.pt"
-    if result_path.exists():
+    if fold_finished(fold_dir):
         return json.loads(result_path.read_text())
     meta = checkpoint.run_meta(cfg, classes)
 
-    torch.manual_seed(cfg.seed * 1_000_003 + data.fold)  # initial weights
-    model = build_model(cfg.arch, len(classes), cfg.width, mean, std)
-    if cfg.pretrained:
-        load_pretrained(model, Path(cfg.pretrained))
-    model = model.to(device, memory_format=torch.channels_last)
+    model = initial_model(cfg, len(classes), data.fold, mean, std).to(device, memory_format=torch.channels_last)
     # timm's factory: Nesterov SGD with weight decay on conv/linear weights only (not BN, not biases).
     optimizer = create_optimizer_v2(model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=True)
@@ -98,7 +103,9 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
         anneal_strategy="linear", div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
+    # run is not an average dominated by the initial weights.
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step_model = torch.compile(model) if compile else model
 
@@ -137,7 +144,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
                 scaler.update()
                 scheduler.step()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step=epoch * steps_per_epoch + step + 1)
                 loss_sum += loss.detach() * batch_size
                 correct += (logits.argmax(1) == targets).sum()
                 bar.update(batch_size)
@@ -174,11 +181,15 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
             np.savez(f, **{name: p.cpu().numpy() for name, p in holdout_probs.items()})
     accuracy_by_tta = {name: nll_and_accuracy(p, data.val_targets)[1] for name, p in oof_by_tta.items()}
     accuracy = accuracy_by_tta[cfg.tta]
-    result = {"fold": data.fold, "accuracy": accuracy, "accuracy_by_tta": accuracy_by_tta, "epochs": cfg.epochs,
-              "seconds": sum(h["seconds"] for h in history)}
+    result = {"fold": data.fold, "accuracy": accuracy, "accuracy_by_tta": accuracy_by_tta, "train_images": n_train,
+              "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in history)}
     write_text(result_path, json.dumps(result, indent=2) + "\n")
     log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, accuracy, cfg.tta)
     return result
+
+
+def fold_finished(fold_dir: Path) -> bool:
+    return (fold_dir / "result.json").exists()
 
 
 def tensorboard_writer(fold_dir: Path):

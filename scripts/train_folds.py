@@ -33,7 +33,8 @@ def main() -> int:
     try:
         cli.resolve_paths(args, ctx)
         if args.check:
-            log.info(check_input(args.input, args.cache_dir, cfg.folds))
+            if ctx.is_main:  # one decode of the input, not one per process
+                log.info(check_input(args.input, args.cache_dir, cfg.folds))
             return 0
         summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, compile)
     finally:

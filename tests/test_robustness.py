@@ -142,6 +142,16 @@ def test_ema_weights_are_the_ones_saved_for_predict(small, tmp_path):
     assert not torch.equal(final[name], last["model"][name])
 
 
+def test_ema_warm_up_follows_the_weights_in_a_short_run(small, tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=2, ema_decay=0.9999)  # 4 steps: without warm-up the EMA stays at init
+    run(cfg, small, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
+    init = train.initial_model(cfg, 3, 0, torch.zeros(3), torch.ones(3)).state_dict()
+    name = "1.head.2.weight"  # the classifier
+    ema, trained = last["ema"][f"module.{name}"], last["model"][name]
+    assert (ema - trained).norm() < 0.5 * (ema - init[name]).norm()
+
+
 def test_epoch_metrics_go_to_csv_and_tensorboard(small, tmp_path):
     import pandas as pd
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -1,0 +1,78 @@
+"""Pseudo-labelling: fold k learns from its own first-round fold only, and only confident test images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, make_competition, run_script
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import ConfigError, TrainConfig
+from kaggle_cifar.data import load_test
+from kaggle_cifar.predict import load_fold_model, predict_probs
+from kaggle_cifar.pseudo import check_teacher_run, pseudo_labelled
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def competition(tmp_path_factory):
+    return make_competition(tmp_path_factory.mktemp("pseudo") / "input")
+
+
+@pytest.fixture(scope="module")
+def first_round(competition):
+    run = competition.parent / "first"  # trained once for the module; the tests only read it
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    return run
+
+
+def test_each_fold_takes_the_confident_test_images_of_its_own_first_round_fold(competition, first_round):
+    cfg = TrainConfig.from_json(first_round / "config.json")
+    classes = json.loads((first_round / "classes.json").read_text())
+    _, test_images = load_test(competition, competition / ".cache")
+    chosen = []
+    for fold in range(2):
+        teacher = load_fold_model(first_round, cfg, classes, fold, test_images.shape[1:], CPU)
+        probs = predict_probs([teacher], test_images, TTA_VIEWS[cfg.tta], CPU)
+        threshold = float(probs.max(1).values.median())  # about half the images pass
+        images, labels = pseudo_labelled(first_round, cfg, classes, fold, test_images, threshold, CPU)
+        expected = (probs.max(1).values >= threshold).numpy()
+        np.testing.assert_array_equal(images.numpy(), test_images[expected])
+        np.testing.assert_array_equal(labels.numpy(), probs.argmax(1).numpy()[expected])
+        chosen.append(expected)
+    assert 0 < chosen[0].sum() < len(test_images)
+    assert not np.array_equal(chosen[0], chosen[1])  # the two folds' teachers pick differently
+
+
+def test_second_round_trains_on_its_images_plus_the_pseudo_labelled_ones(competition, first_round, tmp_path):
+    cfg = TrainConfig.from_json(first_round / "config.json")
+    classes = json.loads((first_round / "classes.json").read_text())
+    _, test_images = load_test(competition, competition / ".cache")
+    confidences = [predict_probs([load_fold_model(first_round, cfg, classes, fold, test_images.shape[1:], CPU)],
+                                 test_images, TTA_VIEWS[cfg.tta], CPU).max(1).values for fold in range(2)]
+    threshold = float(f"{min(c.median() for c in confidences):.6f}")  # every fold gets at least half
+    second = tmp_path / "second"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), *TINY,
+               "--pseudo-labels", str(first_round), "--pseudo-threshold", str(threshold))
+    for fold in range(2):
+        confident = int((confidences[fold] >= threshold).sum())
+        first = json.loads((first_round / f"fold{fold}" / "result.json").read_text())
+        result = json.loads((second / f"fold{fold}" / "result.json").read_text())
+        assert confident > 0 and result["train_images"] == first["train_images"] + confident
+    assert json.loads((second / "report.json").read_text())["cv_accuracy"] > 0.8
+
+
+def test_a_first_round_with_another_fold_split_is_refused(competition, first_round, tmp_path):
+    folds_csv = (first_round / "folds.csv").read_text()
+    classes = json.loads((first_round / "classes.json").read_text())
+    assert check_teacher_run(first_round, folds_csv, classes).folds == 2
+    swapped = folds_csv.replace(",0\n", ",x\n").replace(",1\n", ",0\n").replace(",x\n", ",1\n")
+    with pytest.raises(ConfigError, match=r"its fold split differs from this run's"):
+        check_teacher_run(first_round, swapped, classes)
+    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "other"),
+                      *TINY, "--seed", "1", "--pseudo-labels", str(first_round), check=False)
+    assert proc.returncode == 2 and "fold split differs" in proc.stderr
