@@ -42,6 +42,7 @@ VARIANTS = {
     "ema_0.999": {"ema_decay": 0.999},
     "cutout_8": {"cutout": 8},
     "crop_pad_2": {"crop_pad": 2},
+    "batch_256_lr_0.3": {"batch_size": 256, "lr": 0.3},
     "batch_512_lr_0.4": {"batch_size": 512, "lr": 0.4},
     "epochs_40": {"epochs": 40},
 }

@@ -126,3 +126,15 @@ def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(co
                                    [(single.argmax(1) == truth).mean() for single in singles])
     assert set(report["fold_accuracy_by_tta"]) == set(TTA_VIEWS)
     np.testing.assert_allclose(report["fold_accuracy_by_tta"][cfg.tta], report["fold_accuracy"])
+
+
+def test_compiled_training_step_computes_what_the_eager_one_does(competition, tmp_path):
+    """torch.compile is on by default on GPUs; tracing it here catches graph breaks and wrong results on CPU."""
+    flags = ["--input", str(competition), "--folds", "2", "--epochs", "1", "--width", "4", "--batch-size", "16"]
+    run_script("train_folds.py", *flags, "--run-dir", str(tmp_path / "eager"), "--no-compile")
+    run_script("train_folds.py", *flags, "--run-dir", str(tmp_path / "compiled"), "--compile")
+    for fold in range(2):
+        eager = np.load(tmp_path / "eager" / f"fold{fold}" / "oof.npy")
+        compiled = np.load(tmp_path / "compiled" / f"fold{fold}" / "oof.npy")
+        np.testing.assert_allclose(compiled, eager, atol=1e-3)
+        assert not np.allclose(eager, eager.mean(0), atol=1e-3)  # the probabilities are not all alike
