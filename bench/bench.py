@@ -58,36 +58,42 @@ def main() -> None:
     compile = cli.use_compile(args, ctx)
     rows = []
 
+    def measured(what: str, rate: str, seconds: str) -> None:
+        """Keep a row for the final table, and print it now: a run cut short keeps what it measured."""
+        rows.append({"what": what, "rate": rate, "time": seconds})
+        print(markdown_table(rows[-1:], header=False), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         cache, run_dir = Path(tmp) / "cache", Path(tmp) / "run"
         t_start = time.perf_counter()
         for folder, ids in (("train", read_labels(args.input).ids), ("test", image_ids(args.input / "test"))):
             _, seconds = timed(lambda: cached_images(args.input / folder, ids, cache))
-            rows.append((f"decode {folder} (cold cache)", f"{len(ids) / seconds:,.0f} images/s", f"{seconds:.1f} s"))
+            measured(f"decode {folder} (cold cache)", f"{len(ids) / seconds:,.0f} images/s", f"{seconds:.1f} s")
         summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
-        rows.append((f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s"))
+        measured(f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s")
+        print(describe(summary, cfg.tta), flush=True)
         warm_rates, epoch_times = [], []
         for fold in range(cfg.folds):
             log = pd.read_csv(run_dir / f"fold{fold}" / "log.csv")
             warm = log.iloc[1:] if len(log) > 1 else log
             warm_rates.append(warm["train_images_per_s"].median())
             epoch_times += warm["seconds"].tolist()
-            rows.append((f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", ""))
-        rows.append(("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s"))
+            measured(f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", "")
+        measured("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s")
         csv, seconds = timed(lambda: predict_run(args.input, run_dir, cache, ctx))
         n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
-        rows.append((f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",
-                     f"{n_test * views / seconds:,.0f} images/s per view", f"{seconds:.1f} s"))
-        rows.append(("predict, per model forward pass", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold", ""))
-        rows.append(("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s"))
+        measured(f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",
+                 f"{n_test * views / seconds:,.0f} images/s per view", f"{seconds:.1f} s")
+        measured("predict, per model forward pass", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold", "")
+        measured("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s")
 
     model = build_model(cfg.arch, 10, cfg.width, torch.zeros(3), torch.ones(3)).to(ctx.device)
     flops = training_flops_per_image(model, (3, 32, 32))
     rate = statistics.median(warm_rates)
-    rows.append(("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved"))
+    measured("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved")
     print("\n" + setting(ctx.device, compile, cfg))
     print(describe(summary, cfg.tta) + "\n")
-    print(markdown_table([{"what": name, "rate": rate_text, "time": time_text} for name, rate_text, time_text in rows]))
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

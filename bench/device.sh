@@ -5,6 +5,7 @@
 # and the call (device tool, carry [".carry"]):
 #   bash bench/device.sh python bench/bench.py --input input
 set -euo pipefail
+export TQDM_MININTERVAL=15  # progress bars every 15 s: the call returns only the last 12,000 characters
 if [ ! -f input/trainLabels.csv ]; then
     python .carry/build_input.py --out input >&2
 fi
