@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +40,7 @@ VARIANTS = {
     "default": {},
     "default_seed1": {"seed": 1},
     "no_label_smoothing": {"label_smoothing": 0.0},
+    "label_smoothing_0.2": {"label_smoothing": 0.2},
     "ema_0.999": {"ema_decay": 0.999},
     "cutout_8": {"cutout": 8},
     "crop_pad_2": {"crop_pad": 2},
@@ -68,6 +70,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.run_dir or Path(tmp)
         for name in args.only:
+            torch.compiler.reset()  # each variant compiles afresh: no dynamic-shape graph left by another batch size
             cfg = dataclasses.replace(base, **VARIANTS[name])
             fold_of = stratified_folds(train.labels.targets, cfg.folds, cfg.seed, cfg.holdout)
             check_every_fold_has_every_class(cfg, train.labels.targets, fold_of, train.labels.classes)
