@@ -31,8 +31,9 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
     epochs: int = _opt(30, "epochs per fold")
     batch_size: int = _opt(128, "training batch size (per process)")
-    lr: float = _opt(0.2, "peak learning rate of the one-cycle schedule (SGD, Nesterov)")
-    momentum: float = _opt(0.9, "SGD momentum")
+    optimizer: str = _opt("sgd", "any timm optimizer name: sgd (Nesterov), lamb, adamw, muon, ...")
+    lr: float = _opt(0.2, "peak learning rate of the one-cycle schedule")
+    momentum: float = _opt(0.9, "momentum of the SGD-family optimizers")
     weight_decay: float = _opt(5e-4, "weight decay, not applied to BatchNorm weights and biases")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up (linear)")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
@@ -48,6 +49,8 @@ class TrainConfig:
     pseudo_threshold: float = _opt(0.95, "least predicted probability of a pseudo-labelled test image")
 
     def __post_init__(self):
+        from timm.optim import list_optimizers
+
         from kaggle_cifar.augment import TTA_VIEWS
 
         problems = [f"{name} must be {rule}" for name, ok, rule in [
@@ -56,6 +59,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "at least 1"),
             ("width", self.width >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("optimizer", self.optimizer in list_optimizers(), "a timm optimizer name (timm.optim.list_optimizers())"),
             ("lr", self.lr > 0, "positive"),
             ("warmup", 0 < self.warmup < 1, "between 0 and 1"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),

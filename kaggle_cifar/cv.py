@@ -24,9 +24,9 @@ from kaggle_cifar.config import ConfigError, TrainConfig
 from kaggle_cifar.data import TrainSet, load_test, load_train
 from kaggle_cifar.folds import HOLDOUT, stratified_folds
 from kaggle_cifar.predict import load_fold_models, predict_test
+from kaggle_cifar.pseudo import check_teacher_run, with_pseudo_labels
 from kaggle_cifar.report import holdout_summary, oof_summary
 from kaggle_cifar.submission import render, submission_frame
-from kaggle_cifar.pseudo import check_teacher_run, with_pseudo_labels
 from kaggle_cifar.train import FoldData, fold_finished, train_fold
 
 log = logging.getLogger(__name__)

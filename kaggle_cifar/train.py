@@ -92,8 +92,8 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
     meta = checkpoint.run_meta(cfg, classes)
 
     model = initial_model(cfg, len(classes), data.fold, mean, std).to(device, memory_format=torch.channels_last)
-    # timm's factory: Nesterov SGD with weight decay on conv/linear weights only (not BN, not biases).
-    optimizer = create_optimizer_v2(model, "sgd", lr=cfg.lr, weight_decay=cfg.weight_decay,
+    # timm's factory ("sgd" is Nesterov SGD), with weight decay on conv/linear weights only (not BN, not biases).
+    optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=True)
     n_train = len(data.train_targets)
     batch_size = min(cfg.batch_size, n_train)

@@ -74,6 +74,21 @@ def test_a_holdout_that_empties_a_fold_of_a_class_is_refused_before_training(sma
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_config_values_are_all_named_in_one_error_before_anything_runs(small, tmp_path):
+    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
+                      "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: invalid config: optimizer must be a timm optimizer name")
+    assert "lr must be positive" in proc.stderr and "tta must be one of none, flip, flip_translate" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_optimizer_is_the_one_configured(small, tmp_path):
+    run(dataclasses.replace(CFG, epochs=1, optimizer="lamb", lr=0.01), small, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)["optimizer"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))  # LAMB's moments, not SGD's buffer
+
+
 def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(small, tmp_path, monkeypatch):
     real_loss = torch.nn.CrossEntropyLoss
     calls = {"n": 0}
