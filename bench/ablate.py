@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kaggle_cifar import cli, distributed  # noqa: E402
 from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
 from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
-from kaggle_cifar.cv import check_every_fold_has_every_class, fold_data, on_device, prepare_run_dir  # noqa: E402
+from kaggle_cifar.cv import fold_data, fold_split, on_device, prepare_run_dir  # noqa: E402
 from kaggle_cifar.data import load_train  # noqa: E402
-from kaggle_cifar.folds import stratified_folds  # noqa: E402
 from kaggle_cifar.train import train_fold  # noqa: E402
-from common import markdown_table, setting  # noqa: E402  (bench/common.py)
+from common import markdown_table, setting, warm_epochs  # noqa: E402  (bench/common.py)
 
 # Each variant is the base config with these fields changed; the defaults stay what they are until
 # a row of this table shows a gain above the seed noise.
@@ -73,18 +71,15 @@ def main() -> int:
         for name in args.only:
             torch.compiler.reset()  # each variant compiles afresh: no dynamic-shape graph left by another batch size
             cfg = dataclasses.replace(base, **VARIANTS[name])
-            fold_of = stratified_folds(train.labels.targets, cfg.folds, cfg.seed, cfg.holdout)
-            check_every_fold_has_every_class(cfg, train.labels.targets, fold_of, train.labels.classes)
+            fold_of = fold_split(cfg, train.labels)
             prepare_run_dir(out / name, cfg, train.labels.classes, train.labels.ids, fold_of)
             fold_dir = out / name / f"fold{args.fold}"
             result = train_fold(cfg, fold_data(images, targets, fold_of, args.fold), train.labels.classes, mean, std,
                                 fold_dir, ctx.device, compile)
-            log = pd.read_csv(fold_dir / "log.csv")
-            warm = log.iloc[1:] if len(log) > 1 else log
             rows.append({"variant": name, "changes": ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-",
                          **{f"acc {tta}": f"{result['accuracy_by_tta'][tta]:.4f}" for tta in TTA_VIEWS},
-                         "train s": f"{log['seconds'].sum():.1f}",
-                         "images/s": f"{warm['train_images_per_s'].median():,.0f}"})
+                         "train s": f"{result['seconds']:.1f}",
+                         "images/s": f"{warm_epochs(fold_dir)['train_images_per_s'].median():,.0f}"})
             print(markdown_table(rows[-1:], header=False), flush=True)
     print(f"\nablation on fold {args.fold} of {base.folds}, {len(train.labels.ids):,} training images; "
           f"every variant changes this base:\n{setting(ctx.device, compile, base)}")

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +32,7 @@ from kaggle_cifar.cv import predict_run, train_folds  # noqa: E402
 from kaggle_cifar.data import cached_images, image_ids, read_labels  # noqa: E402
 from kaggle_cifar.model import build_model, training_flops_per_image  # noqa: E402
 from kaggle_cifar.report import describe  # noqa: E402
-from common import markdown_table, setting  # noqa: E402  (bench/common.py)
+from common import markdown_table, setting, warm_epochs  # noqa: E402  (bench/common.py)
 
 
 def timed(fn):
@@ -74,8 +73,7 @@ def main() -> None:
         print(describe(summary, cfg.tta), flush=True)
         warm_rates, epoch_times = [], []
         for fold in range(cfg.folds):
-            log = pd.read_csv(run_dir / f"fold{fold}" / "log.csv")
-            warm = log.iloc[1:] if len(log) > 1 else log
+            warm = warm_epochs(run_dir / f"fold{fold}")
             warm_rates.append(warm["train_images_per_s"].median())
             epoch_times += warm["seconds"].tolist()
             measured(f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", "")

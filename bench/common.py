@@ -3,6 +3,9 @@ bench/RESULTS.md."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import torch
 
 from kaggle_cifar.config import TrainConfig
@@ -18,3 +21,10 @@ def markdown_table(rows: list[dict], header: bool = True) -> str:
     columns = list(rows[0])
     head = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)] if header else []
     return "\n".join(head + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows])
+
+
+def warm_epochs(fold_dir: Path) -> pd.DataFrame:
+    """A fold's log.csv rows after the first epoch (the one that pays for compilation and cuDNN
+    autotuning), or its only row."""
+    log = pd.read_csv(Path(fold_dir) / "log.csv")
+    return log.iloc[1:] if len(log) > 1 else log

@@ -21,7 +21,7 @@ from kaggle_cifar import distributed, plots
 from kaggle_cifar.atomic import write_text
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import ConfigError, TrainConfig
-from kaggle_cifar.data import TrainSet, load_test, load_train
+from kaggle_cifar.data import Labels, TrainSet, load_test, load_train
 from kaggle_cifar.folds import HOLDOUT, stratified_folds
 from kaggle_cifar.predict import load_fold_models, predict_test
 from kaggle_cifar.pseudo import check_teacher_run, with_pseudo_labels
@@ -78,8 +78,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
     train = distributed.main_rank_first(ctx, lambda: load_train(input_dir, cache_dir, cfg.folds))
     labels = train.labels
-    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed, cfg.holdout)
-    check_every_fold_has_every_class(cfg, labels.targets, fold_of, labels.classes)
+    fold_of = fold_split(cfg, labels)
     if ctx.is_main:
         prepare_run_dir(run_dir, cfg, labels.classes, labels.ids, fold_of)
     distributed.barrier(ctx)
@@ -104,13 +103,16 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     return summary
 
 
-def check_every_fold_has_every_class(cfg: TrainConfig, targets: np.ndarray, fold_of: np.ndarray,
-                                     classes: list[str]) -> None:
+def fold_split(cfg: TrainConfig, labels: Labels) -> np.ndarray:
+    """The fold of every training image (HOLDOUT for the holdout), refused if the holdout leaves a
+    fold without some class."""
+    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed, cfg.holdout)
     for fold in range(cfg.folds):
-        missing = [c for i, c in enumerate(classes) if not (targets[fold_of == fold] == i).any()]
+        missing = [c for i, c in enumerate(labels.classes) if not (labels.targets[fold_of == fold] == i).any()]
         if missing:
             raise ConfigError(f"--holdout {cfg.holdout} leaves fold {fold} without images of {', '.join(missing)}; "
                               f"use a smaller --holdout")
+    return fold_of
 
 
 def on_device(train: TrainSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
