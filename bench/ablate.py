@@ -44,6 +44,9 @@ VARIANTS = {
     "crop_pad_2": {"crop_pad": 2},
     "batch_256_lr_0.3": {"batch_size": 256, "lr": 0.3},
     "batch_512_lr_0.4": {"batch_size": 512, "lr": 0.4},
+    "momentum_not_nesterov": {"optimizer": "momentum"},
+    "decay_norm_and_bias": {"decay_norm_and_bias": True},
+    "cosine_anneal": {"anneal": "cos"},
     "lamb_lr_0.01": {"optimizer": "lamb", "lr": 0.01, "weight_decay": 0.02},
     "epochs_40": {"epochs": 40},
 }

@@ -34,8 +34,10 @@ class TrainConfig:
     optimizer: str = _opt("sgd", "any timm optimizer name: sgd (Nesterov), lamb, adamw, muon, ...")
     lr: float = _opt(0.2, "peak learning rate of the one-cycle schedule")
     momentum: float = _opt(0.9, "momentum of the SGD-family optimizers")
-    weight_decay: float = _opt(5e-4, "weight decay, not applied to BatchNorm weights and biases")
+    weight_decay: float = _opt(5e-4, "weight decay (on conv and linear weights; see --decay-norm-and-bias)")
+    decay_norm_and_bias: bool = _opt(False, "apply the weight decay to BatchNorm weights and biases too")
     warmup: float = _opt(0.15, "fraction of the steps spent warming the learning rate up (linear)")
+    anneal: str = _opt("linear", "shape of the learning-rate decay after the warm-up: linear or cos")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
@@ -62,6 +64,7 @@ class TrainConfig:
             ("optimizer", self.optimizer in list_optimizers(), "a timm optimizer name (timm.optim.list_optimizers())"),
             ("lr", self.lr > 0, "positive"),
             ("warmup", 0 < self.warmup < 1, "between 0 and 1"),
+            ("anneal", self.anneal in ("linear", "cos"), "linear or cos"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("crop_pad", self.crop_pad >= 0, "0 or more"),
@@ -99,10 +102,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training config (saved as RUN_DIR/config.json)")
     group.add_argument("--config", type=Path, help="config.json of an earlier run to start from; flags override it")
     for f in dataclasses.fields(TrainConfig):
-        group.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-            help=f"{f.metadata['help']} (default: {f.default})",
-        )
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else {"type": type(f.default)}
+        group.add_argument("--" + f.name.replace("_", "-"), **kind, default=None,
+                           help=f"{f.metadata['help']} (default: {f.default})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -92,15 +92,15 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
     meta = checkpoint.run_meta(cfg, classes)
 
     model = initial_model(cfg, len(classes), data.fold, mean, std).to(device, memory_format=torch.channels_last)
-    # timm's factory ("sgd" is Nesterov SGD), with weight decay on conv/linear weights only (not BN, not biases).
+    # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=True)
+                                    momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias)
     n_train = len(data.train_targets)
     batch_size = min(cfg.batch_size, n_train)
     steps_per_epoch = n_train // batch_size  # drop the last partial batch: fixed shapes for torch.compile
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
-        anneal_strategy="linear", div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
+        anneal_strategy=cfg.anneal, div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
@@ -142,6 +142,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                step_lr = scheduler.get_last_lr()[0]  # the rate this step used (the log's "lr")
                 scheduler.step()
                 if ema is not None:
                     ema.update(model, step=epoch * steps_per_epoch + step + 1)
@@ -158,7 +159,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
             val_probs = predict_probs([eval_model], data.val_images, TTA_VIEWS["none"], device)
             val_loss, val_acc = nll_and_accuracy(val_probs, data.val_targets)
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
-                            "val_loss": val_loss, "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+                            "val_loss": val_loss, "val_acc": val_acc, "lr": step_lr,
                             "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds})
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}")
             checkpoint.save(last_path, {

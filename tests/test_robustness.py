@@ -89,6 +89,41 @@ def test_the_optimizer_is_the_one_configured(small, tmp_path):
     assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))  # LAMB's moments, not SGD's buffer
 
 
+def test_weight_decay_skips_norm_and_bias_unless_asked(small, tmp_path):
+    def decays(cfg, name):
+        run(cfg, small, tmp_path / name)
+        groups = torch.load(tmp_path / name / "fold0" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+        return sorted((g["weight_decay"], len(g["params"])) for g in groups)
+
+    default = decays(dataclasses.replace(CFG, epochs=1), "default")
+    assert [wd for wd, _ in default] == [0.0, CFG.weight_decay]  # BN weights and biases in the first group
+    everything = decays(dataclasses.replace(CFG, epochs=1, decay_norm_and_bias=True), "all")
+    assert [wd for wd, _ in everything] == [CFG.weight_decay]
+    assert everything[0][1] == sum(n for _, n in default)
+
+
+def test_anneal_shape_is_the_configured_one(small, tmp_path):
+    lrs = {}
+    for anneal in ("linear", "cos"):
+        run(dataclasses.replace(CFG, epochs=8, anneal=anneal), small, tmp_path / anneal)
+        lrs[anneal] = [h["lr"] for h in torch.load(tmp_path / anneal / "fold0" / "last.pt", weights_only=True)["history"]]
+    floor = CFG.lr / 25 / 100  # the last step's rate: peak / div_factor / final_div_factor
+    assert lrs["linear"][-1] == pytest.approx(floor) and lrs["cos"][-1] == pytest.approx(floor)
+    assert lrs["cos"][1] > lrs["linear"][1] and lrs["cos"][-2] < lrs["linear"][-2]  # above, then below the line
+
+
+def test_boolean_config_flags_switch_both_ways():
+    import argparse
+
+    from kaggle_cifar.config import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    assert config_from_args(parser.parse_args([])).decay_norm_and_bias is False
+    assert config_from_args(parser.parse_args(["--decay-norm-and-bias"])).decay_norm_and_bias is True
+    assert config_from_args(parser.parse_args(["--no-decay-norm-and-bias"])).decay_norm_and_bias is False
+
+
 def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(small, tmp_path, monkeypatch):
     real_loss = torch.nn.CrossEntropyLoss
     calls = {"n": 0}
