@@ -49,6 +49,8 @@ class TrainConfig:
                                   "images that run's fold k predicts with probability >= --pseudo-threshold "
                                   "(empty: off); an epoch is then a pass over the enlarged set")
     pseudo_threshold: float = _opt(0.95, "least predicted probability of a pseudo-labelled test image")
+    pseudo_max: int = _opt(10_000, "at most this many pseudo-labelled images per fold: the most confident, "
+                                   "an equal share per class (0: no limit)")
 
     def __post_init__(self):
         from timm.optim import list_optimizers
@@ -71,6 +73,7 @@ class TrainConfig:
             ("cutout", self.cutout >= 0, "0 or more"),
             ("tta", self.tta in TTA_VIEWS, f"one of {', '.join(TTA_VIEWS)}"),
             ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),
+            ("pseudo_max", self.pseudo_max >= 0, "0 or more"),
         ] if not ok]
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))

@@ -91,8 +91,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         fold_dir = run_dir / f"fold{fold}"
         data = fold_data(images, targets, fold_of, fold)
         if cfg.pseudo_labels and not fold_finished(fold_dir):
-            data = with_pseudo_labels(data, Path(cfg.pseudo_labels), teacher_cfg, labels.classes, test_images,
-                                      cfg.pseudo_threshold, ctx.device)
+            data = with_pseudo_labels(data, cfg, teacher_cfg, labels.classes, test_images, ctx.device)
         train_fold(cfg, data, labels.classes, mean, std, fold_dir, ctx.device, compile)
     distributed.barrier(ctx)
     if not ctx.is_main:

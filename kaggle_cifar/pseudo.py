@@ -37,24 +37,39 @@ def check_teacher_run(teacher_dir: Path, folds_csv: str, classes: list[str]) -> 
     return TrainConfig.from_json(teacher_dir / "config.json")
 
 
-def pseudo_labelled(teacher_dir: Path, teacher_cfg: TrainConfig, classes: list[str], fold: int,
-                    test_images: np.ndarray, threshold: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images (uint8 NHWC, on `device`) that the teacher's fold `fold` gives a probability
-    of at least `threshold`, and those predicted classes."""
-    teacher = load_fold_model(teacher_dir, teacher_cfg, classes, fold, test_images.shape[1:], device)
+def pseudo_labelled(cfg: TrainConfig, teacher_cfg: TrainConfig, classes: list[str], fold: int,
+                    test_images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images (uint8 NHWC, on `device`) that the teacher run's fold `fold` labels
+    confidently (see most_confident), and the classes it gives them."""
+    teacher = load_fold_model(Path(cfg.pseudo_labels), teacher_cfg, classes, fold, test_images.shape[1:], device)
     probs = predict_probs([teacher], test_images, TTA_VIEWS[teacher_cfg.tta], device,
                           desc=f"pseudo-labels for fold {fold}")
     confidence, predicted = probs.max(1)
-    chosen = (confidence >= threshold).nonzero().squeeze(1)
+    chosen = most_confident(confidence, predicted, cfg.pseudo_threshold, cfg.pseudo_max, len(classes))
     counts = torch.bincount(predicted[chosen], minlength=len(classes)).tolist()
     log.info("fold %d: %d of %d test images pseudo-labelled at probability >= %.2f (per class: %s)",
-             fold, len(chosen), len(test_images), threshold, counts)
+             fold, len(chosen), len(test_images), cfg.pseudo_threshold, counts)
     return torch.from_numpy(np.array(test_images[chosen.cpu().numpy()])).to(device), predicted[chosen]
 
 
-def with_pseudo_labels(data: FoldData, teacher_dir: Path, teacher_cfg: TrainConfig, classes: list[str],
-                       test_images: np.ndarray, threshold: float, device: torch.device) -> FoldData:
+def most_confident(confidence: torch.Tensor, predicted: torch.Tensor, threshold: float, limit: int,
+                   num_classes: int) -> torch.Tensor:
+    """Indices (ascending) of the predictions with confidence >= threshold; with a limit, only the
+    limit // num_classes most confident of each predicted class, so that a class the teacher likes
+    (or the decoys resemble) cannot crowd out the others."""
+    passed = confidence >= threshold
+    if limit:
+        kept = torch.zeros_like(passed)
+        for c in range(num_classes):
+            candidates = (passed & (predicted == c)).nonzero().squeeze(1)
+            kept[candidates[confidence[candidates].argsort(descending=True)[:limit // num_classes]]] = True
+        passed = kept
+    return passed.nonzero().squeeze(1)
+
+
+def with_pseudo_labels(data: FoldData, cfg: TrainConfig, teacher_cfg: TrainConfig, classes: list[str],
+                       test_images: np.ndarray, device: torch.device) -> FoldData:
     """`data` with its fold's pseudo-labelled test images appended to its training set."""
-    images, targets = pseudo_labelled(teacher_dir, teacher_cfg, classes, data.fold, test_images, threshold, device)
+    images, targets = pseudo_labelled(cfg, teacher_cfg, classes, data.fold, test_images, device)
     return dataclasses.replace(data, train_images=torch.cat([data.train_images, images]),
                                train_targets=torch.cat([data.train_targets, targets]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import ConfigError, TrainConfig
 from kaggle_cifar.data import load_test
 from kaggle_cifar.predict import load_fold_model, predict_probs
-from kaggle_cifar.pseudo import check_teacher_run, pseudo_labelled
+from kaggle_cifar.pseudo import check_teacher_run, most_confident, pseudo_labelled
 
 CPU = torch.device("cpu")
 
@@ -39,7 +40,8 @@ def test_each_fold_takes_the_confident_test_images_of_its_own_first_round_fold(c
         teacher = load_fold_model(first_round, cfg, classes, fold, test_images.shape[1:], CPU)
         probs = predict_probs([teacher], test_images, TTA_VIEWS[cfg.tta], CPU)
         threshold = float(probs.max(1).values.median())  # about half the images pass
-        images, labels = pseudo_labelled(first_round, cfg, classes, fold, test_images, threshold, CPU)
+        student = dataclasses.replace(cfg, pseudo_labels=str(first_round), pseudo_threshold=threshold, pseudo_max=0)
+        images, labels = pseudo_labelled(student, cfg, classes, fold, test_images, CPU)
         expected = (probs.max(1).values >= threshold).numpy()
         np.testing.assert_array_equal(images.numpy(), test_images[expected])
         np.testing.assert_array_equal(labels.numpy(), probs.argmax(1).numpy()[expected])
@@ -76,3 +78,12 @@ def test_a_first_round_with_another_fold_split_is_refused(competition, first_rou
     proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "other"),
                       *TINY, "--seed", "1", "--pseudo-labels", str(first_round), check=False)
     assert proc.returncode == 2 and "fold split differs" in proc.stderr
+
+
+def test_a_limit_keeps_the_most_confident_of_each_class_in_equal_shares():
+    confidence = torch.tensor([0.99, 0.98, 0.97, 0.96, 0.60, 0.95, 0.50, 0.94])
+    predicted = torch.tensor([0, 0, 0, 0, 1, 1, 1, 0])
+    assert most_confident(confidence, predicted, 0.55, 0, 2).tolist() == [0, 1, 2, 3, 4, 5, 7]
+    # 2 per class: class 0's two best; class 1 has only 5 and 4 above the threshold
+    assert most_confident(confidence, predicted, 0.55, 4, 2).tolist() == [0, 1, 4, 5]
+    assert most_confident(confidence, predicted, 0.97, 4, 2).tolist() == [0, 1]
