@@ -14,6 +14,15 @@ from kaggle_cifar import checkpoint
 log = logging.getLogger(__name__)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for training and predict: bf16 where the GPU computes it natively (Ampere
+    and later), fp16 on older GPUs such as Kaggle's T4 and P100 (where bf16 is only emulated, slowly),
+    none (float32) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 class Normalize(nn.Module):
     """uint8 NCHW images in, standardised float out; mean/std are buffers, so they travel with the
     checkpoint and predict needs nothing but the weights."""

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS, tta_view
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.model import build_model
+from kaggle_cifar.model import autocast_dtype, build_model
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def predict_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tens
     """Mean softmax over models x views of uint8 NHWC `images` (host array or device tensor): (N, C) float32."""
     for m in models:
         m.eval()
-    amp = device.type == "cuda"
+    amp_dtype = autocast_dtype(device)
     out = None
     with tqdm(total=len(images), desc=desc, unit="img", unit_scale=True, disable=desc is None) as bar:
         for start in range(0, len(images), CHUNK):
@@ -41,7 +41,7 @@ def predict_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tens
                 probs = 0
                 for model in models:
                     for view in views:
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             logits = model(tta_view(x, view))
                         probs = probs + logits.float().softmax(1)
                 probs = probs / (len(models) * len(views))
