@@ -41,6 +41,8 @@ VARIANTS = {
     "label_smoothing_0.2": {"label_smoothing": 0.2},
     "ema_0.999": {"ema_decay": 0.999},
     "cutout_8": {"cutout": 8},
+    "randaugment": {"auto_augment": "randaugment"},
+    "trivialaugment": {"auto_augment": "trivialaugment"},
     "crop_pad_2": {"crop_pad": 2},
     "batch_256_lr_0.3": {"batch_size": 256, "lr": 0.3},
     "batch_512_lr_0.4": {"batch_size": 512, "lr": 0.4},
@@ -48,6 +50,8 @@ VARIANTS = {
     "decay_norm_and_bias": {"decay_norm_and_bias": True},
     "cosine_anneal": {"anneal": "cos"},
     "lamb_lr_0.01": {"optimizer": "lamb", "lr": 0.01, "weight_decay": 0.02},
+    # timm's Muon: orthogonalised momentum updates for conv/linear weights, AdamW for BN and biases.
+    "muon_lr_0.02": {"optimizer": "muon", "lr": 0.02, "momentum": 0.95, "weight_decay": 0.01},
     "epochs_40": {"epochs": 40},
 }
 

@@ -6,6 +6,7 @@ loop, so it runs at GPU speed next to the model."""
 from __future__ import annotations
 
 import torch
+from torchvision.transforms import v2
 
 
 def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -37,6 +38,24 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     x = torch.arange(w, device=device)[None, None, :]
     inside = (y >= top) & (y < top + size) & (x >= left) & (x < left + size)
     return images * ~inside[:, None]
+
+
+# torchvision's policies draw one op and magnitude for the whole tensor they are given. Given the
+# batch in this many groups, the ops vary within a batch at a fixed number of kernel launches a step.
+AUTO_AUGMENT_GROUPS = 16
+AUTO_AUGMENT_POLICIES = {"randaugment": v2.RandAugment(), "trivialaugment": v2.TrivialAugmentWide()}
+
+
+def auto_augment(images: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandAugment (2 ops, magnitude 9) or TrivialAugmentWide, one draw per group of
+    the batch. The draws are Python scalars taken from `generator`, a CPU generator (so no device
+    sync), in place of the global RNG torchvision reads, which is left as it was."""
+    transform = AUTO_AUGMENT_POLICIES[policy]
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.set_state(generator.get_state())
+        out = torch.cat([transform(group) for group in images.chunk(AUTO_AUGMENT_GROUPS)])
+        generator.set_state(torch.default_generator.get_state())
+    return out
 
 
 def translate(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -41,6 +41,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
+    auto_augment: str = _opt("", "torchvision policy applied after flip/crop, drawn per sixteenth of the batch: "
+                                 "randaugment, trivialaugment, or empty for none")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
     pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "
                                 "read with weights_only=True, nothing is downloaded)")
@@ -55,7 +57,7 @@ class TrainConfig:
     def __post_init__(self):
         from timm.optim import list_optimizers
 
-        from kaggle_cifar.augment import TTA_VIEWS
+        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, TTA_VIEWS
 
         problems = [f"{name} must be {rule}" for name, ok, rule in [
             ("folds", self.folds >= 2, "at least 2"),
@@ -70,6 +72,8 @@ class TrainConfig:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("crop_pad", self.crop_pad >= 0, "0 or more"),
+            ("auto_augment", self.auto_augment in ("", *AUTO_AUGMENT_POLICIES),
+             f"empty or one of {', '.join(AUTO_AUGMENT_POLICIES)}"),
             ("cutout", self.cutout >= 0, "0 or more"),
             ("tta", self.tta in TTA_VIEWS, f"one of {', '.join(TTA_VIEWS)}"),
             ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),

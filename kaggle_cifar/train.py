@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from kaggle_cifar import checkpoint
 from kaggle_cifar.atomic import atomic_path, write_text
-from kaggle_cifar.augment import TTA_VIEWS, cutout, flip_crop
+from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.model import build_model, load_pretrained
+from kaggle_cifar.model import autocast_dtype, build_model, load_pretrained
 from kaggle_cifar.predict import predict_probs, probs_per_tta
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,12 @@ class FoldData:
     holdout_images: torch.Tensor
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs, none (float32) on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def epoch_generator(cfg: TrainConfig, fold: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Shuffling and augmentation randomness of one epoch, derived from (seed, fold, epoch) so that
-    a resumed run replays exactly what an uninterrupted one would, with no RNG state to save."""
-    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + fold * 10_007 + epoch)
+def epoch_generators(cfg: TrainConfig, fold: int, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """Shuffling and augmentation randomness of one epoch: a generator on the device (per-image draws)
+    and one on the host (the --auto-augment policy's scalar draws). Derived from (seed, fold, epoch)
+    so that a resumed run replays exactly what an uninterrupted one would, with no RNG state to save."""
+    seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch
+    return torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed + (1 << 40))
 
 
 def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor, std: torch.Tensor):
@@ -76,10 +71,13 @@ def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Ten
     return model
 
 
-def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """uint8 NHWC batch in, augmented uint8 NCHW batch out."""
-    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator)
-    return cutout(x, cfg.cutout, generator) if cfg.cutout else x
+def augment(images: torch.Tensor, cfg: TrainConfig, generators: tuple[torch.Generator, torch.Generator]) -> torch.Tensor:
+    """uint8 NHWC batch in, augmented uint8 NCHW batch out; `generators` as epoch_generators gives them."""
+    device_generator, host_generator = generators
+    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, device_generator)
+    if cfg.auto_augment:
+        x = auto_augment(x, cfg.auto_augment, host_generator)
+    return cutout(x, cfg.cutout, device_generator) if cfg.cutout else x
 
 
 def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch.Tensor, std: torch.Tensor,
@@ -101,7 +99,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
         anneal_strategy=cfg.anneal, div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
-    amp_dtype = autocast_dtype(device)
+    amp_dtype = autocast_dtype(device)  # fp16 needs loss scaling, bf16 does not
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
     # run is not an average dominated by the initial weights.
@@ -128,13 +126,13 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
-            generator = epoch_generator(cfg, data.fold, epoch, device)
-            order = torch.randperm(n_train, device=device, generator=generator)
+            generators = epoch_generators(cfg, data.fold, epoch, device)
+            order = torch.randperm(n_train, device=device, generator=generators[0])
             loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
             correct = torch.zeros((), device=device, dtype=torch.long)
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]
-                inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
+                inputs, targets = augment(data.train_images[idx], cfg, generators), data.train_targets[idx]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = step_model(inputs)
                     loss = criterion(logits, targets)

@@ -1,6 +1,8 @@
 import torch
 
-from kaggle_cifar.augment import TTA_VIEWS, cutout, flip_crop, translate, tta_view
+import pytest
+
+from kaggle_cifar.augment import AUTO_AUGMENT_GROUPS, TTA_VIEWS, auto_augment, cutout, flip_crop, translate, tta_view
 
 
 def random_images(n=64, h=8, w=8):
@@ -37,6 +39,24 @@ def test_cutout_zeroes_one_square_per_image():
     assert ((out == 0) | (out == 7)).all()
     counts = zeroed.sum((1, 2))
     assert (counts > 0).all() and (counts <= 16).all() and (counts == 16).any()
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_auto_augment_draws_per_group_from_its_generator_alone(policy):
+    group = 4
+    same = random_images(1, 16, 16).expand(AUTO_AUGMENT_GROUPS * group, -1, -1, -1)  # one image, many times
+    global_rng = torch.get_rng_state()
+    out = auto_augment(same, policy, torch.Generator().manual_seed(0))
+    assert out.shape == same.shape and out.dtype == torch.uint8
+    assert torch.equal(torch.get_rng_state(), global_rng)  # the global RNG is left as it was
+    groups = out.reshape(AUTO_AUGMENT_GROUPS, group, *out.shape[1:])
+    assert all(torch.equal(g[0], g[i]) for g in groups for i in range(group))  # one draw per group...
+    assert len({g[0].numpy().tobytes() for g in groups}) > AUTO_AUGMENT_GROUPS // 2  # ...and the draws differ
+    again = auto_augment(same, policy, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)  # the same generator state gives the same batch
+    generator = torch.Generator().manual_seed(0)
+    auto_augment(same, policy, generator)
+    assert not torch.equal(auto_augment(same, policy, generator), out)  # the generator moves on
 
 
 def test_translate_moves_pixels_and_reflects_the_border():

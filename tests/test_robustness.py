@@ -31,34 +31,35 @@ def weights(path):
 
 
 def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch):
-    run(CFG, small, tmp_path / "straight")
+    cfg = dataclasses.replace(CFG, auto_augment="randaugment")  # its host-side draws must replay too
+    run(cfg, small, tmp_path / "straight")
 
     calls = {"n": 0}
     real_augment = train.augment
 
-    def crash_in_epoch_3_of_fold_1(images, cfg, generator):
+    def crash_in_epoch_3_of_fold_1(*args):
         calls["n"] += 1
         if calls["n"] == 4 * 2 + 2 * 2 + 2:  # fold 0 done (4 epochs x 2 steps), fold 1 epochs 1-2 done, mid epoch 3
             raise KeyboardInterrupt("simulated kill")
-        return real_augment(images, cfg, generator)
+        return real_augment(*args)
 
     monkeypatch.setattr(train, "augment", crash_in_epoch_3_of_fold_1)
     with pytest.raises(KeyboardInterrupt):
-        run(CFG, small, tmp_path / "resumed")
+        run(cfg, small, tmp_path / "resumed")
     assert (tmp_path / "resumed" / "fold0" / "result.json").exists()
     assert not (tmp_path / "resumed" / "fold1" / "result.json").exists()
     assert torch.load(tmp_path / "resumed" / "fold1" / "last.pt", weights_only=True)["epoch"] == 1  # 0-based
     fold0_mtime = (tmp_path / "resumed" / "fold0" / "model.pt").stat().st_mtime_ns
 
     monkeypatch.setattr(train, "augment", real_augment)
-    summary = run(CFG, small, tmp_path / "resumed")
+    summary = run(cfg, small, tmp_path / "resumed")
     assert (tmp_path / "resumed" / "fold0" / "model.pt").stat().st_mtime_ns == fold0_mtime  # finished fold skipped
     for fold in (0, 1):
         straight = weights(tmp_path / "straight" / f"fold{fold}" / "model.pt")
         resumed = weights(tmp_path / "resumed" / f"fold{fold}" / "model.pt")
         for name in straight:
             torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
-    assert summary["cv_accuracy"] == run(CFG, small, tmp_path / "straight")["cv_accuracy"]
+    assert summary["cv_accuracy"] == run(cfg, small, tmp_path / "straight")["cv_accuracy"]
     assert not list((tmp_path / "resumed").rglob(".*tmp*"))  # no temp files left behind
 
 
@@ -76,10 +77,11 @@ def test_a_holdout_that_empties_a_fold_of_a_class_is_refused_before_training(sma
 
 def test_bad_config_values_are_all_named_in_one_error_before_anything_runs(small, tmp_path):
     proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
-                      "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", check=False)
+                      "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", "--auto-augment", "autoaugment", check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: invalid config: optimizer must be a timm optimizer name")
     assert "lr must be positive" in proc.stderr and "tta must be one of none, flip, flip_translate" in proc.stderr
+    assert "auto_augment must be empty or one of randaugment, trivialaugment" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
