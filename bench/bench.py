@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kaggle_cifar import cli, distributed  # noqa: E402
 from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
 from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
-from kaggle_cifar.cv import predict_run, train_folds  # noqa: E402
+from kaggle_cifar.cv import predict_runs, train_folds  # noqa: E402
 from kaggle_cifar.data import cached_images, image_ids, read_labels  # noqa: E402
 from kaggle_cifar.model import build_model, training_flops_per_image  # noqa: E402
 from kaggle_cifar.report import describe  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
             epoch_times += warm["seconds"].tolist()
             measured(f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", "")
         measured("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s")
-        csv, seconds = timed(lambda: predict_run(args.input, run_dir, cache, ctx))
+        csv, seconds = timed(lambda: predict_runs(args.input, [run_dir], cache, ctx))
         n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
         measured(f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",
                  f"{n_test * views / seconds:,.0f} images/s per view", f"{seconds:.1f} s")

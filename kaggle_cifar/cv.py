@@ -1,5 +1,5 @@
 """Cross-validation runs: the run dir, the fold split, the folds (split across torchrun ranks), the
-OOF report; and the test-set prediction of a finished run.
+OOF report; and the test-set prediction of the fold ensemble of one or more finished runs.
 
 Run dir contents: config.json (the run's identity), classes.json, folds.csv (id,fold),
 fold<k>/ (see train.py), oof.csv (id, fold, label, prediction, per-class probabilities; holdout images
@@ -152,13 +152,26 @@ def write_oof_report(run_dir: Path, cfg: TrainConfig, ids: np.ndarray, targets: 
     return summary
 
 
-def predict_run(input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context, tta: str | None = None,
-                batch_size: int = 2048) -> str | None:
-    """The fold ensemble's submission CSV for the test set, validated (on rank 0; None elsewhere)."""
-    cfg, classes = read_run(run_dir)
+def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
+                   tta: str | None = None, batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Test ids, class probabilities and classes of the ensemble of every fold of every run in
+    `run_dirs` (each fold weighs the same), with the `tta` views (default: the first run's)."""
+    runs = [read_run(run_dir) for run_dir in run_dirs]
+    classes = runs[0][1]
+    for run_dir, (_, other) in zip(run_dirs[1:], runs[1:]):
+        if other != classes:
+            raise RunDirError(f"{run_dir}: trained on the classes {other}, {run_dirs[0]} on {classes}; "
+                              f"runs of different competitions cannot be ensembled")
     ids, images = distributed.main_rank_first(ctx, lambda: load_test(input_dir, cache_dir))
-    models = load_fold_models(run_dir, cfg, classes, images.shape[1:], ctx.device)
-    probs = predict_test(images, models, tta or cfg.tta, ctx, batch_size)
+    models = [model for run_dir, (cfg, _) in zip(run_dirs, runs)
+              for model in load_fold_models(run_dir, cfg, classes, images.shape[1:], ctx.device)]
+    return ids, predict_test(images, models, tta or runs[0][0].tta, ctx, batch_size), classes
+
+
+def predict_runs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
+                 tta: str | None = None, batch_size: int = 2048) -> str | None:
+    """The ensemble's submission CSV for the test set, validated (on rank 0; None elsewhere)."""
+    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size)
     if not ctx.is_main:
         return None
     return render(submission_frame(ids, probs, classes), ids, classes)

@@ -2,6 +2,7 @@
 to stdout (or --output), written only once every prediction is done and the CSV has been validated.
 
     python scripts/predict.py > submissions/sub.csv
+    python scripts/predict.py --run-dir runs/r1 --ensemble runs/r2 runs/seed1 > submissions/sub.csv
 """
 
 import argparse
@@ -13,14 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kaggle_cifar import cli, distributed  # noqa: E402
 from kaggle_cifar.atomic import write_text  # noqa: E402
 from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
-from kaggle_cifar.cv import predict_run  # noqa: E402
+from kaggle_cifar.cv import predict_runs  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser)
     parser.add_argument("--tta", choices=sorted(TTA_VIEWS), default=None,
-                        help="test-time views: none (1), flip (2), flip_translate (6) (default: the run's --tta)")
+                        help="test-time views: none (1), flip (2), flip_translate (6) (default: the --tta of --run-dir's run)")
+    parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
+                             "--run-dir's in the ensemble, every fold weighing the same")
     parser.add_argument("--batch-size", type=int, default=2048, help="inference batch size (default: 2048)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the CSV to this file (atomically) instead of stdout")
@@ -28,7 +32,8 @@ def main() -> int:
     ctx = distributed.setup(args.device)
     try:
         cli.resolve_paths(args, ctx)
-        csv = predict_run(args.input, args.run_dir, args.cache_dir, ctx, args.tta, args.batch_size)
+        csv = predict_runs(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
+                           args.batch_size)
     finally:
         distributed.teardown(ctx)
     if csv is not None:

@@ -7,12 +7,14 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from conftest import CLASSES, TINY, run_script
-from kaggle_cifar import checkpoint
+from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import RunDirError, ensemble_probs
 from kaggle_cifar.data import cached_images
 from kaggle_cifar.predict import load_fold_models, predict_probs
 
@@ -138,3 +140,23 @@ def test_compiled_training_step_computes_what_the_eager_one_does(competition, tm
         compiled = np.load(tmp_path / "compiled" / f"fold{fold}" / "oof.npy")
         np.testing.assert_allclose(compiled, eager, atol=1e-3)
         assert not np.allclose(eager, eager.mean(0), atol=1e-3)  # the probabilities are not all alike
+
+
+def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(b), *TINY, "--folds", "3", "--seed", "1")
+    cpu, cache = distributed.setup("cpu"), competition / ".cache"
+    ids, probs_a, classes = ensemble_probs(competition, [a], cache, cpu)
+    probs_b = ensemble_probs(competition, [b], cache, cpu)[1]
+    probs = ensemble_probs(competition, [a, b], cache, cpu)[1]
+    np.testing.assert_allclose(probs, (2 * probs_a + 3 * probs_b) / 5, atol=1e-6)  # 2 + 3 folds, each the same weight
+    assert not np.allclose(probs_a, probs_b, atol=1e-3)  # so the check above tells the weights apart
+
+    proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(b))
+    sub = pd.read_csv(io.StringIO(proc.stdout))
+    assert sub["label"].tolist() == np.asarray(classes)[probs.argmax(1)].tolist()
+
+    (b / "classes.json").write_text(json.dumps(["ant", "bee", "cow"]) + "\n")
+    with pytest.raises(RunDirError, match=r"trained on the classes \['ant', 'bee', 'cow'\]"):
+        ensemble_probs(competition, [a, b], cache, cpu)
