@@ -41,7 +41,7 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
-    auto_augment: str = _opt("", "torchvision policy applied after flip/crop, drawn per sixteenth of the batch: "
+    auto_augment: str = _opt("", "RandAugment-style ops after flip/crop, drawn per image on the device: "
                                  "randaugment, trivialaugment, or empty for none")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
     pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "

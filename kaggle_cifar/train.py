@@ -54,12 +54,10 @@ class FoldData:
     holdout_images: torch.Tensor
 
 
-def epoch_generators(cfg: TrainConfig, fold: int, epoch: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """Shuffling and augmentation randomness of one epoch: a generator on the device (per-image draws)
-    and one on the host (the --auto-augment policy's scalar draws). Derived from (seed, fold, epoch)
-    so that a resumed run replays exactly what an uninterrupted one would, with no RNG state to save."""
-    seed = cfg.seed * 1_000_003 + fold * 10_007 + epoch
-    return torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed + (1 << 40))
+def epoch_generator(cfg: TrainConfig, fold: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Shuffling and augmentation randomness of one epoch, derived from (seed, fold, epoch) so that
+    a resumed run replays exactly what an uninterrupted one would, with no RNG state to save."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + fold * 10_007 + epoch)
 
 
 def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor, std: torch.Tensor):
@@ -71,13 +69,12 @@ def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Ten
     return model
 
 
-def augment(images: torch.Tensor, cfg: TrainConfig, generators: tuple[torch.Generator, torch.Generator]) -> torch.Tensor:
-    """uint8 NHWC batch in, augmented uint8 NCHW batch out; `generators` as epoch_generators gives them."""
-    device_generator, host_generator = generators
-    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, device_generator)
+def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """uint8 NHWC batch in, augmented uint8 NCHW batch out."""
+    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator)
     if cfg.auto_augment:
-        x = auto_augment(x, cfg.auto_augment, host_generator)
-    return cutout(x, cfg.cutout, device_generator) if cfg.cutout else x
+        x = auto_augment(x, cfg.auto_augment, generator)
+    return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
 def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch.Tensor, std: torch.Tensor,
@@ -126,13 +123,13 @@ def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
-            generators = epoch_generators(cfg, data.fold, epoch, device)
-            order = torch.randperm(n_train, device=device, generator=generators[0])
+            generator = epoch_generator(cfg, data.fold, epoch, device)
+            order = torch.randperm(n_train, device=device, generator=generator)
             loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
             correct = torch.zeros((), device=device, dtype=torch.long)
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]
-                inputs, targets = augment(data.train_images[idx], cfg, generators), data.train_targets[idx]
+                inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = step_model(inputs)
                     loss = criterion(logits, targets)

@@ -1,8 +1,12 @@
 import torch
 
-import pytest
+import math
 
-from kaggle_cifar.augment import AUTO_AUGMENT_GROUPS, TTA_VIEWS, auto_augment, cutout, flip_crop, translate, tta_view
+import pytest
+from torchvision.transforms.v2 import functional as F
+
+from kaggle_cifar.augment import (AUTO_AUGMENT_OPS, AUTO_AUGMENT_POLICIES, TTA_VIEWS, apply_ops, auto_augment, cutout,
+                                  flip_crop, translate, tta_view)
 
 
 def random_images(n=64, h=8, w=8):
@@ -42,21 +46,55 @@ def test_cutout_zeroes_one_square_per_image():
 
 
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
-def test_auto_augment_draws_per_group_from_its_generator_alone(policy):
-    group = 4
-    same = random_images(1, 16, 16).expand(AUTO_AUGMENT_GROUPS * group, -1, -1, -1)  # one image, many times
+def test_auto_augment_draws_per_image_from_its_generator(policy):
+    same = random_images(1, 16, 16).expand(64, -1, -1, -1)  # one image, many times
     global_rng = torch.get_rng_state()
     out = auto_augment(same, policy, torch.Generator().manual_seed(0))
     assert out.shape == same.shape and out.dtype == torch.uint8
-    assert torch.equal(torch.get_rng_state(), global_rng)  # the global RNG is left as it was
-    groups = out.reshape(AUTO_AUGMENT_GROUPS, group, *out.shape[1:])
-    assert all(torch.equal(g[0], g[i]) for g in groups for i in range(group))  # one draw per group...
-    assert len({g[0].numpy().tobytes() for g in groups}) > AUTO_AUGMENT_GROUPS // 2  # ...and the draws differ
-    again = auto_augment(same, policy, torch.Generator().manual_seed(0))
-    assert torch.equal(again, out)  # the same generator state gives the same batch
+    assert torch.equal(torch.get_rng_state(), global_rng)  # only the given generator is drawn from
+    assert len({image.numpy().tobytes() for image in out}) > 20  # ops and strengths vary per image
+    assert torch.equal(auto_augment(same, policy, torch.Generator().manual_seed(0)), out)  # replayable
     generator = torch.Generator().manual_seed(0)
     auto_augment(same, policy, generator)
     assert not torch.equal(auto_augment(same, policy, generator), out)  # the generator moves on
+
+
+def ops_at(images, name, strength, policy="randaugment"):
+    n = len(images)
+    return apply_ops(images, torch.full((n,), AUTO_AUGMENT_OPS.index(name)), torch.full((n,), strength),
+                     AUTO_AUGMENT_POLICIES[policy])
+
+
+@pytest.mark.parametrize("name, strength, torchvision_op", [
+    ("identity", 0.5, lambda x: x),
+    ("brightness", 0.5, lambda x: F.adjust_brightness(x, 1 + 0.9 * 0.5)),
+    ("brightness", -0.5, lambda x: F.adjust_brightness(x, 1 - 0.9 * 0.5)),
+    ("color", 0.7, lambda x: F.adjust_saturation(x, 1 + 0.9 * 0.7)),
+    ("contrast", -0.3, lambda x: F.adjust_contrast(x, 1 - 0.9 * 0.3)),
+    ("sharpness", 0.9, lambda x: F.adjust_sharpness(x, 1 + 0.9 * 0.9)),
+    ("posterize", 0.5, lambda x: F.posterize(x, 6)),  # 8 - round(4 * 0.5) bits kept
+    ("solarize", -0.4, lambda x: F.solarize(x, 255 * 0.6)),
+    ("autocontrast", 1.0, F.autocontrast),
+    ("equalize", 1.0, F.equalize),
+    ("translate_x", 4 * 331 / (150 * 16), lambda x: F.affine(x, 0.0, [-4, 0], 1.0, [0.0, 0.0])),
+    ("translate_y", -3 * 331 / (150 * 16), lambda x: F.affine(x, 0.0, [0, 3], 1.0, [0.0, 0.0])),
+])
+def test_each_op_is_torchvisions(name, strength, torchvision_op):
+    images = random_images(8, 16, 16)
+    images[:, :, :4] //= 2  # some structure for equalize and autocontrast to act on
+    ours, theirs = ops_at(images, name, strength), torchvision_op(images)
+    assert (ours.int() - theirs.int()).abs().max() <= 1  # float rounding before the uint8 cast
+
+
+@pytest.mark.parametrize("name, strength, angle, shear", [
+    ("rotate", 0.5, 15.0, [0.0, 0.0]), ("rotate", -1.0, -30.0, [0.0, 0.0]),
+    ("shear_x", 0.5, 0.0, [math.degrees(math.atan(0.15)), 0.0]), ("shear_y", 1.0, 0.0, [0.0, math.degrees(math.atan(0.3))]),
+])
+def test_rotate_and_shear_match_torchvision_but_for_rounding_at_pixel_edges(name, strength, angle, shear):
+    images = random_images(8, 16, 16)
+    ours, theirs = ops_at(images, name, strength), F.affine(images, -angle, [0, 0], 1.0, shear)
+    assert (ours == theirs).float().mean() > 0.99
+    assert not torch.equal(ours, images)
 
 
 def test_translate_moves_pixels_and_reflects_the_border():

@@ -31,7 +31,7 @@ def weights(path):
 
 
 def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch):
-    cfg = dataclasses.replace(CFG, auto_augment="randaugment")  # its host-side draws must replay too
+    cfg = dataclasses.replace(CFG, auto_augment="randaugment")  # its per-image draws must replay too
     run(cfg, small, tmp_path / "straight")
 
     calls = {"n": 0}
