@@ -97,7 +97,7 @@ def apply_ops(images: torch.Tensor, op: torch.Tensor, strength: torch.Tensor, p:
     flat = hi == lo  # autocontrast leaves a flat channel as it is
     kept_bits = torch.round(8 - p.posterize * f.abs())
     results = {
-        "brightness": _blend(x, torch.zeros_like(x), 1 + p.enhance * f),
+        "brightness": _blend(x, 0.0, 1 + p.enhance * f),  # blended with black
         "color": _blend(x, gray, 1 + p.enhance * f),
         "contrast": _blend(x, gray.mean((1, 2, 3), keepdim=True), 1 + p.enhance * f),
         "sharpness": _blend(x, _smoothed(x), 1 + p.enhance * f),
@@ -112,7 +112,7 @@ def apply_ops(images: torch.Tensor, op: torch.Tensor, strength: torch.Tensor, p:
     return out.clamp(0, 255).to(torch.uint8)  # truncation, as torchvision casts
 
 
-def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _blend(x: torch.Tensor, degenerate: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
     return x * factor + degenerate * (1 - factor)
 
 
