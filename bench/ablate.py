@@ -16,21 +16,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import markdown_table, setting, warm_epochs  # bench/common.py, beside this script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kaggle_cifar import cli, distributed  # noqa: E402
-from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
-from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
-from kaggle_cifar.cv import fold_data, fold_split, on_device, prepare_run_dir  # noqa: E402
-from kaggle_cifar.data import load_train  # noqa: E402
-from kaggle_cifar.train import train_fold  # noqa: E402
-from common import markdown_table, setting, warm_epochs  # noqa: E402  (bench/common.py)
+from kaggle_cifar import cli, distributed
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.data import load_train
+from kaggle_cifar.folds import DeviceTrainSet, fold_split
+from kaggle_cifar.rundir import RunDir, folds_table
+from kaggle_cifar.train import train_fold
 
 # Each variant is the base config with these fields changed; the defaults stay what they are until
 # a row of this table shows a gain above the seed noise.
@@ -70,7 +68,7 @@ def main() -> int:
     compile = cli.use_compile(args, ctx)
     cli.resolve_paths(args, ctx)
     train = load_train(args.input, args.cache_dir, base.folds)
-    images, targets, mean, std = on_device(train, ctx.device)
+    on_device = DeviceTrainSet.of(train, ctx.device)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,14 +77,13 @@ def main() -> int:
             torch.compiler.reset()  # each variant compiles afresh: no dynamic-shape graph left by another batch size
             cfg = dataclasses.replace(base, **VARIANTS[name])
             fold_of = fold_split(cfg, train.labels)
-            prepare_run_dir(out / name, cfg, train.labels.classes, train.labels.ids, fold_of)
-            fold_dir = out / name / f"fold{args.fold}"
-            result = train_fold(cfg, fold_data(images, targets, fold_of, args.fold), train.labels.classes, mean, std,
-                                fold_dir, ctx.device, compile)
+            run = RunDir(out / name)
+            run.create(cfg, train.labels.classes, folds_table(train.labels.ids, fold_of))
+            result = train_fold(cfg, on_device.fold(fold_of, args.fold), run.fold(args.fold), ctx.device, compile)
             rows.append({"variant": name, "changes": ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-",
                          **{f"acc {tta}": f"{result['accuracy_by_tta'][tta]:.4f}" for tta in TTA_VIEWS},
                          "train s": f"{result['seconds']:.1f}",
-                         "images/s": f"{warm_epochs(fold_dir)['train_images_per_s'].median():,.0f}"})
+                         "images/s": f"{warm_epochs(run.fold(args.fold))['train_images_per_s'].median():,.0f}"})
             print(markdown_table(rows[-1:], header=False), flush=True)
     print(f"\nablation on fold {args.fold} of {base.folds}, {len(train.labels.ids):,} training images; "
           f"every variant changes this base:\n{setting(ctx.device, compile, base)}")

@@ -22,17 +22,17 @@ import time
 from pathlib import Path
 
 import torch
+from common import markdown_table, setting, warm_epochs  # bench/common.py, beside this script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kaggle_cifar import cli, distributed  # noqa: E402
-from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
-from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
-from kaggle_cifar.cv import predict_runs, train_folds  # noqa: E402
-from kaggle_cifar.data import cached_images, image_ids, read_labels  # noqa: E402
-from kaggle_cifar.model import build_model, training_flops_per_image  # noqa: E402
-from kaggle_cifar.report import describe  # noqa: E402
-from common import markdown_table, setting, warm_epochs  # noqa: E402  (bench/common.py)
+from kaggle_cifar import cli, distributed
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.cv import train_folds
+from kaggle_cifar.data import cached_images, image_ids, read_labels
+from kaggle_cifar.model import build_model, training_flops_per_image
+from kaggle_cifar.predict import submission_csv
+from kaggle_cifar.report import describe
+from kaggle_cifar.rundir import RunDir
 
 
 def timed(fn):
@@ -47,7 +47,7 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, default=Path("input"))
+    cli.add_input_flag(parser)
     cli.add_compile_flag(parser)
     add_config_flags(parser)
     args = parser.parse_args()
@@ -73,19 +73,19 @@ def main() -> None:
         print(describe(summary, cfg.tta), flush=True)
         warm_rates, epoch_times = [], []
         for fold in range(cfg.folds):
-            warm = warm_epochs(run_dir / f"fold{fold}")
+            warm = warm_epochs(RunDir(run_dir).fold(fold))
             warm_rates.append(warm["train_images_per_s"].median())
             epoch_times += warm["seconds"].tolist()
             measured(f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", "")
         measured("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s")
-        csv, seconds = timed(lambda: predict_runs(args.input, [run_dir], cache, ctx))
+        csv, seconds = timed(lambda: submission_csv(args.input, [run_dir], cache, ctx))
         n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
         measured(f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",
                  f"{n_test * views / seconds:,.0f} images/s per view", f"{seconds:.1f} s")
         measured("predict, per model forward pass", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold", "")
         measured("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s")
 
-    model = build_model(cfg.arch, 10, cfg.width, torch.zeros(3), torch.ones(3)).to(ctx.device)
+    model = build_model(cfg.arch, 10, cfg.width).to(ctx.device)
     flops = training_flops_per_image(model, (3, 32, 32))
     rate = statistics.median(warm_rates)
     measured("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved")

@@ -3,12 +3,11 @@ bench/RESULTS.md."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import torch
 
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.rundir import FoldDir
 
 
 def setting(device: torch.device, compile: bool, cfg: TrainConfig) -> str:
@@ -23,8 +22,8 @@ def markdown_table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(head + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows])
 
 
-def warm_epochs(fold_dir: Path) -> pd.DataFrame:
-    """A fold's log.csv rows after the first epoch (the one that pays for compilation and cuDNN
+def warm_epochs(fold_dir: FoldDir) -> pd.DataFrame:
+    """A fold's log rows after the first epoch (the one that pays for compilation and cuDNN
     autotuning), or its only row."""
-    log = pd.read_csv(Path(fold_dir) / "log.csv")
+    log = fold_dir.read_log()
     return log.iloc[1:] if len(log) > 1 else log

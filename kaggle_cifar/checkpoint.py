@@ -9,10 +9,7 @@ from pathlib import Path
 import torch
 
 from kaggle_cifar.atomic import atomic_path
-
-
-class CheckpointError(Exception):
-    """A checkpoint is unreadable, unsafe, or belongs to another run; the message names the file."""
+from kaggle_cifar.errors import CheckpointError
 
 
 def run_meta(cfg, classes: list[str]) -> dict:

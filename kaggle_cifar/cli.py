@@ -1,4 +1,6 @@
-"""What the scripts share: the input/run-dir flags, logging to stderr, and one clear error line."""
+"""What the scripts share: the input/run-dir flags, logging to stderr, and one clear error line.
+
+It imports no torch: `scripts/prepare.py` (which only unpacks) starts in a blink."""
 
 from __future__ import annotations
 
@@ -7,26 +9,29 @@ import logging
 import sys
 from pathlib import Path
 
-from kaggle_cifar import distributed
-from kaggle_cifar.checkpoint import CheckpointError
-from kaggle_cifar.config import ConfigError
-from kaggle_cifar.cv import RunDirError
-from kaggle_cifar.data import InputError, default_cache_dir
+from kaggle_cifar.data import default_cache_dir
+from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.prepare import prepare
-from kaggle_cifar.submission import SubmissionError
-from kaggle_cifar.train import TrainingDiverged
 
-EXPECTED_ERRORS = (ConfigError, InputError, CheckpointError, RunDirError, SubmissionError, TrainingDiverged)
+DEFAULT_RUN_DIR = Path("runs/default")
 
 
-def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = Path("runs/default")) -> None:
+def add_input_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=Path, default=Path("input"),
-                        help="competition folder: trainLabels.csv, train/, test/ (default: input)")
+                        help="competition folder: trainLabels.csv, train/, test/, or the raw download (default: input)")
+
+
+def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = DEFAULT_RUN_DIR) -> None:
+    add_input_flag(parser)
     parser.add_argument("--run-dir", type=Path, default=run_dir,
                         help=f"where checkpoints, OOF predictions and reports go (default: {run_dir or 'a temporary folder'})")
+    add_cache_flag(parser)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
+
+
+def add_cache_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where decoded images are cached (default: INPUT/.cache, or ./cache if INPUT is read-only)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
 
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +39,20 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the training step (default: on for CUDA, off on CPU)")
 
 
-def use_compile(args: argparse.Namespace, ctx: distributed.Context) -> bool:
+def use_compile(args: argparse.Namespace, ctx) -> bool:
     return args.compile if args.compile is not None else ctx.device.type == "cuda"
 
 
-def resolve_paths(args: argparse.Namespace, ctx: distributed.Context) -> None:
-    """Unpack a raw Kaggle download first if that is all `--input` holds (rank 0 only, the others
-    wait), then point `args.input` at the prepared layout and fill in the cache dir."""
-    args.input = distributed.main_rank_first(ctx, lambda: prepare(args.input))  # a no-op once prepared
-    args.cache_dir = args.cache_dir or default_cache_dir(args.input)
+def resolve_paths(args: argparse.Namespace, ctx=None) -> None:
+    """Unpack a raw Kaggle download first if that is all `--input` holds (with a distributed
+    context: rank 0 only, the others wait), then point `args.input` at the prepared layout and
+    fill in the cache dir."""
+    args.input = ctx.main_rank_first(lambda: prepare(args.input)) if ctx else prepare(args.input)  # no-op once done
+    args.cache_dir = cache_dir_of(args)
+
+
+def cache_dir_of(args: argparse.Namespace) -> Path:
+    return args.cache_dir or default_cache_dir(args.input)
 
 
 def run(main) -> None:

@@ -12,9 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A config value out of range, or a config file that is not this dataclass."""
+from kaggle_cifar.errors import ConfigError
 
 
 def _opt(default, help):

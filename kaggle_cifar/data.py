@@ -23,15 +23,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from kaggle_cifar.atomic import atomic_path, write_text
+from kaggle_cifar.errors import InputError
 
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "trainLabels.csv"
 MAX_LISTED = 10  # ids named in one error line before "and N more"
-
-
-class InputError(Exception):
-    """The competition input is missing or malformed; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,18 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def main_rank_first(self, fn):
+        """`fn()` on rank 0 first (it builds what is shared on disk: the image cache), then on the
+        rest. If rank 0 fails, torchrun ends the other ranks."""
+        if self.is_main:
+            result = fn()
+        self.barrier()
+        return result if self.is_main else fn()
+
 
 def setup(device: str | None = None) -> Context:
     """Join the torchrun group if launched by torchrun; pick this process's device."""
@@ -39,20 +51,6 @@ def setup(device: str | None = None) -> Context:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Context(rank, world_size, device)
-
-
-def barrier(ctx: Context) -> None:
-    if ctx.world_size > 1:
-        dist.barrier()
-
-
-def main_rank_first(ctx: Context, fn):
-    """`fn()` on rank 0 first (it builds what is shared on disk: the image cache), then on the rest.
-    If rank 0 fails, torchrun ends the other ranks."""
-    if ctx.is_main:
-        result = fn()
-    barrier(ctx)
-    return result if ctx.is_main else fn()
 
 
 def teardown(ctx: Context) -> None:

@@ -1,8 +1,17 @@
-"""Stratified k-fold split, optionally with a stratified holdout that no fold trains on."""
+"""The fold split (stratified k-fold, optionally with a stratified holdout that no fold trains on),
+and what one fold trains on: its images on the device, with the classes and the normalisation."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
+
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.data import Labels, TrainSet
+from kaggle_cifar.device import to_device
+from kaggle_cifar.errors import ConfigError
 
 HOLDOUT = -1  # the fold index of images kept out of every fold
 
@@ -29,3 +38,57 @@ def stratified_folds(targets: np.ndarray, folds: int, seed: int, holdout: int = 
         assignment[members] = (offset + np.arange(len(members))) % folds
         offset += len(members)
     return assignment
+
+
+def fold_split(cfg: TrainConfig, labels: Labels) -> np.ndarray:
+    """The run's fold of every training image (HOLDOUT for the holdout), refused if the holdout
+    leaves a fold without some class."""
+    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed, cfg.holdout)
+    for fold in range(cfg.folds):
+        missing = [c for i, c in enumerate(labels.classes) if not (labels.targets[fold_of == fold] == i).any()]
+        if missing:
+            raise ConfigError(f"--holdout {cfg.holdout} leaves fold {fold} without images of {', '.join(missing)}; "
+                              f"use a smaller --holdout")
+    return fold_of
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """One fold's images (uint8 NHWC, on the training device) and what a model of it needs to know.
+    The holdout images (empty without --holdout) are in no fold's training or validation set."""
+    fold: int
+    classes: list[str]
+    mean: torch.Tensor  # per-channel pixel mean and std of the whole training set: the input normalisation
+    std: torch.Tensor
+    train_images: torch.Tensor
+    train_targets: torch.Tensor
+    val_images: torch.Tensor
+    val_targets: torch.Tensor
+    holdout_images: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DeviceTrainSet:
+    """The whole training set, moved to the device once; every fold is a selection of it."""
+    images: torch.Tensor
+    targets: torch.Tensor
+    classes: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def of(cls, train: TrainSet, device: torch.device) -> "DeviceTrainSet":
+        images = to_device(train.images, device)
+        pixels = images.reshape(-1, images.shape[-1]).float()
+        return cls(images, torch.from_numpy(train.labels.targets).to(device), train.labels.classes,
+                   pixels.mean(0), pixels.std(0))
+
+    def fold(self, fold_of: np.ndarray, fold: int) -> FoldData:
+        """Fold `fold` holds its images out: they are its validation set and never in its training
+        set; the holdout images are in neither."""
+        def rows(mask: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(mask).to(self.images.device)
+
+        trained, held_out = rows((fold_of != fold) & (fold_of != HOLDOUT)), rows(fold_of == fold)
+        return FoldData(fold, self.classes, self.mean, self.std, self.images[trained], self.targets[trained],
+                        self.images[held_out], self.targets[held_out], self.images[rows(fold_of == HOLDOUT)])

@@ -10,27 +10,22 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from kaggle_cifar import checkpoint
+from kaggle_cifar.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision for training and predict: bf16 where the GPU computes it natively (Ampere
-    and later), fp16 on older GPUs such as Kaggle's T4 and P100 (where bf16 is only emulated, slowly),
-    none (float32) on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+CHANNELS = 3  # the data layer refuses anything but RGB
 
 
 class Normalize(nn.Module):
     """uint8 NCHW images in, standardised float out; mean/std are buffers, so they travel with the
     checkpoint and predict needs nothing but the weights."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float())
-        self.register_buffer("std", std.reshape(1, -1, 1, 1).float())
+        self.register_buffer("mean", (torch.zeros(CHANNELS) if mean is None else mean).reshape(1, -1, 1, 1).float())
+        self.register_buffer("std", (torch.ones(CHANNELS) if std is None else std).reshape(1, -1, 1, 1).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
@@ -65,7 +60,10 @@ class ResNet18Cifar(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def build_model(arch: str, num_classes: int, width: int, mean: torch.Tensor, std: torch.Tensor) -> nn.Sequential:
+def build_model(arch: str, num_classes: int, width: int, mean: torch.Tensor | None = None,
+                std: torch.Tensor | None = None) -> nn.Sequential:
+    """The network behind a Normalize layer. A fresh model takes the training pixels' per-channel
+    mean and std; a model about to load a checkpoint needs neither (its buffers come with it)."""
     if arch == "resnet18_cifar":
         net = ResNet18Cifar(num_classes, width)
     else:
@@ -84,7 +82,7 @@ def load_pretrained(model: nn.Sequential, path: Path) -> None:
     if isinstance(inner, dict):  # a checkpoint wrapping its weights
         state = inner
     if not isinstance(state, dict):
-        raise checkpoint.CheckpointError(f"{path}: not a state dict")
+        raise CheckpointError(f"{path}: not a state dict")
     own = model.state_dict()
     matched = {}
     for name, tensor in state.items():
@@ -92,7 +90,7 @@ def load_pretrained(model: nn.Sequential, path: Path) -> None:
         if target in own and isinstance(tensor, torch.Tensor) and own[target].shape == tensor.shape:
             matched[target] = tensor
     if not matched:
-        raise checkpoint.CheckpointError(f"{path}: no tensor matches this model by name and shape")
+        raise CheckpointError(f"{path}: no tensor matches this model by name and shape")
     model.load_state_dict(matched, strict=False)
     skipped = sorted(set(own) - set(matched))
     log.info("pretrained %s: %d of %d tensors loaded; kept fresh: %s", path, len(matched), len(own),

@@ -4,7 +4,6 @@ accuracy, and the most confident OOF mistakes. Written into RUN_DIR/report/ from
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_cifar.atomic import atomic_path
+from kaggle_cifar.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def learning_curves(run_dir: Path, folds: int):
+def learning_curves(run: RunDir, folds: int):
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold in range(folds):
-        log_csv = pd.read_csv(run_dir / f"fold{fold}" / "log.csv")
+        log_csv = run.fold(fold).read_log()
         line, = ax_loss.plot(log_csv["epoch"], log_csv["train_loss"], label=f"fold {fold} train")
         ax_loss.plot(log_csv["epoch"], log_csv["val_loss"], "--", color=line.get_color(), label=f"fold {fold} val")
         ax_acc.plot(log_csv["epoch"], log_csv["train_acc"], color=line.get_color(), label=f"fold {fold} train")
@@ -104,18 +104,17 @@ def confident_mistakes(oof: pd.DataFrame, ids: np.ndarray, images: np.ndarray, c
     return fig
 
 
-def write_report(run_dir: Path, train_ids: np.ndarray, train_images: np.ndarray) -> list[Path]:
+def write_report(run: RunDir, train_ids: np.ndarray, train_images: np.ndarray) -> list[Path]:
     """All report PNGs; `train_images` holds the image of each of `train_ids`, row by row."""
     import matplotlib
 
     matplotlib.use("Agg")
-    run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "report.json").read_text())
-    oof = pd.read_csv(run_dir / "oof.csv", dtype={"label": str, "prediction": str})
+    summary = run.read_report()
+    oof = run.read_oof_csv()
     folds = int(oof["fold"].max()) + 1
-    out = run_dir / "report"
+    out = run.report_pictures
     figures = {
-        "curves.png": learning_curves(run_dir, folds),
+        "curves.png": learning_curves(run, folds),
         "confusion.png": confusion(summary),
         "per_class.png": per_class(summary),
         "mistakes.png": confident_mistakes(oof, train_ids, train_images),

@@ -3,12 +3,11 @@
 Fold k of the new run takes its pseudo-labels from fold k of the first run only. That model never
 trained on fold k's held-out images, so no held-out label reaches fold k's training, directly or
 through its teacher, and the new run's CV accuracy stays an honest estimate. That needs the same
-fold split in both runs, which is checked."""
+fold split in both runs, which is checked before anything is written."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -16,40 +15,52 @@ import numpy as np
 import torch
 
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import ConfigError, TrainConfig
-from kaggle_cifar.predict import load_fold_model, predict_probs
-from kaggle_cifar.train import FoldData
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.device import to_device
+from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.folds import FoldData
+from kaggle_cifar.inference import load_fold_model, stream_probs
+from kaggle_cifar.rundir import RunDir, same_classes
 
 log = logging.getLogger(__name__)
 
 
-def check_teacher_run(teacher_dir: Path, folds_csv: str, classes: list[str]) -> TrainConfig:
-    """The first-round run's config, once its fold split and classes are found equal to this run's."""
-    teacher_dir = Path(teacher_dir)
-    if not (teacher_dir / "config.json").exists():
-        raise ConfigError(f"--pseudo-labels {teacher_dir}: not a training run (no config.json)")
-    if (teacher_dir / "folds.csv").read_text() != folds_csv:
-        raise ConfigError(f"--pseudo-labels {teacher_dir}: its fold split differs from this run's, so its fold k "
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The first-round run that a second round learns its pseudo-labels from."""
+    run: RunDir
+    cfg: TrainConfig
+    classes: list[str]
+
+
+def open_teacher(path: Path, folds_csv: str, classes: list[str]) -> Teacher:
+    """The first-round run at `path`, once its fold split (folds.csv's text) and classes are found
+    equal to this run's."""
+    run = RunDir(path)
+    if not (run.path / "config.json").is_file():
+        raise ConfigError(f"--pseudo-labels {path}: not a training run (no config.json)")
+    cfg, teacher_classes = run.read()
+    if run.folds_csv() != folds_csv:
+        raise ConfigError(f"--pseudo-labels {path}: its fold split differs from this run's, so its fold k "
                           f"has trained on fold k's held-out images; use a run with the same --folds, --seed, "
                           f"--holdout and training set")
-    if json.loads((teacher_dir / "classes.json").read_text()) != list(classes):
-        raise ConfigError(f"--pseudo-labels {teacher_dir}: it was trained on other classes")
-    return TrainConfig.from_json(teacher_dir / "config.json")
+    same_classes([(f"--pseudo-labels {path}", teacher_classes), ("this run", classes)])
+    return Teacher(run, cfg, teacher_classes)
 
 
-def pseudo_labelled(cfg: TrainConfig, teacher_cfg: TrainConfig, classes: list[str], fold: int,
-                    test_images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_labelled(cfg: TrainConfig, teacher: Teacher, fold: int, test_images: np.ndarray,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The test images (uint8 NHWC, on `device`) that the teacher run's fold `fold` labels
     confidently (see most_confident), and the classes it gives them."""
-    teacher = load_fold_model(Path(cfg.pseudo_labels), teacher_cfg, classes, fold, test_images.shape[1:], device)
-    probs = predict_probs([teacher], test_images, TTA_VIEWS[teacher_cfg.tta], device,
-                          desc=f"pseudo-labels for fold {fold}")
+    model = load_fold_model(teacher.run, teacher.cfg, teacher.classes, fold, device)
+    probs = stream_probs([model], test_images, TTA_VIEWS[teacher.cfg.tta], device,
+                         desc=f"pseudo-labels for fold {fold}")
     confidence, predicted = probs.max(1)
-    chosen = most_confident(confidence, predicted, cfg.pseudo_threshold, cfg.pseudo_max, len(classes))
-    counts = torch.bincount(predicted[chosen], minlength=len(classes)).tolist()
+    chosen = most_confident(confidence, predicted, cfg.pseudo_threshold, cfg.pseudo_max, len(teacher.classes))
+    counts = torch.bincount(predicted[chosen], minlength=len(teacher.classes)).tolist()
     log.info("fold %d: %d of %d test images pseudo-labelled at probability >= %.2f (per class: %s)",
              fold, len(chosen), len(test_images), cfg.pseudo_threshold, counts)
-    return torch.from_numpy(np.array(test_images[chosen.cpu().numpy()])).to(device), predicted[chosen]
+    return to_device(test_images[chosen.cpu().numpy()], device), predicted[chosen]
 
 
 def most_confident(confidence: torch.Tensor, predicted: torch.Tensor, threshold: float, limit: int,
@@ -67,9 +78,8 @@ def most_confident(confidence: torch.Tensor, predicted: torch.Tensor, threshold:
     return passed.nonzero().squeeze(1)
 
 
-def with_pseudo_labels(data: FoldData, cfg: TrainConfig, teacher_cfg: TrainConfig, classes: list[str],
-                       test_images: np.ndarray, device: torch.device) -> FoldData:
+def with_pseudo_labels(data: FoldData, cfg: TrainConfig, teacher: Teacher, test_images: np.ndarray) -> FoldData:
     """`data` with its fold's pseudo-labelled test images appended to its training set."""
-    images, targets = pseudo_labelled(cfg, teacher_cfg, classes, data.fold, test_images, device)
+    images, targets = pseudo_labelled(cfg, teacher, data.fold, test_images, data.train_images.device)
     return dataclasses.replace(data, train_images=torch.cat([data.train_images, images]),
                                train_targets=torch.cat([data.train_targets, targets]))

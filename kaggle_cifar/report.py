@@ -6,6 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    return float((probs.argmax(1) == targets).mean())
+
+
+def nll(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    return float(-np.log(np.maximum(probs[np.arange(len(targets)), targets], 1e-12)).mean())
+
+
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
     return np.bincount(targets * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, num_classes)
@@ -13,12 +22,10 @@ def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -
 
 def oof_summary(probs: np.ndarray, targets: np.ndarray, fold_of: np.ndarray, classes: list[str]) -> dict:
     """Every image is scored by the model of the fold that held it out, never by one that trained on it."""
-    preds = probs.argmax(1)
-    correct = preds == targets
-    confusion = confusion_matrix(targets, preds, len(classes))
+    confusion = confusion_matrix(targets, probs.argmax(1), len(classes))
     return {
-        "cv_accuracy": float(correct.mean()),
-        "fold_accuracy": [float(correct[fold_of == k].mean()) for k in range(int(fold_of.max()) + 1)],
+        "cv_accuracy": accuracy(probs, targets),
+        "fold_accuracy": [accuracy(probs[fold_of == k], targets[fold_of == k]) for k in range(int(fold_of.max()) + 1)],
         "per_class_accuracy": {c: float(confusion[i, i] / confusion[i].sum()) for i, c in enumerate(classes)},
         "confusion": confusion.tolist(),
         "classes": list(classes),
@@ -28,14 +35,11 @@ def oof_summary(probs: np.ndarray, targets: np.ndarray, fold_of: np.ndarray, cla
 def holdout_summary(fold_probs: list[dict[str, np.ndarray]], targets: np.ndarray) -> dict:
     """Accuracy on images no fold trained on, for each TTA view set: each fold alone, and the fold
     ensemble (probabilities averaged over folds), which is what a submission uses."""
-    def accuracy(probs: np.ndarray) -> float:
-        return float((probs.argmax(1) == targets).mean())
-
     names = list(fold_probs[0])
     return {
         "images": int(len(targets)),
-        "single_fold_accuracy": {name: [accuracy(p[name]) for p in fold_probs] for name in names},
-        "ensemble_accuracy": {name: accuracy(np.mean([p[name] for p in fold_probs], axis=0)) for name in names},
+        "single_fold_accuracy": {name: [accuracy(p[name], targets) for p in fold_probs] for name in names},
+        "ensemble_accuracy": {name: accuracy(np.mean([p[name] for p in fold_probs], axis=0), targets) for name in names},
     }
 
 

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_cifar.data import InputError, listing, read_labels, test_ids
-
-
-class SubmissionError(Exception):
-    """A submission that Kaggle would reject or mis-score; the message names the problem."""
+from kaggle_cifar.cli import add_input_flag
+from kaggle_cifar.data import listing, read_labels, test_ids
+from kaggle_cifar.errors import InputError, SubmissionError
 
 
 def submission_frame(ids: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate FILE against the competition input")
     check.add_argument("file", type=Path)
-    check.add_argument("--input", type=Path, default=Path("input"), help="competition folder (default: input)")
+    add_input_flag(check)
     args = parser.parse_args(argv)
     try:
         frame = check_file(args.file, args.input)

@@ -1,71 +1,51 @@
-"""Train one fold: the whole loop, top to bottom, with per-epoch atomic checkpoints and resume.
-
-Fold directory contents:
-  last.pt      everything needed to resume (weights, EMA, optimizer, schedule, scaler, epoch, log)
-  log.csv      one row per epoch: train/val loss and accuracy, learning rate, time, images/s
-  tensorboard/ the same metrics for TensorBoard, when it is installed
-  model.pt     final weights (the EMA's when enabled) and the meta predict checks
-  oof.npy      class probabilities (with the run's TTA) for the fold's held-out images
-  holdout.npz  with --holdout: class probabilities for the holdout images, one array per TTA view set
-  result.json  written last (held-out accuracy with each TTA view set): the fold is finished and is
-               skipped on a re-run
-"""
+"""Train one fold, top to bottom: build (or resume), then for every epoch `train_one_epoch`,
+`evaluate`, `log_and_checkpoint`; then `finish` writes the final model, the fold's OOF and holdout
+probabilities and its result. The fold's files are described in rundir.FoldDir."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from kaggle_cifar import checkpoint
-from kaggle_cifar.atomic import atomic_path, write_text
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.model import autocast_dtype, build_model, load_pretrained
-from kaggle_cifar.predict import predict_probs, probs_per_tta
+from kaggle_cifar.device import autocast, autocast_dtype
+from kaggle_cifar.errors import TrainingDiverged
+from kaggle_cifar.folds import FoldData
+from kaggle_cifar.inference import stream_probs, view_set_probs
+from kaggle_cifar.model import build_model, load_pretrained
+from kaggle_cifar.report import accuracy, nll
+from kaggle_cifar.rundir import FoldDir
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+def run_seed(cfg: TrainConfig, fold: int, epoch: int | None = None) -> int:
+    """The seed of fold `fold`'s initial weights, or of its epoch `epoch` (shuffling and
+    augmentation): derived from (seed, fold, epoch), so a resumed run replays exactly what an
+    uninterrupted one would, with no RNG state to save."""
+    if epoch is None:
+        return cfg.seed * 1_000_003 + fold
+    return cfg.seed * 1_000_003 + fold * 10_007 + epoch
 
 
-@dataclass(frozen=True)
-class FoldData:
-    """One fold's split of the training images, already on the training device as uint8 NHWC.
-    The holdout images (empty without --holdout) are in no fold's training or validation set."""
-    fold: int
-    train_images: torch.Tensor
-    train_targets: torch.Tensor
-    val_images: torch.Tensor
-    val_targets: torch.Tensor
-    holdout_images: torch.Tensor
-
-
-def epoch_generator(cfg: TrainConfig, fold: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Shuffling and augmentation randomness of one epoch, derived from (seed, fold, epoch) so that
-    a resumed run replays exactly what an uninterrupted one would, with no RNG state to save."""
-    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + fold * 10_007 + epoch)
-
-
-def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor, std: torch.Tensor):
+def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor | None = None,
+                  std: torch.Tensor | None = None) -> torch.nn.Module:
     """Fold `fold`'s starting weights: seeded by (seed, fold), or the --pretrained file's."""
-    torch.manual_seed(cfg.seed * 1_000_003 + fold)
+    torch.manual_seed(run_seed(cfg, fold))
     model = build_model(cfg.arch, num_classes, cfg.width, mean, std)
     if cfg.pretrained:
-        load_pretrained(model, Path(cfg.pretrained))
+        load_pretrained(model, cfg.pretrained)
     return model
 
 
@@ -77,128 +57,175 @@ def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) 
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
-def train_fold(cfg: TrainConfig, data: FoldData, classes: list[str], mean: torch.Tensor, std: torch.Tensor,
-               fold_dir: Path, device: torch.device, compile: bool = False) -> dict:
-    """Train (or resume, or skip if finished) one fold; return its result."""
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    result_path, last_path = fold_dir / "result.json", fold_dir / "last.pt"
-    if fold_finished(fold_dir):
-        return json.loads(result_path.read_text())
-    meta = checkpoint.run_meta(cfg, classes)
+@dataclass
+class Training:
+    """Everything a training step changes, and what last.pt saves of it."""
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its torch.compile wrapper (same parameters)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    criterion: torch.nn.Module
+    batch_size: int
+    steps_per_epoch: int
 
-    model = initial_model(cfg, len(classes), data.fold, mean, std).to(device, memory_format=torch.channels_last)
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False) -> Training:
+    model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std)
+    model = model.to(device, memory_format=torch.channels_last)
     # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias)
-    n_train = len(data.train_targets)
-    batch_size = min(cfg.batch_size, n_train)
-    steps_per_epoch = n_train // batch_size  # drop the last partial batch: fixed shapes for torch.compile
+    batch_size = min(cfg.batch_size, len(data.train_targets))
+    steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
         anneal_strategy=cfg.anneal, div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
-    amp_dtype = autocast_dtype(device)  # fp16 needs loss scaling, bf16 does not
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # fp16 needs loss scaling (its range is small); bf16 and float32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
     # run is not an average dominated by the initial weights.
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step_model = torch.compile(model) if compile else model
+    return Training(model, torch.compile(model) if compile else model, optimizer, scheduler, scaler, ema, criterion,
+                    batch_size, steps_per_epoch)
 
-    start_epoch, history = 0, []
-    if last_path.exists():
-        state = checkpoint.load(last_path, meta, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, last_path)
 
-    eval_model = ema.module if ema is not None else model
-    # Both close on any exit, a divergence included.
-    with tqdm(total=cfg.epochs * steps_per_epoch * batch_size, initial=start_epoch * steps_per_epoch * batch_size,
-              desc=f"fold {data.fold}", unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            model.train()
-            generator = epoch_generator(cfg, data.fold, epoch, device)
-            order = torch.randperm(n_train, device=device, generator=generator)
-            loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per step
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            for step in range(steps_per_epoch):
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = step_model(inputs)
-                    loss = criterion(logits, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step_lr = scheduler.get_last_lr()[0]  # the rate this step used (the log's "lr")
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model, step=epoch * steps_per_epoch + step + 1)
-                loss_sum += loss.detach() * batch_size
-                correct += (logits.argmax(1) == targets).sum()
-                bar.update(batch_size)
-            seen = steps_per_epoch * batch_size
-            train_loss = loss_sum.item() / seen  # the one sync of the epoch
-            if not math.isfinite(train_loss):
-                kept = f"last good checkpoint kept: {last_path}" if last_path.exists() else "no checkpoint was written"
-                raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {train_loss}; "
-                                       f"{kept} (try a lower --lr)")
-            train_seconds = time.perf_counter() - t0
-            val_probs = predict_probs([eval_model], data.val_images, TTA_VIEWS["none"], device)
-            val_loss, val_acc = nll_and_accuracy(val_probs, data.val_targets)
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / seen,
-                            "val_loss": val_loss, "val_acc": val_acc, "lr": step_lr,
-                            "seconds": time.perf_counter() - t0, "train_images_per_s": seen / train_seconds})
-            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.4f}")
-            checkpoint.save(last_path, {
-                "meta": meta, "epoch": epoch, "history": history, "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
-            write_text(fold_dir / "log.csv", pd.DataFrame(history).to_csv(index=False))
-            if board is not None:
-                for name, value in history[-1].items():
-                    board.add_scalar(name, value, epoch + 1)
-                board.flush()
+def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step (`step` counts from 1 over the fold); returns the loss and the logits,
+    detached and still on the device: nothing here waits for the device."""
+    with autocast(inputs.device):
+        logits = t.step_model(inputs)
+        loss = t.criterion(logits, targets)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update(t.model, step=step)
+    return loss.detach(), logits.detach()
 
-    checkpoint.save(fold_dir / "model.pt", {"meta": meta, "model": eval_model.state_dict()})
-    oof_by_tta = probs_per_tta([eval_model], data.val_images, device)
-    with atomic_path(fold_dir / "oof.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, oof_by_tta[cfg.tta].cpu().numpy())
+
+def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm) -> dict:
+    """One pass over the fold's training images in an order and with augmentations drawn from the
+    epoch's own generator."""
+    t0 = time.perf_counter()
+    t.model.train()
+    device = data.train_images.device
+    generator = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold, epoch))
+    order = torch.randperm(len(data.train_targets), device=device, generator=generator)
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for step in range(t.steps_per_epoch):
+        idx = order[step * t.batch_size:(step + 1) * t.batch_size]
+        inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
+        lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
+        loss, logits = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
+        loss_sum += loss * t.batch_size
+        correct += (logits.argmax(1) == targets).sum()
+        bar.update(t.batch_size)
+    seen = t.steps_per_epoch * t.batch_size
+    train_loss = loss_sum.item() / seen  # the one sync of the epoch
+    return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": lr,
+            "train_images_per_s": seen / (time.perf_counter() - t0)}
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Loss and accuracy on held-out images, without test-time views."""
+    model.eval()
+    probs = stream_probs([model], images, TTA_VIEWS["none"], images.device).cpu().numpy()
+    targets = targets.cpu().numpy()
+    return {"val_loss": nll(probs, targets), "val_acc": accuracy(probs, targets)}
+
+
+def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, history: list[dict], board) -> None:
+    """The epoch's resume state (atomically: a kill leaves the previous one), its log row, its
+    TensorBoard scalars."""
+    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, **t.state_dict()})
+    fold_dir.write_log(history)
+    if board is not None:
+        for name, value in history[-1].items():
+            board.add_scalar(name, value, epoch + 1)
+        board.flush()
+
+
+def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict]) -> dict:
+    """The final model, the fold's OOF probabilities (the run's TTA), the holdout's (every view
+    set), and result.json last: from then on the fold counts as finished."""
+    model, device = t.eval_model.eval(), data.val_images.device
+    fold_dir.save_model(meta, model.state_dict())
+    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs([model], data.val_images, device).items()}
+    fold_dir.write_oof(oof_by_tta[cfg.tta])
     if len(data.holdout_images):
-        holdout_probs = probs_per_tta([eval_model], data.holdout_images, device)
-        with atomic_path(fold_dir / "holdout.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{name: p.cpu().numpy() for name, p in holdout_probs.items()})
-    accuracy_by_tta = {name: nll_and_accuracy(p, data.val_targets)[1] for name, p in oof_by_tta.items()}
-    accuracy = accuracy_by_tta[cfg.tta]
-    result = {"fold": data.fold, "accuracy": accuracy, "accuracy_by_tta": accuracy_by_tta, "train_images": n_train,
-              "epochs": cfg.epochs, "seconds": sum(h["seconds"] for h in history)}
-    write_text(result_path, json.dumps(result, indent=2) + "\n")
-    log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, accuracy, cfg.tta)
+        fold_dir.write_holdout({name: p.cpu().numpy()
+                                for name, p in view_set_probs([model], data.holdout_images, device).items()})
+    targets = data.val_targets.cpu().numpy()
+    accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
+    result = {"fold": data.fold, "accuracy": accuracy_by_tta[cfg.tta], "accuracy_by_tta": accuracy_by_tta,
+              "train_images": len(data.train_targets), "epochs": cfg.epochs,
+              "seconds": sum(h["seconds"] for h in history)}
+    fold_dir.write_result(result)
+    log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, result["accuracy"], cfg.tta)
     return result
 
 
-def fold_finished(fold_dir: Path) -> bool:
-    return (fold_dir / "result.json").exists()
+def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torch.device,
+               compile: bool = False) -> dict:
+    """Train (or resume, or skip if finished) one fold; return its result."""
+    if fold_dir.finished():
+        return fold_dir.read_result()
+    meta = checkpoint.run_meta(cfg, data.classes)
+    t = build_training(cfg, data, device, compile)
+    start_epoch, history = 0, []
+    if fold_dir.last.exists():
+        state = fold_dir.load_last(meta, device)
+        t.load_state_dict(state)
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, fold_dir.last)
+
+    images_per_epoch = t.steps_per_epoch * t.batch_size
+    with tqdm(total=cfg.epochs * images_per_epoch, initial=start_epoch * images_per_epoch, desc=f"fold {data.fold}",
+              unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            metrics = train_one_epoch(t, cfg, data, epoch, bar)
+            if not math.isfinite(metrics["train_loss"]):
+                kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
+                raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
+                                       f"{kept} (try a lower --lr)")
+            metrics |= evaluate(t.eval_model, data.val_images, data.val_targets)
+            history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
+                            "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"], "lr": metrics["lr"],
+                            "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"]})
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
+            log_and_checkpoint(fold_dir, t, meta, epoch, history, board)
+    return finish(fold_dir, cfg, data, t, meta, history)
 
 
-def tensorboard_writer(fold_dir: Path):
-    """A context manager giving a TensorBoard writer into FOLD_DIR/tensorboard, or None when
-    tensorboard is not installed."""
+def tensorboard_writer(fold_dir: FoldDir):
+    """A context manager giving a TensorBoard writer into the fold's tensorboard/ folder, or None
+    when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return contextlib.nullcontext(None)
-    return SummaryWriter(str(fold_dir / "tensorboard"))
-
-
-def nll_and_accuracy(probs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    targets = targets.to(probs.device)
-    nll = -probs.gather(1, targets[:, None]).clamp_min(1e-12).log().mean()
-    return nll.item(), (probs.argmax(1) == targets).float().mean().item()
+    return SummaryWriter(str(fold_dir.tensorboard))

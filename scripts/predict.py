@@ -9,12 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kaggle_cifar import cli, distributed  # noqa: E402
-from kaggle_cifar.atomic import write_text  # noqa: E402
-from kaggle_cifar.augment import TTA_VIEWS  # noqa: E402
-from kaggle_cifar.cv import predict_runs  # noqa: E402
+from kaggle_cifar import cli, distributed
+from kaggle_cifar.atomic import write_text
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.predict import submission_csv
 
 
 def main() -> int:
@@ -32,8 +30,8 @@ def main() -> int:
     ctx = distributed.setup(args.device)
     try:
         cli.resolve_paths(args, ctx)
-        csv = predict_runs(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
-                           args.batch_size)
+        csv = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
+                             args.batch_size)
     finally:
         distributed.teardown(ctx)
     if csv is not None:

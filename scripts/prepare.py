@@ -5,18 +5,15 @@
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kaggle_cifar import cli  # noqa: E402
-from kaggle_cifar.prepare import prepare  # noqa: E402
+from kaggle_cifar import cli
+from kaggle_cifar.prepare import prepare
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, default=Path("input"), help="folder with the download (default: input)")
+    cli.add_input_flag(parser)
     parser.add_argument("--dest", type=Path, default=None,
                         help="where to unpack (default: INPUT, or ./input if INPUT is read-only)")
     args = parser.parse_args()

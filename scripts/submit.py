@@ -4,17 +4,14 @@
 """
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kaggle_cifar import cli  # noqa: E402
-from kaggle_cifar.cv import read_run  # noqa: E402
-from kaggle_cifar.submission import check_file  # noqa: E402
+from kaggle_cifar import cli
+from kaggle_cifar.rundir import RunDir
+from kaggle_cifar.submission import check_file
 
 COMPETITION = "cifar-10"
 HINTS = [  # (text in the Kaggle CLI's output, what it means in plain words)
@@ -27,12 +24,11 @@ HINTS = [  # (text in the Kaggle CLI's output, what it means in plain words)
 ]
 
 
-def message_for(run_dir: Path) -> str:
-    cfg, _ = read_run(run_dir)
+def message_for(run: RunDir) -> str:
+    cfg, _ = run.read()
     parts = [f"{cfg.folds}-fold {cfg.arch} w{cfg.width}", f"{cfg.epochs} ep", f"tta {cfg.tta}"]
-    report = run_dir / "report.json"
-    if report.exists():
-        parts.append(f"CV {json.loads(report.read_text())['cv_accuracy']:.4f}")
+    if run.report_json.exists():
+        parts.append(f"CV {run.read_report()['cv_accuracy']:.4f}")
     return ", ".join(parts)
 
 
@@ -43,12 +39,13 @@ def explain(output: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", type=Path, help="the submission CSV")
-    parser.add_argument("--input", type=Path, default=Path("input"), help="competition folder to check against (default: input)")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="run the submission came from (default: runs/default)")
+    cli.add_input_flag(parser)
+    parser.add_argument("--run-dir", type=Path, default=cli.DEFAULT_RUN_DIR,
+                        help=f"run the submission came from (default: {cli.DEFAULT_RUN_DIR})")
     parser.add_argument("-m", "--message", default=None, help="submission message (default: built from the run's config and CV)")
     args = parser.parse_args()
     check_file(args.file, args.input)
-    message = args.message or message_for(args.run_dir)
+    message = args.message or message_for(RunDir(args.run_dir))
     if shutil.which("kaggle") is None:
         print("error: the Kaggle CLI is not installed: pip install kaggle", file=sys.stderr)
         return 2

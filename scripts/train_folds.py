@@ -7,14 +7,11 @@
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kaggle_cifar import cli, distributed  # noqa: E402
-from kaggle_cifar.config import add_config_flags, config_from_args  # noqa: E402
-from kaggle_cifar.cv import check_input, train_folds  # noqa: E402
-from kaggle_cifar.report import describe  # noqa: E402
+from kaggle_cifar import cli, distributed
+from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.cv import check_input, train_folds
+from kaggle_cifar.report import describe
 
 log = logging.getLogger("train_folds")
 
@@ -29,14 +26,13 @@ def main() -> int:
     args = parser.parse_args()
     cfg = config_from_args(args)
     ctx = distributed.setup(args.device)
-    compile = cli.use_compile(args, ctx)
     try:
         cli.resolve_paths(args, ctx)
         if args.check:
             if ctx.is_main:  # one decode of the input, not one per process
                 log.info(check_input(args.input, args.cache_dir, cfg.folds))
             return 0
-        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, compile)
+        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, cli.use_compile(args, ctx))
     finally:
         distributed.teardown(ctx)
     if summary is not None:

@@ -18,14 +18,18 @@ def test_folds_are_stratified_disjoint_covering_and_seeded():
     assert not np.array_equal(folds, stratified_folds(targets, 5, seed=4))
 
 
-def test_fold_split_keeps_held_out_images_out_of_training():
-    from kaggle_cifar.cv import fold_data
+def on_device(images, targets):
+    from kaggle_cifar.folds import DeviceTrainSet
 
+    return DeviceTrainSet(images, targets, ["a", "b", "c"], torch.zeros(3), torch.ones(3))
+
+
+def test_fold_split_keeps_held_out_images_out_of_training():
     images = torch.arange(30, dtype=torch.uint8).reshape(30, 1, 1, 1).expand(30, 2, 2, 3)  # image i is all i
     targets = torch.arange(30) % 3
     fold_of = stratified_folds(targets.numpy(), 3, seed=0)
     for k in range(3):
-        data = fold_data(images, targets, fold_of, k)
+        data = on_device(images, targets).fold(fold_of, k)
         val = set(data.val_images[:, 0, 0, 0].tolist())
         train = set(data.train_images[:, 0, 0, 0].tolist())
         assert val == set(np.flatnonzero(fold_of == k).tolist())
@@ -50,7 +54,6 @@ def test_holdout_is_stratified_exact_and_outside_every_fold():
 
 
 def test_holdout_images_are_in_no_fold_training_or_validation_set():
-    from kaggle_cifar.cv import fold_data
     from kaggle_cifar.folds import HOLDOUT
 
     images = torch.arange(30, dtype=torch.uint8).reshape(30, 1, 1, 1).expand(30, 2, 2, 3)
@@ -58,7 +61,7 @@ def test_holdout_images_are_in_no_fold_training_or_validation_set():
     fold_of = stratified_folds(targets.numpy(), 3, seed=0, holdout=6)
     holdout = set(np.flatnonzero(fold_of == HOLDOUT).tolist())
     for k in range(3):
-        data = fold_data(images, targets, fold_of, k)
+        data = on_device(images, targets).fold(fold_of, k)
         assert set(data.holdout_images[:, 0, 0, 0].tolist()) == holdout
         seen = set(data.train_images[:, 0, 0, 0].tolist()) | set(data.val_images[:, 0, 0, 0].tolist())
         assert not seen & holdout and len(seen) == 24

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_competition, run_script
-from kaggle_cifar.data import InputError, cached_images, load_test, load_train
+from kaggle_cifar.data import cached_images, load_test, load_train
+from kaggle_cifar.errors import InputError
 
 
 def load(competition, folds=2):

@@ -1,6 +1,6 @@
 import torch
 
-from kaggle_cifar import model
+from kaggle_cifar import device as model
 
 
 def test_autocast_dtype_is_bf16_only_where_the_gpu_computes_it(monkeypatch):

@@ -14,9 +14,11 @@ from conftest import CLASSES, TINY, run_script
 from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.cv import RunDirError, ensemble_probs
 from kaggle_cifar.data import cached_images
-from kaggle_cifar.predict import load_fold_models, predict_probs
+from kaggle_cifar.errors import RunDirError
+from kaggle_cifar.inference import load_fold_models, stream_probs
+from kaggle_cifar.predict import ensemble_probs
+from kaggle_cifar.rundir import RunDir
 
 
 def test_train_then_predict_writes_a_valid_submission(competition, tmp_path):
@@ -45,14 +47,14 @@ def test_oof_probabilities_come_from_the_model_that_held_the_image_out(competiti
     oof = pd.read_csv(run / "oof.csv")
     assert oof["id"].tolist() == folds["id"].tolist()
     images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")
-    models = load_fold_models(run, cfg, classes, images.shape[1:], torch.device("cpu"))
+    models = load_fold_models(RunDir(run), cfg, classes, torch.device("cpu"))
     prob_columns = [f"p_{c}" for c in classes]
     for k, model in enumerate(models):
         held_out = (folds["fold"] == k).to_numpy()
-        expected = predict_probs([model], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
+        expected = stream_probs([model], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
         np.testing.assert_allclose(oof.loc[held_out, prob_columns].to_numpy(), expected, atol=1e-5)
         # and the other fold's model gives different probabilities for these images
-        other = predict_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
+        other = stream_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
         assert not np.allclose(other, expected, atol=1e-3)
     fold_ckpt = checkpoint.load(run / "fold0" / "model.pt", checkpoint.run_meta(cfg, classes))
     assert fold_ckpt["meta"]["classes"] == classes
@@ -117,11 +119,11 @@ def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(co
     images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")[held]
     labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][held], "label"]
     truth = np.searchsorted(classes, labels.to_numpy())
-    models = load_fold_models(run, cfg, classes, images.shape[1:], torch.device("cpu"))
+    models = load_fold_models(RunDir(run), cfg, classes, torch.device("cpu"))
     for name, views in TTA_VIEWS.items():
-        ensemble = predict_probs(models, images, views, torch.device("cpu")).numpy()
+        ensemble = stream_probs(models, images, views, torch.device("cpu")).numpy()
         assert report["holdout"]["ensemble_accuracy"][name] == (ensemble.argmax(1) == truth).mean()
-        singles = [predict_probs([m], images, views, torch.device("cpu")).numpy() for m in models]
+        singles = [stream_probs([m], images, views, torch.device("cpu")).numpy() for m in models]
         for k, single in enumerate(singles):
             np.testing.assert_allclose(np.load(run / f"fold{k}" / "holdout.npz")[name], single, atol=1e-5)
         np.testing.assert_allclose(report["holdout"]["single_fold_accuracy"][name],

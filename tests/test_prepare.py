@@ -9,7 +9,8 @@ import py7zr
 import pytest
 
 from conftest import make_competition
-from kaggle_cifar.data import InputError, load_test, load_train
+from kaggle_cifar.data import load_test, load_train
+from kaggle_cifar.errors import InputError
 from kaggle_cifar.prepare import prepare
 
 

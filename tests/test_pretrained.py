@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from kaggle_cifar.checkpoint import CheckpointError
+from kaggle_cifar.errors import CheckpointError
 from kaggle_cifar.model import ResNet18Cifar, build_model, load_pretrained
 
 
 def fresh(num_classes=3):
     torch.manual_seed(1)
-    return build_model("resnet18_cifar", num_classes, 4, torch.zeros(3), torch.ones(3))
+    return build_model("resnet18_cifar", num_classes, 4)
 
 
 def test_bare_state_dict_loads_all_but_the_mismatched_head(tmp_path):

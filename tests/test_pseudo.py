@@ -11,10 +11,12 @@ import torch
 
 from conftest import TINY, make_competition, run_script
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import ConfigError, TrainConfig
+from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import load_test
-from kaggle_cifar.predict import load_fold_model, predict_probs
-from kaggle_cifar.pseudo import check_teacher_run, most_confident, pseudo_labelled
+from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.inference import load_fold_model, stream_probs
+from kaggle_cifar.pseudo import most_confident, open_teacher, pseudo_labelled
+from kaggle_cifar.rundir import RunDir
 
 CPU = torch.device("cpu")
 
@@ -35,13 +37,14 @@ def test_each_fold_takes_the_confident_test_images_of_its_own_first_round_fold(c
     cfg = TrainConfig.from_json(first_round / "config.json")
     classes = json.loads((first_round / "classes.json").read_text())
     _, test_images = load_test(competition, competition / ".cache")
+    teacher = open_teacher(first_round, (first_round / "folds.csv").read_text(), classes)
     chosen = []
     for fold in range(2):
-        teacher = load_fold_model(first_round, cfg, classes, fold, test_images.shape[1:], CPU)
-        probs = predict_probs([teacher], test_images, TTA_VIEWS[cfg.tta], CPU)
+        model = load_fold_model(RunDir(first_round), cfg, classes, fold, CPU)
+        probs = stream_probs([model], test_images, TTA_VIEWS[cfg.tta], CPU)
         threshold = float(probs.max(1).values.median())  # about half the images pass
         student = dataclasses.replace(cfg, pseudo_labels=str(first_round), pseudo_threshold=threshold, pseudo_max=0)
-        images, labels = pseudo_labelled(student, cfg, classes, fold, test_images, CPU)
+        images, labels = pseudo_labelled(student, teacher, fold, test_images, CPU)
         expected = (probs.max(1).values >= threshold).numpy()
         np.testing.assert_array_equal(images.numpy(), test_images[expected])
         np.testing.assert_array_equal(labels.numpy(), probs.argmax(1).numpy()[expected])
@@ -54,7 +57,7 @@ def test_second_round_trains_on_its_images_plus_the_pseudo_labelled_ones(competi
     cfg = TrainConfig.from_json(first_round / "config.json")
     classes = json.loads((first_round / "classes.json").read_text())
     _, test_images = load_test(competition, competition / ".cache")
-    confidences = [predict_probs([load_fold_model(first_round, cfg, classes, fold, test_images.shape[1:], CPU)],
+    confidences = [stream_probs([load_fold_model(RunDir(first_round), cfg, classes, fold, CPU)],
                                  test_images, TTA_VIEWS[cfg.tta], CPU).max(1).values for fold in range(2)]
     threshold = float(f"{min(c.median() for c in confidences):.6f}")  # every fold gets at least half
     second = tmp_path / "second"
@@ -71,10 +74,10 @@ def test_second_round_trains_on_its_images_plus_the_pseudo_labelled_ones(competi
 def test_a_first_round_with_another_fold_split_is_refused(competition, first_round, tmp_path):
     folds_csv = (first_round / "folds.csv").read_text()
     classes = json.loads((first_round / "classes.json").read_text())
-    assert check_teacher_run(first_round, folds_csv, classes).folds == 2
+    assert open_teacher(first_round, folds_csv, classes).cfg.folds == 2
     swapped = folds_csv.replace(",0\n", ",x\n").replace(",1\n", ",0\n").replace(",x\n", ",1\n")
     with pytest.raises(ConfigError, match=r"its fold split differs from this run's"):
-        check_teacher_run(first_round, swapped, classes)
+        open_teacher(first_round, swapped, classes)
     proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "other"),
                       *TINY, "--seed", "1", "--pseudo-labels", str(first_round), check=False)
     assert proc.returncode == 2 and "fold split differs" in proc.stderr

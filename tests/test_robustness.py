@@ -10,8 +10,9 @@ import torch
 
 from conftest import make_competition, run_script
 from kaggle_cifar import checkpoint, distributed, train
-from kaggle_cifar.config import ConfigError, TrainConfig
-from kaggle_cifar.cv import RunDirError, train_folds
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import train_folds
+from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
 
 CFG = TrainConfig(folds=2, epochs=4, width=4, batch_size=4, lr=0.05)  # 9 training images: 2 steps an epoch
 CPU = distributed.setup("cpu")
@@ -137,7 +138,7 @@ def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(small, tmp_p
             return loss * float("nan") if calls["n"] > 4 else loss  # 2 steps per epoch
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAfterTwoEpochs)
-    with pytest.raises(train.TrainingDiverged, match=r"fold 0, epoch 3: training loss is nan; last good checkpoint kept"):
+    with pytest.raises(TrainingDiverged, match=r"fold 0, epoch 3: training loss is nan; last good checkpoint kept"):
         run(CFG, small, tmp_path / "run")
     last = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
     assert last["epoch"] == 1
@@ -153,7 +154,7 @@ def test_tampered_checkpoint_is_refused_without_running_its_code(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "model.pt"
     torch.save({"meta": {}, "model": Exploit()}, path)
-    with pytest.raises(checkpoint.CheckpointError, match=r"model\.pt: refused, it is not a plain weights file"):
+    with pytest.raises(CheckpointError, match=r"model\.pt: refused, it is not a plain weights file"):
         checkpoint.load(path, {})
     assert not (tmp_path / "pwned-by-checkpoint").exists()
 
@@ -161,9 +162,9 @@ def test_tampered_checkpoint_is_refused_without_running_its_code(tmp_path, monke
 def test_mismatched_checkpoint_is_refused(small, tmp_path):
     run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
     other = dataclasses.replace(CFG, width=8)
-    with pytest.raises(checkpoint.CheckpointError, match=r"belongs to another run: width is 4, this run has 8"):
+    with pytest.raises(CheckpointError, match=r"belongs to another run: width is 4, this run has 8"):
         checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", checkpoint.run_meta(other, ["cat", "dog", "frog"]))
-    with pytest.raises(checkpoint.CheckpointError, match=r"classes is \['cat', 'dog', 'frog'\], this run has"):
+    with pytest.raises(CheckpointError, match=r"classes is \['cat', 'dog', 'frog'\], this run has"):
         checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", checkpoint.run_meta(CFG, ["cat", "dog"]))
 
 
@@ -171,7 +172,7 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path = tmp_path / "last.pt"
     torch.save({"meta": {}, "model": {"w": torch.ones(1000)}}, path)
     path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(checkpoint.CheckpointError, match=r"last\.pt: unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"last\.pt: unreadable checkpoint"):
         checkpoint.load(path, {})
 
 
@@ -198,7 +199,7 @@ def test_ema_warm_up_follows_the_weights_in_a_short_run(small, tmp_path):
     cfg = dataclasses.replace(CFG, epochs=2, ema_decay=0.9999)  # 4 steps: without warm-up the EMA stays at init
     run(cfg, small, tmp_path / "run")
     last = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
-    init = train.initial_model(cfg, 3, 0, torch.zeros(3), torch.ones(3)).state_dict()
+    init = train.initial_model(cfg, 3, 0).state_dict()
     name = "1.head.2.weight"  # the classifier
     ema, trained = last["ema"][f"module.{name}"], last["model"][name]
     assert (ema - trained).norm() < 0.5 * (ema - init[name]).norm()

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from conftest import make_competition
-from kaggle_cifar.submission import SubmissionError, main, render, submission_frame, validate
+from kaggle_cifar.errors import SubmissionError
+from kaggle_cifar.submission import main, render, submission_frame, validate
 
 CLASSES = ["cat", "dog", "frog"]
 

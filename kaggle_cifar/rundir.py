@@ -1,0 +1,179 @@
+"""A run directory: every path and file of a run and of its folds is named, read and written here.
+
+    RUN_DIR/config.json    the resolved TrainConfig: the run's identity (another config is refused)
+            classes.json   class names, in the order of the model's outputs
+            folds.csv      id,fold of every training image (folds.HOLDOUT for the holdout)
+            fold<k>/       see FoldDir
+            oof.csv        id, fold, label, prediction, per-class probabilities (holdout excluded)
+            report.json    CV accuracy, per-fold and per-class accuracy, confusion matrix, holdout
+            report/*.png   the report's pictures
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kaggle_cifar import checkpoint
+from kaggle_cifar.atomic import atomic_path, write_text
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.errors import CheckpointError, RunDirError
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    """RUN_DIR/fold<k>/:
+      last.pt      everything needed to resume (weights, EMA, optimizer, schedule, scaler, epoch, log)
+      log.csv      one row per epoch: train/val loss and accuracy, learning rate, time, images/s
+      tensorboard/ the same metrics for TensorBoard, when it is installed
+      model.pt     final weights (the EMA's when enabled) with the run meta predict checks
+      oof.npy      class probabilities (with the run's TTA) of the fold's held-out images
+      holdout.npz  with --holdout: class probabilities of the holdout images, one array per TTA view set
+      result.json  written last: the fold is finished (and skipped on a re-run)
+    """
+    path: Path
+    fold: int
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    def finished(self) -> bool:
+        return (self.path / "result.json").exists()
+
+    def started(self) -> bool:
+        return self.finished() or self.last.exists()
+
+    def read_result(self) -> dict:
+        return json.loads((self.path / "result.json").read_text())
+
+    def write_result(self, result: dict) -> None:
+        write_text(self.path / "result.json", json.dumps(result, indent=2) + "\n")
+
+    def save_last(self, state: dict) -> None:
+        checkpoint.save(self.last, state)
+
+    def load_last(self, meta: dict, device) -> dict:
+        return checkpoint.load(self.last, meta, device)
+
+    def save_model(self, meta: dict, weights: dict) -> None:
+        checkpoint.save(self.model, {"meta": meta, "model": weights})
+
+    def load_model(self, meta: dict, device="cpu") -> dict:
+        """The final weights; an unfinished fold is an error, never a silently smaller ensemble."""
+        if not self.model.exists():
+            raise CheckpointError(f"{self.model}: missing; fold {self.fold} has not finished (run train_folds.py)")
+        return checkpoint.load(self.model, meta, device)["model"]
+
+    def write_log(self, history: list[dict]) -> None:
+        write_text(self.path / "log.csv", pd.DataFrame(history).to_csv(index=False))
+
+    def read_log(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "log.csv")
+
+    def write_oof(self, probs: np.ndarray) -> None:
+        with atomic_path(self.path / "oof.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, probs)
+
+    def read_oof(self) -> np.ndarray:
+        return np.load(self.path / "oof.npy")
+
+    def write_holdout(self, probs_by_tta: dict[str, np.ndarray]) -> None:
+        with atomic_path(self.path / "holdout.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **probs_by_tta)
+
+    def read_holdout(self) -> dict[str, np.ndarray]:
+        return dict(np.load(self.path / "holdout.npz"))
+
+
+def folds_table(ids: np.ndarray, fold_of: np.ndarray) -> str:
+    """folds.csv's text: the fold of every training id."""
+    return pd.DataFrame({"id": ids, "fold": fold_of}).to_csv(index=False)
+
+
+class RunDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.path / f"fold{k}", k)
+
+    def folds(self, cfg: TrainConfig) -> list[FoldDir]:
+        return [self.fold(k) for k in range(cfg.folds)]
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def report_pictures(self) -> Path:
+        return self.path / "report"
+
+    def create(self, cfg: TrainConfig, classes: list[str], folds_csv: str) -> None:
+        """Record the run's identity, or refuse a run dir that holds another run."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name, content, what in [("config.json", cfg.to_json(), "config"),
+                                    ("classes.json", json.dumps(classes) + "\n", "set of classes"),
+                                    ("folds.csv", folds_csv, "training set or fold split")]:
+            path = self.path / name
+            if not path.exists():
+                write_text(path, content)
+            elif path.read_text() != content:
+                raise RunDirError(f"{path}: this run dir was made with a different {what}; "
+                                  f"use another --run-dir, or delete it to start over")
+
+    def read(self) -> tuple[TrainConfig, list[str]]:
+        """The run's config and classes."""
+        for name in ("config.json", "classes.json"):
+            if not (self.path / name).is_file():
+                raise RunDirError(f"{self.path / name}: missing; {self.path} is not a training run "
+                                  f"(run train_folds.py)")
+        try:
+            classes = json.loads((self.path / "classes.json").read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.path / 'classes.json'}: unreadable ({e})") from None
+        return TrainConfig.from_json(self.path / "config.json"), classes
+
+    def folds_csv(self) -> str:
+        return (self.path / "folds.csv").read_text()
+
+    def read_folds(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "folds.csv")
+
+    def write_oof_csv(self, frame: pd.DataFrame) -> None:
+        write_text(self.path / "oof.csv", frame.to_csv(index=False, float_format="%.6f"))
+
+    def read_oof_csv(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "oof.csv", dtype={"label": str, "prediction": str})
+
+    def write_report(self, summary: dict) -> None:
+        write_text(self.report_json, json.dumps(summary, indent=2) + "\n")
+
+    def read_report(self) -> dict:
+        return json.loads(self.report_json.read_text())
+
+
+def same_classes(runs: list[tuple[RunDir | str, list[str]]]) -> list[str]:
+    """The classes every run (a run dir, or a name for one) was trained on; runs of different
+    competitions cannot be combined."""
+    first, classes = runs[0]
+    for run, other in runs[1:]:
+        if other != classes:
+            raise RunDirError(f"{run}: trained on the classes {other}, {first} on {classes}; "
+                              f"runs of different competitions cannot be combined")
+    return classes
