@@ -36,11 +36,14 @@ def add_cache_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the training step (default: on for CUDA, off on CPU)")
+                        help="torch.compile the training step (default: on for GPUs of compute capability 7.0 and up, "
+                             "off on older GPUs and the CPU)")
 
 
 def use_compile(args: argparse.Namespace, ctx) -> bool:
-    return args.compile if args.compile is not None else ctx.device.type == "cuda"
+    from kaggle_cifar.device import compile_default  # torch: only the scripts that train load it
+
+    return args.compile if args.compile is not None else compile_default(ctx.device)
 
 
 def resolve_paths(args: argparse.Namespace, ctx=None) -> None:

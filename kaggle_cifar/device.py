@@ -1,18 +1,80 @@
-"""What depends on the device: mixed precision, and moving host rows onto it."""
+"""What depends on the device: which one this process uses, what the installed torch can run on it,
+mixed precision, compilation, and moving host rows onto it."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
 
+from kaggle_cifar.errors import ConfigError
+
+TRITON_MIN_CAPABILITY = (7, 0)  # torch.compile's GPU backend (Triton) refuses older GPUs, e.g. the P100 (6.0)
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores; before it bf16 is emulated, slowly
+
+
+def select(requested: str | None, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """This process's device. None: its own GPU (LOCAL_RANK) if torch sees one, else the CPU. `cuda`
+    is its own GPU too; `cuda:N` pins GPU N, refused when several processes would share it. A GPU
+    that the installed torch has no kernels for is refused before any work."""
+    if requested is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"--device {requested}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"--device {requested}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"--device {requested}: torch sees no CUDA GPU here (torch {torch.__version__}, {build}); "
+                          f"use --device cpu, or check the driver with nvidia-smi")
+    if device.index is None:
+        device = torch.device("cuda", local_rank)
+    elif world_size > 1:
+        raise ConfigError(f"--device {requested} under torchrun with {world_size} processes puts every process on "
+                          f"GPU {device.index}, which NCCL refuses; use --device cuda (each process takes GPU LOCAL_RANK)")
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine shows {torch.cuda.device_count()} GPU(s), "
+                          f"numbered from 0")
+    problem = kernel_problem(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list())
+    if problem:
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} ({device}): {problem}")
+    return device
+
+
+def kernel_problem(capability: tuple[int, int], arch_list: list[str]) -> str | None:
+    """Why the installed torch cannot run on a GPU of this compute capability, or None if it can.
+    A binary built for sm_XY runs on the same major version from minor Y up; PTX (compute_XY)
+    is compiled by the driver for any later GPU."""
+    have = capability[0] * 10 + capability[1]
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        built = int(re.match(r"\d+", number).group()) if re.match(r"\d+", number) else None
+        if built is None:
+            continue
+        if (kind == "sm" and built // 10 == have // 10 and built <= have) or (kind == "compute" and built <= have):
+            return None
+    return (f"compute capability {capability[0]}.{capability[1]} has no kernels in this torch {torch.__version__} "
+            f"(built for {', '.join(arch_list) or 'no GPU'}); install a torch build that lists sm_{have} "
+            f"(see README, 'Which GPUs')")
+
+
+def compile_default(device: torch.device) -> bool:
+    """torch.compile by default where its backend runs: GPUs that Triton supports. On the CPU it
+    costs minutes of C++ compilation for a short run, so it is opt-in there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
+
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed precision for training and predict: bf16 where the GPU computes it natively (Ampere
-    and later), fp16 on older GPUs such as Kaggle's T4 and P100 (where bf16 is only emulated, slowly),
-    none (float32) on CPU."""
+    and later), fp16 on older GPUs such as Kaggle's T4 and P100, none (float32) on CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY else torch.float16
 
 
 def autocast(device: torch.device) -> torch.autocast:
@@ -21,5 +83,15 @@ def autocast(device: torch.device) -> torch.autocast:
 
 
 def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A copy of (memory-mapped, read-only) host rows as a tensor on `device`."""
-    return torch.from_numpy(np.array(rows)).to(device)
+    """A copy of (memory-mapped, read-only) host rows as a tensor on `device`. To a GPU the copy
+    goes through pinned memory, asynchronously: the caller may queue work behind it at once."""
+    host = torch.from_numpy(np.array(rows))
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from kaggle_cifar import device as devices
+
+# Ranks wait on each other's host work: rank 0 unpacking 350,000 files or decoding the cache, and,
+# when the folds do not divide evenly over the ranks, a whole fold at the final barrier. Those waits
+# go through a gloo group with this timeout; NCCL (GPU tensors only) keeps a shorter one, since its
+# collectives start together.
+WAIT_TIMEOUT = timedelta(hours=24)
+TENSOR_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -17,6 +27,7 @@ class Context:
     rank: int
     world_size: int
     device: torch.device
+    wait_group: object = None  # the process group barriers use (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -24,7 +35,7 @@ class Context:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.wait_group)
 
     def main_rank_first(self, fn):
         """`fn()` on rank 0 first (it builds what is shared on disk: the image cache), then on the
@@ -36,21 +47,24 @@ class Context:
 
 
 def setup(device: str | None = None) -> Context:
-    """Join the torchrun group if launched by torchrun; pick this process's device."""
+    """Join the torchrun group if launched by torchrun; pick this process's device (see device.select)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = devices.select(device, local_rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Batch shapes are fixed (training drops the last partial batch), so cuDNN's per-shape
         # autotuning is paid once; TF32 covers whatever runs outside bf16 autocast.
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(rank, world_size, device)
+    wait_group = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            gpu = device.type == "cuda"
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=TENSOR_TIMEOUT if gpu else WAIT_TIMEOUT)
+        if dist.get_backend() != "gloo":
+            wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return Context(rank, world_size, device, wait_group)
 
 
 def teardown(ctx: Context) -> None:

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kaggle_cifar import distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.data import load_test
+from kaggle_cifar.device import synchronize
 from kaggle_cifar.inference import load_fold_models, stream_probs
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, submission_frame
@@ -36,8 +36,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     rows = distributed.shard(len(images), ctx)
     t0 = time.perf_counter()
     local = stream_probs(models, images[rows], views, ctx.device, batch_size, desc=f"predict rank {ctx.rank}")
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(ctx.device)
     seconds, n_local = time.perf_counter() - t0, rows.stop - rows.start
     log.info("rank %d: %d images x %d views x %d folds in %.1fs (%.0f images/s per view and fold)",
              ctx.rank, n_local, len(views), len(models), seconds, n_local * len(views) * len(models) / seconds)

@@ -17,9 +17,9 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from kaggle_cifar import checkpoint
+from kaggle_cifar import device as devices
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.device import autocast, autocast_dtype
 from kaggle_cifar.errors import TrainingDiverged
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import stream_probs, view_set_probs
@@ -28,6 +28,8 @@ from kaggle_cifar.report import accuracy, nll
 from kaggle_cifar.rundir import FoldDir
 
 log = logging.getLogger(__name__)
+
+FUSED_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # timm names of torch optimizers with fused kernels
 
 
 def run_seed(cfg: TrainConfig, fold: int, epoch: int | None = None) -> int:
@@ -92,15 +94,18 @@ def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compi
     model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std)
     model = model.to(device, memory_format=torch.channels_last)
     # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
+    # The fused kernels take the fp16 loss scaler's inf check on the device; with any other
+    # optimizer GradScaler.step reads it on the host, one sync per step.
+    fused = {"fused": True} if cfg.optimizer in FUSED_OPTIMIZERS else {}
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias)
+                                    momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias, **fused)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
         anneal_strategy=cfg.anneal, div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
     # fp16 needs loss scaling (its range is small); bf16 and float32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=devices.autocast_dtype(device) == torch.float16)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
     # run is not an average dominated by the initial weights.
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
@@ -109,20 +114,24 @@ def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compi
                     batch_size, steps_per_epoch)
 
 
-def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step (`step` counts from 1 over the fold); returns the loss and the logits,
-    detached and still on the device: nothing here waits for the device."""
-    with autocast(inputs.device):
+def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
+               step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step (`step` counts from 1 over the fold). Returns the loss, the logits and
+    whether the fp16 loss scaler skipped the step (inf/NaN gradients), all detached and on the
+    device: nothing here waits for the device."""
+    with devices.autocast(inputs.device):
         logits = t.step_model(inputs)
         loss = t.criterion(logits, targets)
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
     t.scaler.step(t.optimizer)
+    skipped = (sum(t.scaler._found_inf_per_device(t.optimizer).values()) > 0 if t.scaler.is_enabled()
+               else torch.zeros((), dtype=torch.bool, device=inputs.device))
     t.scaler.update()
     t.scheduler.step()
     if t.ema is not None:
         t.ema.update(t.model, step=step)
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), skipped
 
 
 def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm) -> dict:
@@ -133,20 +142,26 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     device = data.train_images.device
     generator = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold, epoch))
     order = torch.randperm(len(data.train_targets), device=device, generator=generator)
-    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    # Summed on the device, no host sync per step. A step the loss scaler skipped (one overflow in
+    # fp16) changed no weight, so its loss is left out of the epoch's mean rather than making it inf.
+    loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    skipped = torch.zeros((), device=device, dtype=torch.long)
     for step in range(t.steps_per_epoch):
         idx = order[step * t.batch_size:(step + 1) * t.batch_size]
         inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
-        loss, logits = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
-        loss_sum += loss * t.batch_size
-        correct += (logits.argmax(1) == targets).sum()
+        loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
+        loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
+        correct += torch.where(step_skipped, 0, (logits.argmax(1) == targets).sum())
+        skipped += step_skipped
         bar.update(t.batch_size)
-    seen = t.steps_per_epoch * t.batch_size
-    train_loss = loss_sum.item() / seen  # the one sync of the epoch
-    return {"train_loss": train_loss, "train_acc": correct.item() / seen, "lr": lr,
-            "train_images_per_s": seen / (time.perf_counter() - t0)}
+    loss_sum, correct, skipped = torch.stack([loss_sum, correct.float(), skipped.float()]).tolist()  # the one sync of the epoch
+    stepped = (t.steps_per_epoch - int(skipped)) * t.batch_size  # no step taken: NaN, and the fold stops
+    return {"train_loss": loss_sum / stepped if stepped else math.nan,
+            "train_acc": correct / stepped if stepped else math.nan, "lr": lr,
+            "train_images_per_s": t.steps_per_epoch * t.batch_size / (time.perf_counter() - t0),
+            "skipped_steps": int(skipped)}
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -158,9 +173,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor
 
 
 def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, history: list[dict], board) -> None:
-    """The epoch's resume state (atomically: a kill leaves the previous one), its log row, its
-    TensorBoard scalars."""
+    """The epoch's resume state (atomically: a kill leaves the previous one), its log row with the
+    time that save took (outside the epoch's "seconds"), its TensorBoard scalars."""
+    t0 = time.perf_counter()
     fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, **t.state_dict()})
+    history[-1]["checkpoint_seconds"] = time.perf_counter() - t0  # in last.pt from the next epoch's save on
     fold_dir.write_log(history)
     if board is not None:
         for name, value in history[-1].items():
@@ -215,7 +232,8 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
             metrics |= evaluate(t.eval_model, data.val_images, data.val_targets)
             history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
                             "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"], "lr": metrics["lr"],
-                            "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"]})
+                            "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
+                            "skipped_steps": metrics["skipped_steps"]})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
             log_and_checkpoint(fold_dir, t, meta, epoch, history, board)
     return finish(fold_dir, cfg, data, t, meta, history)

@@ -1,0 +1,107 @@
+"""Checks of the training and predict paths that run on any device, the CPU included, so that what a
+GPU run depends on is proven here and measured on the user's machine by scripts/doctor.py:
+
+- host syncs: the aten ops that make the host wait for a GPU, counted per training step and per
+  predict batch (they dispatch on every device, so a sync a CUDA run would pay shows on the CPU);
+- compiled graphs: how many graphs torch.compile built and why it broke any (a break or a
+  recompile costs a GPU run its speed);
+- device memory of a training run, estimated on the meta device (no memory, no compute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.inference import CHUNK
+from kaggle_cifar.model import CHANNELS, build_model
+
+# Ops whose result the host must read before it can go on: a scalar (.item(), bool(t), int(t)), or
+# an output whose size depends on the values.
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "unique_dim",
+            "repeat_interleave"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, by op name, the host syncs dispatched inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in (args[1] if len(args) > 1 else []) or [])
+        if name in SYNC_OPS or bool_index:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return sum(self.ops.values())
+
+
+@dataclass
+class CompileCounts:
+    graphs: int          # graphs dynamo handed to the backend: 1 for a model without breaks or recompiles
+    graph_breaks: dict   # reason -> count
+    recompiles: int      # frames compiled again beyond the first and the ones a graph break resumes in
+
+    @property
+    def clean(self) -> bool:
+        return self.graphs == 1 and not self.graph_breaks and not self.recompiles
+
+
+def compile_counts() -> CompileCounts:
+    """Dynamo's counters since the last reset_compile_counts()."""
+    from torch._dynamo.utils import counters
+
+    breaks = dict(counters["graph_break"])
+    return CompileCounts(graphs=counters["stats"]["unique_graphs"], graph_breaks=breaks,
+                         recompiles=max(0, counters["frames"]["total"] - 1 - sum(breaks.values())))
+
+
+def reset_compile_counts() -> None:
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a training run holds on the device at its peak."""
+    images: int        # the training set as uint8, plus the fold's copies of its train/val rows
+    weights: int       # weights, gradients and optimizer state (and the EMA copy)
+    activations: int   # what one training step saves for its backward pass, in 16-bit
+    predict: int       # a test chunk (uint8) while predicting
+
+    @property
+    def total(self) -> int:
+        return self.images + self.weights + max(self.activations, self.predict)
+
+
+def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
+                    image_shape: tuple[int, int] = (32, 32)) -> MemoryEstimate:
+    """Peak device memory of a run of `cfg` on `train_images` images, from the model built on the
+    meta device: tensors there have shapes and dtypes but no storage, so nothing is computed or
+    allocated. The allocator's rounding, cuDNN's workspaces and the CUDA context come on top."""
+    model = build_model(cfg.arch, num_classes, cfg.width).to("meta").to(torch.bfloat16)
+    saved: dict[tuple, int] = {}
+
+    def keep(t: torch.Tensor):
+        saved[(tuple(t.shape), t.dtype, id(t))] = t.numel() * t.element_size()
+        return t
+
+    x = torch.zeros(cfg.batch_size, CHANNELS, *image_shape, device="meta", dtype=torch.uint8)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(x)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 2, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.optimizer, 2)
+    copies = 2 + optimizer_slots + (cfg.ema_decay > 0)  # weights, gradients, optimizer state, EMA
+    image_bytes = CHANNELS * image_shape[0] * image_shape[1]
+    return MemoryEstimate(images=2 * train_images * image_bytes, weights=4 * params * copies,
+                          activations=sum(saved.values()), predict=CHUNK * image_bytes)

@@ -1,0 +1,193 @@
+"""The GPU path, proven on the CPU: device selection with CUDA mocked, the process-group timeouts,
+host syncs counted per step, the compiled step's graphs, the fp16 loss-scaling path, memory."""
+
+from __future__ import annotations
+
+import functools
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_competition, run_script
+from kaggle_cifar import device, distributed, probe
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import train_folds
+from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.folds import FoldData
+from kaggle_cifar.inference import batch_probs
+from kaggle_cifar.train import build_training, train_step
+
+ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # the pinned wheel's list: no sm_60
+CPU = distributed.setup("cpu")
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Two mocked GPUs of the given compute capability (a T4 by default)."""
+    state = {"capability": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ARCHS)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    return state
+
+
+def test_cuda_on_a_machine_without_one_is_one_error_line(tmp_path):
+    competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
+    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
+                      "--device", "cuda", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --device cuda: torch sees no CUDA GPU here") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_each_torchrun_rank_takes_its_own_gpu_and_a_pinned_one_is_refused_when_shared(gpus):
+    assert device.select(None, local_rank=1, world_size=2) == torch.device("cuda", 1)
+    assert device.select("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    assert device.select("cuda:1", local_rank=0, world_size=1) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:0 under torchrun with 2 processes .* NCCL refuses"):
+        device.select("cuda:0", local_rank=1, world_size=2)
+    with pytest.raises(ConfigError, match=r"this machine shows 2 GPU\(s\)"):
+        device.select("cuda:2")
+    with pytest.raises(ConfigError, match=r"--device tpu: not a device"):
+        device.select("tpu")
+
+
+def test_a_gpu_without_kernels_in_this_torch_is_refused_and_compile_is_off_below_7_0(gpus):
+    assert device.compile_default(torch.device("cuda", 0)) and not device.compile_default(torch.device("cpu"))
+    gpus["capability"] = (8, 9)  # no sm_89 in the list, but sm_86 binaries run on 8.9
+    assert device.select("cuda") == torch.device("cuda", 0)
+    gpus["capability"] = (6, 0)  # Kaggle's P100
+    assert not device.compile_default(torch.device("cuda", 0))  # Triton needs 7.0
+    with pytest.raises(ConfigError, match=r"Tesla T4 \(cuda:0\): compute capability 6\.0 has no kernels"):
+        device.select("cuda")
+    assert device.kernel_problem((6, 0), ["sm_50", "compute_50"]) is None  # PTX runs on later GPUs
+
+
+def test_ranks_wait_through_a_gloo_group_with_a_long_timeout(gpus, monkeypatch):
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout: calls.update(init=(backend, timeout)))
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend, timeout: ("group", backend, timeout))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group=None: calls.update(barrier=group))
+    ctx = distributed.setup()
+    assert ctx.device == torch.device("cuda", 1)
+    assert calls["init"][0] == "nccl"
+    _, backend, timeout = ctx.wait_group
+    assert backend == "gloo" and timeout.total_seconds() >= 12 * 3600  # a fold of waiting, or a decode
+    ctx.barrier()
+    assert calls["barrier"] is ctx.wait_group
+
+
+def synthetic_fold(n: int = 64, classes: int = 3) -> FoldData:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    targets = torch.randint(0, classes, (n,), generator=g)
+    return FoldData(0, [str(c) for c in range(classes)], torch.full((3,), 120.0), torch.full((3,), 60.0),
+                    images, targets, images[:16], targets[:16], images[:0])
+
+
+def fp16(monkeypatch):
+    """The T4's precision on the CPU: fp16 autocast, and so the GradScaler."""
+    monkeypatch.setattr(device, "autocast_dtype", lambda d: torch.float16)
+
+
+def syncs_per_step(cfg: TrainConfig, steps: int = 3) -> int:
+    data = synthetic_fold()
+    t = build_training(cfg, data, torch.device("cpu"))
+    x = data.train_images[:cfg.batch_size].permute(0, 3, 1, 2)
+    y = data.train_targets[:cfg.batch_size]
+    train_step(t, x, y, 1)  # the first step creates the optimizer state
+    with probe.HostSyncs() as syncs:
+        for step in range(steps):
+            train_step(t, x, y, step + 2)
+    return syncs.count / steps
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16 with loss scaling"])
+def test_a_training_step_never_waits_for_the_device(precision, monkeypatch):
+    if precision != "fp32":
+        fp16(monkeypatch)
+    assert syncs_per_step(TrainConfig(width=4, batch_size=16, ema_decay=0.9)) == 0
+
+
+def test_without_a_fused_optimizer_the_loss_scaler_syncs_once_per_step(monkeypatch):
+    """What the fused default saves, seen by the same counter: timm's LAMB has no fused kernel."""
+    lamb = TrainConfig(width=4, batch_size=16, optimizer="lamb", lr=0.01)
+    in_fp32 = syncs_per_step(lamb)
+    fp16(monkeypatch)
+    assert syncs_per_step(lamb) == in_fp32 + 1
+
+
+def test_a_predict_batch_never_waits_for_the_device():
+    from kaggle_cifar.augment import TTA_VIEWS
+
+    data = synthetic_fold()
+    model = build_training(TrainConfig(width=4), data, torch.device("cpu")).model.eval()
+    batch = data.val_images.permute(0, 3, 1, 2)
+    with probe.HostSyncs() as syncs, torch.no_grad():
+        batch_probs([model, model], batch, TTA_VIEWS["flip_translate"])
+    assert syncs.count == 0, syncs.ops
+
+
+def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, monkeypatch):
+    fp16(monkeypatch)
+    calls = {"n": 0}
+    real_loss = torch.nn.CrossEntropyLoss
+
+    class InfOnce(real_loss):
+        def forward(self, logits, targets):
+            calls["n"] += 1
+            loss = super().forward(logits, targets)
+            return loss * float("inf") if calls["n"] == 3 else loss  # epoch 2's first step, fold 0
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", InfOnce)
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    cfg = TrainConfig(folds=2, epochs=3, width=4, batch_size=4, lr=0.05)
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", CPU)
+    log = pd.read_csv(tmp_path / "run" / "fold0" / "log.csv")
+    assert log["skipped_steps"].tolist() == [0, 1, 0]
+    assert log["train_loss"].notna().all() and (log["train_loss"] < 10).all()
+    assert (tmp_path / "run" / "fold1" / "result.json").exists()
+
+
+def test_the_compiled_model_is_one_graph_across_epochs_evaluation_and_folds(tmp_path, monkeypatch):
+    """fullgraph=True turns any graph break into an error; the counters catch recompiles."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", fullgraph=True))
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    cfg = TrainConfig(folds=2, epochs=2, width=4, batch_size=4, lr=0.05)
+    probe.reset_compile_counts()
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", CPU, compile=True)
+    counts = probe.compile_counts()
+    assert counts.clean, counts
+
+
+def test_the_default_run_fits_a_16_gb_t4():
+    full = probe.estimate_memory(TrainConfig(), train_images=50_000)
+    assert full.total < 14 * 2**30  # of the T4's 15 GiB, leaving the CUDA context and workspaces room
+    assert full.weights == 3 * 4 * 11_173_962  # ResNet18: weights, gradients, momentum, 4 bytes each
+    double = probe.estimate_memory(TrainConfig(batch_size=256), train_images=50_000)
+    assert 1.9 < double.activations / full.activations < 2.1  # activations scale with the batch
+    assert 400 * 2**20 < full.activations < 2 * 2**30
+
+
+def test_predict_reads_each_checkpoint_on_the_cpu(tmp_path, monkeypatch):
+    from kaggle_cifar import checkpoint, inference
+    from kaggle_cifar.rundir import RunDir
+
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    cfg = TrainConfig(folds=2, epochs=1, width=4, batch_size=4)
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", CPU)
+    seen = []
+    real_load = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path, meta, device="cpu": seen.append(str(device)) or
+                        real_load(path, meta, device))
+    inference.load_fold_models(RunDir(tmp_path / "run"), cfg, ["cat", "dog", "frog"], torch.device("cpu"))
+    assert seen == ["cpu", "cpu"]
