@@ -25,6 +25,7 @@ from common import markdown_table, setting, warm_epochs  # bench/common.py, besi
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.device import use_compile
 from kaggle_cifar.data import load_train
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.rundir import RunDir, folds_table
@@ -65,7 +66,7 @@ def main() -> int:
     args = parser.parse_args()
     base = config_from_args(args)
     ctx = distributed.setup(args.device)
-    compile = cli.use_compile(args, ctx)
+    compile = use_compile(args.compile, ctx.device)
     cli.resolve_paths(args, ctx)
     train = load_train(args.input, args.cache_dir, base.folds)
     on_device = DeviceTrainSet.of(train, ctx.device)

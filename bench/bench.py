@@ -27,6 +27,7 @@ from common import markdown_table, setting, warm_epochs  # bench/common.py, besi
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.device import use_compile
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.data import cached_images, image_ids, read_labels
 from kaggle_cifar.model import build_model, training_flops_per_image
@@ -54,7 +55,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
     ctx = distributed.setup()
-    compile = cli.use_compile(args, ctx)
+    compile = use_compile(args.compile, ctx.device)
     rows = []
 
     def measured(what: str, rate: str, seconds: str) -> None:
@@ -71,13 +72,16 @@ def main() -> None:
         summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
         measured(f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s")
         print(describe(summary, cfg.tta), flush=True)
-        warm_rates, epoch_times = [], []
+        warm_rates, epoch_times, checkpoint_times = [], [], []
         for fold in range(cfg.folds):
             warm = warm_epochs(RunDir(run_dir).fold(fold))
             warm_rates.append(warm["train_images_per_s"].median())
             epoch_times += warm["seconds"].tolist()
+            checkpoint_times += warm["checkpoint_seconds"].dropna().tolist()
             measured(f"train fold {fold} (after epoch 1)", f"{warm_rates[-1]:,.0f} images/s", "")
         measured("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s")
+        measured("checkpoint save per epoch (median, not in the epoch time)", "",
+                 f"{statistics.median(checkpoint_times):.3f} s")
         csv, seconds = timed(lambda: submission_csv(args.input, [run_dir], cache, ctx))
         n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
         measured(f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",

@@ -40,12 +40,6 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
                              "off on older GPUs and the CPU)")
 
 
-def use_compile(args: argparse.Namespace, ctx) -> bool:
-    from kaggle_cifar.device import compile_default  # torch: only the scripts that train load it
-
-    return args.compile if args.compile is not None else compile_default(ctx.device)
-
-
 def resolve_paths(args: argparse.Namespace, ctx=None) -> None:
     """Unpack a raw Kaggle download first if that is all `--input` holds (with a distributed
     context: rank 0 only, the others wait), then point `args.input` at the prepared layout and

@@ -19,7 +19,7 @@ def select(requested: str | None, local_rank: int = 0, world_size: int = 1) -> t
     is its own GPU too; `cuda:N` pins GPU N, refused when several processes would share it. A GPU
     that the installed torch has no kernels for is refused before any work."""
     if requested is None:
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(requested)
     except RuntimeError:
@@ -67,6 +67,11 @@ def compile_default(device: torch.device) -> bool:
     """torch.compile by default where its backend runs: GPUs that Triton supports. On the CPU it
     costs minutes of C++ compilation for a short run, so it is opt-in there."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
+
+
+def use_compile(requested: bool | None, device: torch.device) -> bool:
+    """--compile / --no-compile, or the device's default."""
+    return requested if requested is not None else compile_default(device)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.inference import CHUNK
 from kaggle_cifar.model import CHANNELS, build_model
+from kaggle_cifar.train import Training, train_step
 
 # Ops whose result the host must read before it can go on: a scalar (.item(), bool(t), int(t)), or
 # an output whose size depends on the values.
@@ -105,3 +106,20 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     image_bytes = CHANNELS * image_shape[0] * image_shape[1]
     return MemoryEstimate(images=2 * train_images * image_bytes, weights=4 * params * copies,
                           activations=sum(saved.values()), predict=CHUNK * image_bytes)
+
+
+def overflow_step_changes_nothing(t: Training, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> bool:
+    """Run one training step whose loss is inf, as an fp16 overflow makes it: true if the loss
+    scaler skipped it cleanly, leaving every weight and every optimizer state tensor as it was
+    (a fused optimizer must honour the scaler's inf flag on the device)."""
+    def tensors() -> list[torch.Tensor]:
+        state = [v for s in t.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [p.detach().clone() for p in t.model.parameters()] + [v.clone() for v in state]
+
+    before, criterion = tensors(), t.criterion
+    t.criterion = lambda logits, y: criterion(logits, y) * float("inf")
+    try:
+        train_step(t, inputs, targets, step)
+    finally:
+        t.criterion = criterion
+    return all(torch.equal(a, b) for a, b in zip(before, tensors(), strict=True))

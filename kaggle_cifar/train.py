@@ -90,7 +90,8 @@ class Training:
             self.ema.load_state_dict(state["ema"])
 
 
-def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False) -> Training:
+def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False,
+                   backend: str = "inductor") -> Training:
     model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std)
     model = model.to(device, memory_format=torch.channels_last)
     # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
@@ -110,7 +111,7 @@ def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compi
     # run is not an average dominated by the initial weights.
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return Training(model, torch.compile(model) if compile else model, optimizer, scheduler, scaler, ema, criterion,
+    return Training(model, torch.compile(model, backend=backend) if compile else model, optimizer, scheduler, scaler, ema, criterion,
                     batch_size, steps_per_epoch)
 
 

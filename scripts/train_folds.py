@@ -10,6 +10,7 @@ import sys
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.device import use_compile
 from kaggle_cifar.cv import check_input, train_folds
 from kaggle_cifar.report import describe
 
@@ -32,7 +33,7 @@ def main() -> int:
             if ctx.is_main:  # one decode of the input, not one per process
                 log.info(check_input(args.input, args.cache_dir, cfg.folds))
             return 0
-        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, cli.use_compile(args, ctx))
+        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, use_compile(args.compile, ctx.device))
     finally:
         distributed.teardown(ctx)
     if summary is not None:

@@ -3,8 +3,6 @@ host syncs counted per step, the compiled step's graphs, the fp16 loss-scaling p
 
 from __future__ import annotations
 
-import functools
-
 import pandas as pd
 import pytest
 import torch
@@ -126,6 +124,17 @@ def test_without_a_fused_optimizer_the_loss_scaler_syncs_once_per_step(monkeypat
     assert syncs_per_step(lamb) == in_fp32 + 1
 
 
+@pytest.mark.parametrize("policy", ["", "randaugment", "trivialaugment"])
+def test_augmentation_never_waits_for_the_device(policy):
+    from kaggle_cifar.train import augment
+
+    cfg = TrainConfig(auto_augment=policy, cutout=8)
+    images = synthetic_fold().train_images
+    with probe.HostSyncs() as syncs:
+        augment(images, cfg, torch.Generator().manual_seed(0))
+    assert syncs.count == 0, syncs.ops
+
+
 def test_a_predict_batch_never_waits_for_the_device():
     from kaggle_cifar.augment import TTA_VIEWS
 
@@ -135,6 +144,16 @@ def test_a_predict_batch_never_waits_for_the_device():
     with probe.HostSyncs() as syncs, torch.no_grad():
         batch_probs([model, model], batch, TTA_VIEWS["flip_translate"])
     assert syncs.count == 0, syncs.ops
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("adamw", 1e-3), ("lamb", 0.01)])
+def test_an_overflowing_fp16_step_leaves_weights_and_optimizer_state_untouched(optimizer, lr, monkeypatch):
+    fp16(monkeypatch)
+    data = synthetic_fold()
+    t = build_training(TrainConfig(width=4, batch_size=16, optimizer=optimizer, lr=lr), data, torch.device("cpu"))
+    x, y = data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16]
+    train_step(t, x, y, 1)  # the optimizer state exists: a skipped step must not advance it
+    assert probe.overflow_step_changes_nothing(t, x, y, 2)
 
 
 def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, monkeypatch):
@@ -160,7 +179,9 @@ def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, mon
 
 def test_the_compiled_model_is_one_graph_across_epochs_evaluation_and_folds(tmp_path, monkeypatch):
     """fullgraph=True turns any graph break into an error; the counters catch recompiles."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", fullgraph=True))
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "aot_eager",
+                                                                                     "fullgraph": True}))
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
     cfg = TrainConfig(folds=2, epochs=2, width=4, batch_size=4, lr=0.05)
     probe.reset_compile_counts()
@@ -191,3 +212,16 @@ def test_predict_reads_each_checkpoint_on_the_cpu(tmp_path, monkeypatch):
                         real_load(path, meta, device))
     inference.load_fold_models(RunDir(tmp_path / "run"), cfg, ["cat", "dog", "frog"], torch.device("cpu"))
     assert seen == ["cpu", "cpu"]
+
+
+def test_doctor_passes_here_and_names_what_fails(tmp_path):
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    proc = run_script("doctor.py", "--input", str(competition))
+    verdicts = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
+    assert len(verdicts) == 5 and all(line.startswith("ok ") for line in verdicts), proc.stdout
+    for shown in ("compiled step: 1 graph(s), 0 graph break(s), 0 recompile(s)",
+                  "host syncs: 0 per training step, 0 per predict batch", "input OK: 18 training images"):
+        assert shown in proc.stdout
+    (competition / "test" / "2.png").write_bytes(b"not a png")
+    proc = run_script("doctor.py", "--input", str(competition), check=False)
+    assert proc.returncode == 1 and "FAIL  competition files" in proc.stdout and "2.png: not a readable PNG" in proc.stdout

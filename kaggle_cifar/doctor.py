@@ -1,0 +1,170 @@
+"""The first command on a new machine: versions, the device and what the installed torch can do on
+it, then a short training and predict probe on synthetic data that measures what a run depends on
+(one compiled graph, no host sync per step, images/s, device memory), one verdict line per check."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kaggle_cifar import device as devices
+from kaggle_cifar import probe
+from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.errors import EXPECTED_ERRORS
+from kaggle_cifar.folds import FoldData
+from kaggle_cifar.inference import batch_probs, stream_probs
+from kaggle_cifar.train import build_training, evaluate, train_step
+
+GiB = 2 ** 30
+
+
+@dataclass
+class Verdict:
+    check: str
+    problem: str | None = None  # None: ok
+
+    def __str__(self) -> str:
+        return f"{'ok' if self.problem is None else 'FAIL':<5} {self.check}" + (f": {self.problem}" if self.problem else "")
+
+
+def synthetic_fold(n: int, device: torch.device, classes: int = 10) -> FoldData:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g).to(device)
+    targets = torch.randint(0, classes, (n,), generator=g).to(device)
+    return FoldData(0, [str(c) for c in range(classes)], torch.full((3,), 120.0, device=device),
+                    torch.full((3,), 64.0, device=device), images, targets, images[: n // 4], targets[: n // 4],
+                    images[:0])
+
+
+def versions() -> str:
+    import timm
+    import torchvision
+
+    cuda = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if torch.version.cuda else "CPU-only build"
+    return (f"python {platform.python_version()}, torch {torch.__version__} ({cuda}), "
+            f"torchvision {torchvision.__version__}, timm {timm.__version__}")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    props = torch.cuda.get_device_properties(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{device} {props.name}, compute capability {major}.{minor}, {props.total_memory / GiB:.1f} GiB"
+
+
+def precision(device: torch.device) -> str:
+    dtype = devices.autocast_dtype(device)
+    return {None: "float32", torch.bfloat16: "bf16 autocast",
+            torch.float16: "fp16 autocast with loss scaling (no native bf16)"}[dtype]
+
+
+def timed(fn, device: torch.device) -> float:
+    devices.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    devices.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | None, say=print) -> list[Verdict]:
+    say(versions())
+    try:
+        device = devices.select(requested_device)
+    except EXPECTED_ERRORS as e:
+        return [Verdict("device and torch build", str(e))]
+    verdicts = [Verdict("device and torch build")]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    say(f"device: {describe_device(device)}")
+    say(f"precision: {precision(device)}; torch.compile by default: {'on' if devices.compile_default(device) else 'off'}"
+        + (" (Triton needs compute capability 7.0)" if device.type == "cuda" and not devices.compile_default(device)
+           else ""))
+
+    cfg = TrainConfig()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:  # the CPU takes minutes at full size: the same checks, smaller
+        cfg = TrainConfig(width=16, batch_size=64)
+    backend = "inductor" if on_gpu else "aot_eager"
+    say(f"probe on synthetic data: width {cfg.width}, batch {cfg.batch_size}"
+        + ("" if on_gpu else " (reduced on the CPU; the default run is width 64, batch 128)")
+        + f"; compile backend {backend}" + ("" if on_gpu else " (graph breaks and recompiles do not depend on it)"))
+    data = synthetic_fold(8 * cfg.batch_size, device)
+    batch_x = data.train_images[:cfg.batch_size].permute(0, 3, 1, 2).contiguous()
+    batch_y = data.train_targets[:cfg.batch_size]
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # Compiled: two epochs of a few steps with evaluation between, then a second fold's model.
+    probe.reset_compile_counts()
+    t0 = time.perf_counter()
+    for fold in range(2):
+        t = build_training(cfg, data, device, compile=True, backend=backend)
+        for epoch in range(2 if fold == 0 else 1):
+            t.model.train()
+            for step in range(3):
+                train_step(t, batch_x, batch_y, epoch * 3 + step + 1)
+            evaluate(t.eval_model, data.val_images, data.val_targets)
+    devices.synchronize(device)
+    counts = probe.compile_counts()
+    say(f"compiled step: {counts.graphs} graph(s), {sum(counts.graph_breaks.values())} graph break(s), "
+        f"{counts.recompiles} recompile(s) over 2 epochs, evaluation and a second fold "
+        f"({time.perf_counter() - t0:.0f} s with compilation)")
+    verdicts.append(Verdict("compiled step: one graph, no break, no recompile", None if counts.clean else
+                            f"{counts}; a GPU run loses speed: run with --no-compile and report it"))
+    steps = 10 if on_gpu else 4
+    if on_gpu:  # on the CPU the probe's backend checks graphs, it is no measure of speed
+        seconds = timed(lambda: [train_step(t, batch_x, batch_y, 10 + s) for s in range(steps)], device)
+        say(f"training, compiled: {steps * cfg.batch_size / seconds:,.0f} images/s")
+
+    eager = build_training(cfg, data, device)
+    train_step(eager, batch_x, batch_y, 1)
+    with probe.HostSyncs() as step_syncs:
+        for s in range(3):
+            train_step(eager, batch_x, batch_y, s + 2)
+    seconds = timed(lambda: [train_step(eager, batch_x, batch_y, 10 + s) for s in range(steps)], device)
+    say(f"training, eager: {steps * cfg.batch_size / seconds:,.0f} images/s")
+    if eager.scaler.is_enabled():
+        clean = probe.overflow_step_changes_nothing(eager, batch_x, batch_y, 20)
+        say(f"fp16 overflow step: {'skipped, weights and optimizer state untouched' if clean else 'CHANGED the state'}")
+        verdicts.append(Verdict("fp16 loss scaling skips an overflowing step cleanly", None if clean else
+                                "this torch's fused optimizer updated its state on a skipped step: "
+                                "report it, and train with --optimizer lamb until it is fixed"))
+    model = eager.model.eval()
+    with probe.HostSyncs() as predict_syncs, torch.no_grad():
+        batch_probs([model], batch_x, TTA_VIEWS["flip"])
+    say(f"host syncs: {step_syncs.count / 3:g} per training step, {predict_syncs.count} per predict batch")
+    verdicts.append(Verdict("no host sync in a training step or a predict batch",
+                            None if step_syncs.count == predict_syncs.count == 0 else
+                            f"syncs {step_syncs.ops} per 3 steps, {predict_syncs.ops} per batch: report it"))
+    images = data.train_images.repeat(4, 1, 1, 1)
+    seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], device), device)
+    say(f"predict: {len(images) / seconds:,.0f} images/s per view and fold")
+
+    estimate = probe.estimate_memory(TrainConfig(), train_images=50_000)
+    line = (f"device memory of the default run (50,000 images, width 64, batch 128), estimated: "
+            f"{estimate.total / GiB:.2f} GiB (images {estimate.images / GiB:.2f}, weights and optimizer "
+            f"{estimate.weights / GiB:.2f}, activations {estimate.activations / GiB:.2f})")
+    problem = None
+    if on_gpu:
+        total = torch.cuda.get_device_properties(device).total_memory
+        line += f"; this probe's peak: {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB of {total / GiB:.1f}"
+        if estimate.total > 0.9 * total:
+            problem = "the default run may not fit: lower --batch-size"
+    say(line)
+    verdicts.append(Verdict("memory", problem))
+
+    if input_dir is not None:
+        from kaggle_cifar.cv import check_input
+
+        try:
+            say(check_input(input_dir, cache_dir, cfg.folds))
+            verdicts.append(Verdict(f"competition files in {input_dir}"))
+        except EXPECTED_ERRORS as e:
+            verdicts.append(Verdict(f"competition files in {input_dir}", str(e)))
+    return verdicts

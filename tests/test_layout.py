@@ -1,0 +1,36 @@
+"""The package's imports run one way: each module imports only modules above it in README's layout
+table, so the table is both the reading order and a fact."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from conftest import ROOT
+
+
+def test_modules_import_only_modules_above_them_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    order = re.findall(r"^\| `kaggle_cifar/(\w+)\.py` \|", readme, flags=re.M)
+    on_disk = sorted(p.stem for p in (ROOT / "kaggle_cifar").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == on_disk, "README's layout table and kaggle_cifar/ list different modules"
+    for position, name in enumerate(order):
+        tree = ast.parse((ROOT / "kaggle_cifar" / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "kaggle_cifar":
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kaggle_cifar."):
+                imported.add(node.module.split(".")[1])
+        below = imported - set(order[:position])
+        assert not below, f"kaggle_cifar/{name}.py imports {sorted(below)}, which README lists below it"
+
+
+def test_the_unpacking_script_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, runpy; sys.argv = ['prepare.py', '--help']; import kaggle_cifar.cli, kaggle_cifar.prepare; " \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "False"
