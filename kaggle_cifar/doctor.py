@@ -81,7 +81,8 @@ def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | 
     verdicts = [Verdict("device and torch build")]
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    say(f"device: {describe_device(device)}")
+    say(f"device: {describe_device(device)}" + (f"; this torch has kernels for {', '.join(torch.cuda.get_arch_list())}"
+                                                  if device.type == "cuda" else ""))
     say(f"precision: {precision(device)}; torch.compile by default: {'on' if devices.compile_default(device) else 'off'}"
         + (" (Triton needs compute capability 7.0)" if device.type == "cuda" and not devices.compile_default(device)
            else ""))

@@ -16,7 +16,7 @@ from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import batch_probs
 from kaggle_cifar.train import build_training, train_step
 
-ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # the pinned wheel's list: no sm_60
+ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14.1+cu130's get_arch_list()
 CPU = distributed.setup("cpu")
 
 
