@@ -4,6 +4,7 @@ and checked against the run they are loaded into."""
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,8 +19,14 @@ def run_meta(cfg, classes: list[str]) -> dict:
 
 
 def save(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write `state` atomically: on any failure (a full disk among them) the previous file stays."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (RuntimeError, OSError) as e:  # torch's writer reports a full disk as a RuntimeError
+        free = shutil.disk_usage(Path(path).parent).free / 2**20
+        raise CheckpointError(f"{path}: could not be written ({str(e).strip().splitlines()[0][:200]}); "
+                              f"{free:,.0f} MiB free on its disk; the previous version, if any, is kept") from None
 
 
 def read(path: Path, device: torch.device | str = "cpu"):

@@ -1,11 +1,14 @@
-"""What the scripts share: the input/run-dir flags, logging to stderr, and one clear error line.
+"""What the scripts share: the input/run-dir flags, logging to stderr, and one clear line for
+every error a user can cause, an interruption included.
 
-It imports no torch: `scripts/prepare.py` (which only unpacks) starts in a blink."""
+It imports no torch: `scripts/prepare.py` (which only unpacks) starts at once."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +17,24 @@ from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.prepare import prepare
 
 DEFAULT_RUN_DIR = Path("runs/default")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one `error:` line (exit 2) like every other error."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
 
 
 def add_input_flag(parser: argparse.ArgumentParser) -> None:
@@ -52,11 +73,32 @@ def cache_dir_of(args: argparse.Namespace) -> Path:
     return args.cache_dir or default_cache_dir(args.input)
 
 
-def run(main) -> None:
-    """Run `main()`, turning the project's expected errors into one `error:` line and exit code 2."""
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line naming its file; a full disk says so, with the space left."""
+    where = e.filename2 or e.filename or ""  # a rename's target, else the file
+    text = f"{where}: {e.strerror or e}" if where else str(e)
+    if e.errno == errno.ENOSPC and where:
+        parent = Path(where).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        text += f" (the disk is full: {shutil.disk_usage(parent).free / 2**20:,.0f} MiB free)"
+    return text
+
+
+def run(main, interrupted: str = "nothing was written") -> None:
+    """Run `main()`; the project's expected errors and the environment's (a full disk, a folder
+    where a file should be) become one `error:` line and exit code 2, Ctrl-C one line saying what
+    was kept (`interrupted`) and exit code 130."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        sys.exit(main())
+        code = main()
     except EXPECTED_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -57,7 +57,18 @@ class TrainConfig:
 
         from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, TTA_VIEWS
 
+        wrong_types = []
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))  # 1 and 1.0 are one config, spelled once
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                wrong_types.append(f"{f.name} must be {'a whole number' if kind is int else kind.__name__}, "
+                                   f"not {value!r}")
+        if wrong_types:
+            raise ConfigError("invalid config: " + "; ".join(wrong_types))
         problems = [f"{name} must be {rule}" for name, ok, rule in [
+
             ("folds", self.folds >= 2, "at least 2"),
             ("holdout", self.holdout >= 0, "0 or more"),
             ("epochs", self.epochs >= 1, "at least 1"),
@@ -77,8 +88,20 @@ class TrainConfig:
             ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),
             ("pseudo_max", self.pseudo_max >= 0, "0 or more"),
         ] if not ok]
+        if self.arch != "resnet18_cifar" and not _is_timm_model(self.arch):
+            problems.insert(0, "arch must be resnet18_cifar or a timm model name" + _did_you_mean(self.arch))
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
+
+    def check_files(self) -> None:
+        """The files the config names exist: checked before a run writes anything."""
+        problems = []
+        if self.pretrained and not Path(self.pretrained).is_file():
+            problems.append(f"--pretrained {self.pretrained}: no such file")
+        if self.pseudo_labels and not Path(self.pseudo_labels).is_dir():
+            problems.append(f"--pseudo-labels {self.pseudo_labels}: no such run dir")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
@@ -86,10 +109,15 @@ class TrainConfig:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: unreadable config ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a config (a JSON object of TrainConfig fields)")
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"{path}: unknown config keys {sorted(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -99,6 +127,21 @@ class TrainConfig:
         changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
                    if getattr(self, f.name) != f.default]
         return "defaults" + (" except " + ", ".join(changed) if changed else "")
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, ["resnet18_cifar", *timm.list_models()], n=3)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ def check_input(input_dir: Path, cache_dir: Path, folds: int) -> str:
 def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context,
                 compile: bool = False) -> dict | None:
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
+    cfg.check_files()
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
     labels, run = train.labels, RunDir(run_dir)
     fold_of = fold_split(cfg, labels)

@@ -9,11 +9,15 @@ folder's fingerprint, so a cache that no longer matches its PNGs is rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LABELS_FILE = "trainLabels.csv"
 MAX_LISTED = 10  # ids named in one error line before "and N more"
+RARE_CLASS_SHARE = 0.1  # a class with fewer images than this share of the median class is warned about
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,25 @@ def read_labels(input_dir: Path) -> Labels:
 
 
 def check_class_counts(labels: Labels, folds: int, path: Path) -> None:
-    """A class with fewer images than folds cannot be stratified; in practice it is a typo'd label."""
+    """Every class needs an image in every fold. Most classes short of that means too many folds;
+    one or two means typo'd labels, as does a class far smaller than the rest (warned: it would
+    train as a class of its own)."""
     counts = np.bincount(labels.targets, minlength=len(labels.classes))
-    rare = [f"'{labels.classes[c]}' ({counts[c]} image(s): ids {listing(labels.ids[labels.targets == c].tolist())})"
-            for c in np.flatnonzero(counts < folds)]
-    if rare:
-        raise InputError(f"{path}: labels with fewer images than the {folds} folds, not a real class? {'; '.join(rare)}")
+    short = np.flatnonzero(counts < folds)
+    if len(short) > len(counts) / 2:
+        raise InputError(f"--folds {folds}: {len(short)} of the {len(counts)} classes in {path} have fewer images than "
+                         f"that (the smallest has {counts.min()}); use --folds {max(2, counts.min())} or fewer")
+
+    def named(c: int) -> str:
+        return f"'{labels.classes[c]}' ({counts[c]} image(s): ids {listing(labels.ids[labels.targets == c].tolist())})"
+
+    if len(short):
+        raise InputError(f"{path}: labels with fewer images than the {folds} folds, not a real class? "
+                         f"{'; '.join(named(c) for c in short)}")
+    tiny = np.flatnonzero(counts < RARE_CLASS_SHARE * np.median(counts))
+    if len(tiny):
+        log.warning("warning: %s: %s against %d for the median class: a typo in the labels? Each trains as a class of "
+                    "its own", path, "; ".join(named(c) for c in tiny), np.median(counts))
 
 
 def image_ids(folder: Path) -> np.ndarray:
@@ -118,14 +136,16 @@ def check_test_ids(file_ids: np.ndarray, folder: Path) -> None:
 
 
 def _fingerprint(folder: Path, ids: np.ndarray) -> dict:
-    """Cheap identity of the source PNGs: count, total bytes and newest mtime (one stat each)."""
-    size, newest = 0, 0
-    for e in os.scandir(folder):
-        if e.name.endswith(".png"):
-            st = e.stat()
-            size, newest = size + st.st_size, max(newest, st.st_mtime_ns)
-    return {"folder": str(Path(folder).resolve()), "count": int(len(ids)), "bytes": size, "mtime_ns": newest,
-            "ids_sum": int(ids.sum())}
+    """Identity of the source PNGs from one stat per file: a digest of every file's name, size,
+    inode, mtime and ctime. Swapping two files (new inodes under the names), replacing one with
+    another of the same size, or restoring one with an old mtime each change it: the kernel sets a
+    file's ctime on every change of its content or metadata, and nothing can set it back. A copy
+    of the folder elsewhere also changes it, and is decoded again."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, st in sorted((e.name, e.stat()) for e in os.scandir(folder) if e.name.endswith(".png")):
+        digest.update(f"{name} {st.st_size} {st.st_ino} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
+    return {"folder": str(Path(folder).resolve()), "count": int(len(ids)), "ids_sum": int(ids.sum()),
+            "files": digest.hexdigest()}
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -175,15 +195,25 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
     if first.ndim != 3 or first.shape[2] != 3:
         raise InputError(f"{folder / f'{ids[0]}.png'}: {_describe(first)}, expected an RGB image")
     np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(len(ids), *first.shape)).flush()
+    _reserve(npy_path)
     tasks = [(str(npy_path), str(folder), ids[s:s + chunk], s) for s in range(0, len(ids), chunk)]
     workers = min(_workers(), len(tasks))
     problems: list[tuple[int, str]] = []
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(workers) as pool, \
-            tqdm(total=len(ids), desc=f"decode {folder.name}", unit="img", unit_scale=True) as bar:
-        for task, found in zip(tasks, pool.map(_decode_chunk, tasks)):
-            problems += found
-            bar.update(len(task[2]))
+    pool = ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    try:  # Ctrl-C reaches the workers too: they ignore it, and this process stops them without waiting
+        with tqdm(total=len(ids), desc=f"decode {folder.name}", unit="img", unit_scale=True) as bar:
+            for task, found in zip(tasks, pool.map(_decode_chunk, tasks)):
+                problems += found
+                bar.update(len(task[2]))
+    except BaseException as e:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(e, BrokenProcessPool):
+            raise InputError(f"{folder}: decoding stopped, a worker process died ({e}); the cache goes to "
+                             f"{npy_path.parent}, where {shutil.disk_usage(npy_path.parent).free / 2**20:,.0f} MiB "
+                             f"are free") from None
+        raise
+    pool.shutdown()
     seconds = time.perf_counter() - t0
     if problems:
         problems.sort()
@@ -192,6 +222,19 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
         raise InputError(f"{folder}: {len(problems)} bad image(s): {listed}{more}")
     log.info("decoded %d images from %s in %.1fs (%.0f images/s, %d processes)",
              len(ids), folder, seconds, len(ids) / seconds, workers)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole file now: on a full disk that fails here, with a message, instead of
+    killing the workers that write into the memory map later (SIGBUS)."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            raise InputError(f"{path.parent}: no room for the decoded images ({size / 2**20:,.0f} MiB needed, "
+                             f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free: {e.strerror}); free space "
+                             f"or give --cache-dir on another disk") from None
 
 
 def cached_images(folder: Path, ids: np.ndarray, cache_dir: Path) -> np.ndarray:

@@ -31,8 +31,12 @@ def is_prepared(folder: Path) -> bool:
 
 
 def _extract_7z(archive: Path, dest: Path, part: str) -> None:
-    import py7zr  # optional: only the raw download needs it
-    from py7zr.callbacks import ExtractCallback
+    try:  # optional: only the raw download needs it
+        import py7zr
+        from py7zr.callbacks import ExtractCallback
+    except ImportError:
+        raise InputError(f"{archive}: unpacking it needs py7zr: pip install py7zr "
+                         f"(or pip install -e '.[extras]')") from None
 
     class Progress(ExtractCallback):
         """Counts finished files on the tqdm bar."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from kaggle_cifar import checkpoint
 from kaggle_cifar.atomic import atomic_path, write_text
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import CheckpointError, RunDirError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,11 @@ class FoldDir:
         checkpoint.save(self.last, state)
 
     def load_last(self, meta: dict, device) -> dict:
-        return checkpoint.load(self.last, meta, device)
+        try:
+            return checkpoint.load(self.last, meta, device)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; delete it to train fold {self.fold} again from its first epoch "
+                                  f"(finished folds are kept)") from None
 
     def save_model(self, meta: dict, weights: dict) -> None:
         checkpoint.save(self.model, {"meta": meta, "model": weights})
@@ -124,18 +131,29 @@ class RunDir:
     def report_pictures(self) -> Path:
         return self.path / "report"
 
+    def started(self) -> bool:
+        """Has any fold written a checkpoint? Until then the run dir holds no work to protect."""
+        return any(self.path.glob("fold*/last.pt")) or any(self.path.glob("fold*/result.json"))
+
     def create(self, cfg: TrainConfig, classes: list[str], folds_csv: str) -> None:
-        """Record the run's identity, or refuse a run dir that holds another run."""
+        """Record the run's identity; refuse a run dir that holds another run's work. One whose
+        folds never started (a typo stopped it) takes the new identity."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
         self.path.mkdir(parents=True, exist_ok=True)
+        started = self.started()
         for name, content, what in [("config.json", cfg.to_json(), "config"),
                                     ("classes.json", json.dumps(classes) + "\n", "set of classes"),
                                     ("folds.csv", folds_csv, "training set or fold split")]:
             path = self.path / name
-            if not path.exists():
-                write_text(path, content)
-            elif path.read_text() != content:
+            if path.exists() and path.read_text() == content:
+                continue
+            if path.exists() and started:
                 raise RunDirError(f"{path}: this run dir was made with a different {what}; "
                                   f"use another --run-dir, or delete it to start over")
+            if path.exists():
+                log.info("%s: replaced (no fold of this run dir had started)", path)
+            write_text(path, content)
 
     def read(self) -> tuple[TrainConfig, list[str]]:
         """The run's config and classes."""

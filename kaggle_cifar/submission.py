@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_cifar.cli import add_input_flag
+from kaggle_cifar.cli import ArgumentParser, add_input_flag
 from kaggle_cifar.data import listing, read_labels, test_ids
 from kaggle_cifar.errors import InputError, SubmissionError
 
@@ -25,6 +24,9 @@ def submission_frame(ids: np.ndarray, probs: np.ndarray, classes: list[str]) -> 
 def validate(frame: pd.DataFrame, expected_ids: np.ndarray, classes: list[str], source: str) -> None:
     if list(frame.columns) != ["id", "label"]:
         raise SubmissionError(f"{source}: header is {list(frame.columns)}, expected ['id', 'label']")
+    empty = np.flatnonzero(frame["label"].astype(str).str.strip() == "")
+    if len(empty):
+        raise SubmissionError(f"{source}: empty label on row(s) {listing((empty + 2).tolist())} (row 1 is the header)")
     if len(frame) != len(expected_ids):
         raise SubmissionError(f"{source}: {len(frame)} rows, expected one per test image ({len(expected_ids)})")
     ids = pd.to_numeric(frame["id"], errors="coerce").to_numpy()
@@ -60,7 +62,7 @@ def check_file(path: Path, input_dir: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kaggle_cifar.submission",
+    parser = ArgumentParser(prog="python -m kaggle_cifar.submission",
                                      description="Validate a submission CSV before uploading it.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate FILE against the competition input")

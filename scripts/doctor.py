@@ -14,7 +14,7 @@ from kaggle_cifar.doctor import run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=None, help="competition folder to validate too (default: none)")
     cli.add_cache_flag(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")

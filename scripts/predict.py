@@ -16,17 +16,19 @@ from kaggle_cifar.predict import submission_csv
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser)
     parser.add_argument("--tta", choices=sorted(TTA_VIEWS), default=None,
                         help="test-time views: none (1), flip (2), flip_translate (6) (default: the --tta of --run-dir's run)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
-    parser.add_argument("--batch-size", type=int, default=2048, help="inference batch size (default: 2048)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=2048, help="inference batch size (default: 2048)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the CSV to this file (atomically) instead of stdout")
     args = parser.parse_args()
+    if args.output is not None and args.output.is_dir():
+        parser.error(f"--output {args.output} is a folder; give the file to write, e.g. {args.output / 'sub.csv'}")
     ctx = distributed.setup(args.device)
     try:
         cli.resolve_paths(args, ctx)

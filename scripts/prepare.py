@@ -12,7 +12,7 @@ from kaggle_cifar.prepare import prepare
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_input_flag(parser)
     parser.add_argument("--dest", type=Path, default=None,
                         help="where to unpack (default: INPUT, or ./input if INPUT is read-only)")

@@ -13,7 +13,7 @@ from kaggle_cifar.rundir import RunDir
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     cli.add_input_flag(parser)
     cli.add_cache_flag(parser)

@@ -19,9 +19,14 @@ HINTS = [  # (text in the Kaggle CLI's output, what it means in plain words)
             f"https://www.kaggle.com/c/{COMPETITION}/rules, with the account whose token you use."),
     ("401", "Kaggle answered 401 Unauthorized: the API token is wrong or expired; create a new one "
             "(kaggle.com > Settings > API > Create New Token) and save it as ~/.kaggle/kaggle.json."),
-    ("kaggle.json", "No Kaggle credentials found: save your API token as ~/.kaggle/kaggle.json (chmod 600), "
-                    "or set KAGGLE_USERNAME and KAGGLE_KEY."),
 ]
+NO_CREDENTIALS = ("No Kaggle credentials found: create a token on https://www.kaggle.com/settings/api and save it as "
+                  "~/.kaggle/access_token (chmod 600) or in the KAGGLE_API_TOKEN variable; Kaggle CLIs before 2.0 "
+                  "read ~/.kaggle/kaggle.json (or KAGGLE_USERNAME and KAGGLE_KEY) instead.")
+# What the CLI says without credentials: 1.x names kaggle.json; 2.x asks to authenticate and points
+# at access_token.
+HINTS += [(needle, NO_CREDENTIALS) for needle in ("kaggle.json", "access_token", "must authenticate",
+                                                   "Authentication required", "KAGGLE_API_TOKEN")]
 
 
 def message_for(run: RunDir) -> str:
@@ -37,20 +42,29 @@ def explain(output: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", type=Path, help="the submission CSV")
     cli.add_input_flag(parser)
     parser.add_argument("--run-dir", type=Path, default=cli.DEFAULT_RUN_DIR,
                         help=f"run the submission came from (default: {cli.DEFAULT_RUN_DIR})")
     parser.add_argument("-m", "--message", default=None, help="submission message (default: built from the run's config and CV)")
+    parser.add_argument("--timeout", type=cli.positive_int, default=600,
+                        help="seconds to wait for the Kaggle CLI's upload (default: 600)")
     args = parser.parse_args()
     check_file(args.file, args.input)
     message = args.message or message_for(RunDir(args.run_dir))
     if shutil.which("kaggle") is None:
         print("error: the Kaggle CLI is not installed: pip install kaggle", file=sys.stderr)
         return 2
-    proc = subprocess.run(["kaggle", "competitions", "submit", "-c", COMPETITION, "-f", str(args.file), "-m", message],
-                          capture_output=True, text=True)
+    print(f"uploading {args.file} with the Kaggle CLI (waiting up to {args.timeout} s) ...", file=sys.stderr)
+    try:
+        proc = subprocess.run(["kaggle", "competitions", "submit", "-c", COMPETITION, "-f", str(args.file), "-m", message],
+                              capture_output=True, text=True, timeout=args.timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        print(f"error: the Kaggle CLI did not finish in {args.timeout} s (no network, or it waits for input); "
+              f"check `kaggle competitions submissions -c {COMPETITION}` before submitting again, "
+              f"or give --timeout more", file=sys.stderr)
+        return 2
     if proc.returncode != 0:
         print(f"error: kaggle submit failed: {explain(proc.stdout + proc.stderr)}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ log = logging.getLogger("train_folds")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser)
     cli.add_compile_flag(parser)
     parser.add_argument("--check", action="store_true",
@@ -43,4 +43,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, interrupted="run the same command again to resume: finished folds are kept, and an unfinished "
+                              "one goes on from its last finished epoch")

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,10 +22,10 @@ def fake_kaggle(bin_dir, exit_code=0, output="Successfully submitted to CIFAR-10
     return bin_dir
 
 
-def submit(competition, sub, bin_dir, run_dir):
+def submit(competition, sub, bin_dir, run_dir, *extra):
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), str(sub), "--input", str(competition),
-                           "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=120)
+                           "--run-dir", str(run_dir), *extra], capture_output=True, text=True, env=env, timeout=120)
 
 
 @pytest.fixture
@@ -64,3 +65,20 @@ def test_rules_not_accepted_is_explained(setup):
     bin_dir = fake_kaggle(tmp / "bin", exit_code=1, output="403 - Forbidden - You must accept the rules of this competition")
     proc = submit(competition, sub, bin_dir, run_dir)
     assert proc.returncode == 2 and "accept the competition rules first" in proc.stderr
+
+
+def test_the_current_cli_without_credentials_is_explained(setup):
+    competition, run_dir, sub, tmp = setup
+    bin_dir = fake_kaggle(tmp / "bin", exit_code=1, output="You must authenticate before you can call the Kaggle API.")
+    proc = submit(competition, sub, bin_dir, run_dir)
+    assert proc.returncode == 2 and "save it as ~/.kaggle/access_token" in proc.stderr
+
+
+def test_a_cli_that_hangs_is_given_up_on_with_a_sentence(setup):
+    competition, run_dir, sub, tmp = setup
+    bin_dir = fake_kaggle(tmp / "bin")
+    (bin_dir / "kaggle").write_text("#!/bin/sh\nsleep 60\n")
+    t0 = time.monotonic()
+    proc = submit(competition, sub, bin_dir, run_dir, "--timeout", "1")
+    assert proc.returncode == 2 and "did not finish in 1 s" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 30

@@ -1,0 +1,218 @@
+"""What a hostile but realistic user does: swapped images under a warm cache, typos, a full disk,
+Ctrl-C, odd flags. Each gets one plain line (exit 2, or 130 when interrupted), never a traceback,
+and nothing finished is lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, make_competition, run_script
+from kaggle_cifar import checkpoint, data, distributed
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import train_folds
+from kaggle_cifar.errors import CheckpointError, InputError
+
+CPU = distributed.setup("cpu")
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_competition(tmp_path / "input", per_class=6, n_test=6)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: " if code == 2 else "interrupted: ")
+    return last
+
+
+def test_a_warm_cache_never_serves_pixels_that_are_not_in_the_files(small):
+    ids = np.arange(1, 7)
+    folder, cache = small / "test", small / ".cache"
+    first = data.cached_images(folder, ids, cache).copy()
+    built = (cache / "test.npy").stat().st_mtime_ns
+    np.testing.assert_array_equal(data.cached_images(folder, ids, cache), first)
+    assert (cache / "test.npy").stat().st_mtime_ns == built  # unchanged files: the cache is reused
+
+    os.rename(folder / "1.png", folder / "tmp.png")  # swap two images
+    os.rename(folder / "4.png", folder / "1.png")
+    os.rename(folder / "tmp.png", folder / "4.png")
+    swapped = data.cached_images(folder, ids, cache)
+    np.testing.assert_array_equal(swapped[0], first[3])
+    np.testing.assert_array_equal(swapped[3], first[0])
+
+    # Same size (uncompressed PNGs of one shape), same inode, and the old mtime put back.
+    for i, value in ((2, 10), (3, 200)):
+        Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(folder / f"{i}.png", compress_level=0)
+    old = (folder / "2.png").stat()
+    data.cached_images(folder, ids, cache)
+    replacement = (folder / "3.png").read_bytes()
+    assert len(replacement) == old.st_size
+    with open(folder / "2.png", "r+b") as f:
+        f.write(replacement)
+    os.utime(folder / "2.png", ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (folder / "2.png").stat().st_size == old.st_size and (folder / "2.png").stat().st_ino == old.st_ino
+    assert (data.cached_images(folder, ids, cache)[1] == 200).all()
+
+
+def test_a_typo_is_refused_before_the_run_dir_is_written_and_the_fixed_command_runs(small, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
+    last = one_error_line(run_script("train_folds.py", *flags, "--arch", "resnet18_cifra", check=False))
+    assert "arch must be resnet18_cifar or a timm model name (did you mean resnet18_cifar" in last
+    last = one_error_line(run_script("train_folds.py", *flags, "--pseudo-labels", str(tmp_path / "fisrt"), check=False))
+    assert "--pseudo-labels" in last and "no such run dir" in last
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochs": 1.5}))
+    last = one_error_line(run_script("train_folds.py", *flags, "--config", str(bad), check=False))
+    assert "bad.json" in last and "epochs must be a whole number, not 1.5" in last
+    bad.write_text(json.dumps({"lr": "0.2"}))
+    assert "lr must be float, not '0.2'" in one_error_line(run_script("train_folds.py", *flags, "--config", str(bad),
+                                                                      check=False))
+    assert not run.exists()
+    run_script("train_folds.py", *flags)
+    assert (run / "report.json").exists()
+
+
+def test_a_run_dir_whose_folds_never_started_takes_a_new_config(small, tmp_path):
+    from kaggle_cifar.rundir import RunDir
+
+    RunDir(tmp_path / "run").create(TrainConfig(epochs=9), ["x"], "id,fold\n")  # stopped before its first fold
+    train_folds(TrainConfig(folds=2, epochs=1, width=4, batch_size=4), small, tmp_path / "run", small / ".cache", CPU)
+    assert TrainConfig.from_json(tmp_path / "run" / "config.json").epochs == 1
+
+
+@pytest.mark.parametrize("case", ["run dir is a file", "predict batch size 0", "output is a folder",
+                                  "run without classes.json", "prepare without py7zr", "more folds than images"])
+def test_what_used_to_be_a_traceback_is_one_error_line(case, small, tmp_path):
+    run = tmp_path / "run"
+    if case == "run dir is a file":
+        run.write_text("not a folder")
+        proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(run), *TINY, check=False)
+        assert "is a file, not a run dir" in one_error_line(proc)
+        return
+    if case == "more folds than images":
+        proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(run), "--folds", "50", check=False)
+        assert "--folds 50: 3 of the 3 classes" in one_error_line(proc) and "use --folds 6 or fewer" in proc.stderr
+        return
+    if case == "prepare without py7zr":
+        raw = tmp_path / "raw"
+        raw.mkdir()
+        (raw / "trainLabels.csv").write_text("id,label\n1,cat\n")
+        (raw / "train.7z").write_bytes(b"7z")
+        blocked = tmp_path / "blocked" / "py7zr"
+        blocked.mkdir(parents=True)
+        (blocked / "__init__.py").write_text("raise ImportError('py7zr is not installed')\n")
+        env = dict(os.environ, PYTHONPATH=str(blocked.parent))
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare.py"), "--input", str(raw)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert "needs py7zr: pip install py7zr" in one_error_line(proc)
+        return
+    train_folds(TrainConfig(folds=2, epochs=1, width=4, batch_size=4), small, run, small / ".cache", CPU)
+    args = ["--input", str(small), "--run-dir", str(run)]
+    if case == "predict batch size 0":
+        assert "--batch-size: 0 is not at least 1" in one_error_line(run_script("predict.py", *args, "--batch-size", "0",
+                                                                                check=False))
+    elif case == "output is a folder":
+        assert "is a folder" in one_error_line(run_script("predict.py", *args, "--output", str(tmp_path), check=False))
+    else:
+        (run / "classes.json").unlink()
+        assert "classes.json: missing" in one_error_line(run_script("predict.py", *args, check=False))
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"epoch": 1})
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1430")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"last\.pt: could not be written .* MiB free on its disk; the previous"):
+        checkpoint.save(path, {"epoch": 2})
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_a_full_disk_under_the_cache_is_named_before_decoding(small, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(InputError, match=r"\.cache: no room for the decoded images .* MiB free"):
+        data.cached_images(small / "test", np.arange(1, 7), small / ".cache")
+    assert not (small / ".cache" / "test.npy").exists()
+
+
+def interrupt_when(cmd: list[str], ready) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(small, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_folds.py"), "--input", str(small), "--run-dir", str(run),
+           "--folds", "2", "--epochs", "40", "--width", "4", "--batch-size", "4"]
+    proc = interrupt_when(cmd, lambda: (run / "fold0" / "last.pt").exists())
+    assert "run the same command again to resume" in one_error_line(proc, code=130)
+    epoch = torch.load(run / "fold0" / "last.pt", weights_only=True)["epoch"]
+    assert epoch < 39
+    proc = run_script("train_folds.py", *cmd[2:])
+    assert f"fold 0: resuming after epoch {epoch + 1}" in proc.stderr and (run / "report.json").exists()
+
+
+def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
+    from kaggle_cifar import cli
+
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted: nothing was written"
+
+
+def test_truncated_resume_state_says_what_to_do(small, tmp_path):
+    cfg = TrainConfig(folds=2, epochs=2, width=4, batch_size=4)
+    train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
+    last = tmp_path / "run" / "fold1" / "last.pt"
+    (tmp_path / "run" / "fold1" / "result.json").unlink()
+    last.write_bytes(last.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"last\.pt: unreadable checkpoint .*; delete it to train fold 1 again"):
+        train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
+
+
+def test_an_empty_label_in_a_submission_is_named_by_row(small, tmp_path):
+    sub = tmp_path / "sub.csv"
+    sub.write_text("id,label\n1,cat\n2,\n3,dog\n4,cat\n5,cat\n6,frog\n")
+    proc = subprocess.run([sys.executable, "-m", "kaggle_cifar.submission", "check", str(sub), "--input", str(small)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "empty label on row(s) 3" in proc.stderr
+
+
+def test_a_class_far_smaller_than_the_others_is_warned_about(tmp_path, caplog):
+    competition = make_competition(tmp_path / "input", per_class=40, n_test=3)
+    labels = (competition / "trainLabels.csv").read_text().splitlines()
+    labels[1:4] = [f"{line.split(',')[0]},dgo" for line in labels[1:4]]
+    (competition / "trainLabels.csv").write_text("\n".join(labels) + "\n")
+    with caplog.at_level("WARNING"):
+        data.load_train(competition, competition / ".cache", folds=2)
+    assert "'dgo' (3 image(s): ids" in caplog.text and "a typo in the labels?" in caplog.text
