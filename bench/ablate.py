@@ -25,7 +25,7 @@ from common import markdown_table, setting, warm_epochs  # bench/common.py, besi
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.device import use_compile
+from kaggle_cifar.device import set_precision, use_compile
 from kaggle_cifar.data import load_train
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.rundir import RunDir, folds_table
@@ -65,6 +65,7 @@ def main() -> int:
     add_config_flags(parser)
     args = parser.parse_args()
     base = config_from_args(args)
+    set_precision(args.precision)
     ctx = distributed.setup(args.device)
     compile = use_compile(args.compile, ctx.device)
     cli.resolve_paths(args, ctx)

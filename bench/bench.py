@@ -26,14 +26,17 @@ from common import markdown_table, setting, warm_epochs  # bench/common.py, besi
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.device import use_compile
+from kaggle_cifar.config import TrainConfig, add_config_flags, config_from_args
 from kaggle_cifar.cv import train_folds
-from kaggle_cifar.data import cached_images, image_ids, read_labels
+from kaggle_cifar.data import cached_images, image_ids, load_train, read_labels
+from kaggle_cifar.device import autocast_dtype, set_precision, use_compile
+from kaggle_cifar.folds import DeviceTrainSet, FoldData, fold_split
+from kaggle_cifar.inference import stream_probs
 from kaggle_cifar.model import build_model, training_flops_per_image
 from kaggle_cifar.predict import submission_csv
 from kaggle_cifar.report import describe
 from kaggle_cifar.rundir import RunDir
+from kaggle_cifar.train import augment, build_training, train_step
 
 
 def timed(fn):
@@ -46,14 +49,42 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def autocast_name(device: torch.device) -> str:
+    dtype = autocast_dtype(device)
+    return "no autocast" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+
+
+def training_and_predict_rates(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool,
+                               steps: int = 24) -> tuple[float, float]:
+    """Images/s of the training step (augmentation included) and of the forward pass alone, after
+    a warm-up that pays for any compilation."""
+    t = build_training(cfg, data, device, compile)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step(i: int) -> None:
+        idx = torch.randint(len(data.train_targets), (t.batch_size,), generator=generator, device=device)
+        train_step(t, augment(data.train_images[idx], cfg, generator), data.train_targets[idx], i + 1)
+
+    for i in range(3):
+        step(i)
+    _, seconds = timed(lambda: [step(3 + i) for i in range(steps)])
+    model, images = t.model.eval(), data.val_images[:8192]
+    stream_probs([model], images[:512], TTA_VIEWS["none"], device)
+    _, predict_seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], device))
+    return steps * t.batch_size / seconds, len(images) / predict_seconds
+
+
 def main() -> None:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_input_flag(parser)
     cli.add_compile_flag(parser)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the side-by-side speed rows (float32 eager against the chosen setting), no pipeline")
     add_config_flags(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
+    set_precision(args.precision)
     ctx = distributed.setup()
     compile = use_compile(args.compile, ctx.device)
     rows = []
@@ -69,6 +100,23 @@ def main() -> None:
         for folder, ids in (("train", read_labels(args.input).ids), ("test", image_ids(args.input / "test"))):
             _, seconds = timed(lambda: cached_images(args.input / folder, ids, cache))
             measured(f"decode {folder} (cold cache)", f"{len(ids) / seconds:,.0f} images/s", f"{seconds:.1f} s")
+        train = load_train(args.input, cache, cfg.folds)
+        fold = DeviceTrainSet.of(train, ctx.device).fold(fold_split(cfg, train.labels), 0)
+        settings = [("float32", False), (args.precision, compile)]
+        rates = {}
+        for precision, compiled in dict.fromkeys(settings):
+            set_precision(precision)
+            name = f"{precision} ({autocast_name(ctx.device)}), {'compiled' if compiled else 'eager'}"
+            rates[precision, compiled] = training_and_predict_rates(cfg, fold, ctx.device, compiled)
+            train_rate, predict_rate = rates[precision, compiled]
+            base_train, base_predict = rates[settings[0]]
+            measured(f"training step, {name}", f"{train_rate:,.0f} images/s ({train_rate / base_train:.2f}x)", "")
+            measured(f"forward pass, {name}", f"{predict_rate:,.0f} images/s per view ({predict_rate / base_predict:.2f}x; "
+                                              f"{predict_rate / train_rate:.1f}x its training rate)", "")
+        set_precision(args.precision)
+        if args.speed_only:
+            print("\n" + setting(ctx.device, compile, cfg) + "\n\n" + markdown_table(rows))
+            return
         summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
         measured(f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s")
         print(describe(summary, cfg.tta), flush=True)

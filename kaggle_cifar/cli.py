@@ -59,6 +59,14 @@ def add_compile_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the training step (default: on for GPUs of compute capability 7.0 and up, "
                              "off on older GPUs and the CPU)")
+    add_precision_flag(parser)
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("auto", "float32"), default="auto",
+                        help="auto: bf16 autocast where the device computes bf16 natively (Ampere and later GPUs, "
+                             "CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older GPUs; float32: none "
+                             "(default: auto)")
 
 
 def resolve_paths(args: argparse.Namespace, ctx=None) -> None:

@@ -74,9 +74,32 @@ def use_compile(requested: bool | None, device: torch.device) -> bool:
     return requested if requested is not None else compile_default(device)
 
 
+PRECISIONS = ("auto", "float32")
+_precision = "auto"
+
+
+def set_precision(name: str) -> None:
+    """auto: the device's mixed precision (autocast_dtype); float32: none, to measure against."""
+    global _precision
+    if name not in PRECISIONS:
+        raise ConfigError(f"--precision {name}: use one of {', '.join(PRECISIONS)}")
+    _precision = name
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 convolutions run on the CPU's own bf16 instructions (oneDNN)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision for training and predict: bf16 where the GPU computes it natively (Ampere
-    and later), fp16 on older GPUs such as Kaggle's T4 and P100, none (float32) on CPU."""
+    """Mixed precision for training and predict: bf16 where the device computes it natively (GPUs
+    from Ampere on; CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older GPUs such as
+    Kaggle's T4 and P100, none (float32) on other CPUs or when set_precision("float32")."""
+    if _precision == "float32":
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY else torch.float16

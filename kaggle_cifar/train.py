@@ -30,6 +30,9 @@ from kaggle_cifar.rundir import FoldDir
 log = logging.getLogger(__name__)
 
 FUSED_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # timm names of torch optimizers with fused kernels
+# Held-out images evaluated after each epoch, for the curves and the log; the last epoch (and the
+# OOF predictions) take them all. On the CPU a full 25,000-image fold took 16 s of a 57 s epoch.
+EPOCH_EVAL_IMAGES = 5_000
 
 
 def run_seed(cfg: TrainConfig, fold: int, epoch: int | None = None) -> int:
@@ -230,9 +233,11 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
                 kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
                 raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
                                        f"{kept} (try a lower --lr)")
-            metrics |= evaluate(t.eval_model, data.val_images, data.val_targets)
+            evaluated = len(data.val_targets) if epoch == cfg.epochs - 1 else EPOCH_EVAL_IMAGES
+            metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated])
             history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
-                            "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"], "lr": metrics["lr"],
+                            "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
+                            "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
                             "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
                             "skipped_steps": metrics["skipped_steps"]})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")

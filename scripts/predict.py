@@ -12,6 +12,7 @@ from pathlib import Path
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.atomic import write_text
 from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.device import set_precision
 from kaggle_cifar.predict import submission_csv
 
 
@@ -23,12 +24,14 @@ def main() -> int:
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
+    cli.add_precision_flag(parser)
     parser.add_argument("--batch-size", type=cli.positive_int, default=2048, help="inference batch size (default: 2048)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the CSV to this file (atomically) instead of stdout")
     args = parser.parse_args()
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give the file to write, e.g. {args.output / 'sub.csv'}")
+    set_precision(args.precision)
     ctx = distributed.setup(args.device)
     try:
         cli.resolve_paths(args, ctx)

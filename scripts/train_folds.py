@@ -10,7 +10,7 @@ import sys
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.device import use_compile
+from kaggle_cifar.device import set_precision, use_compile
 from kaggle_cifar.cv import check_input, train_folds
 from kaggle_cifar.report import describe
 
@@ -26,6 +26,7 @@ def main() -> int:
     add_config_flags(parser)
     args = parser.parse_args()
     cfg = config_from_args(args)
+    set_precision(args.precision)
     ctx = distributed.setup(args.device)
     try:
         cli.resolve_paths(args, ctx)
