@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaggle_cifar.budget import parse_duration
 from kaggle_cifar.errors import ConfigError
 
 
@@ -21,13 +22,17 @@ def _opt(default, help):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool) or any timm model name")
+    arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool), fast_cifar "
+                                       "(airbench-style: whitened 2x2 stem, three conv groups) or any timm model name")
     width: int = _opt(64, "base width of resnet18_cifar (64 is the standard ResNet18; 16 for quick CPU runs)")
     folds: int = _opt(5, "number of stratified folds (K)")
     holdout: int = _opt(0, "training images kept out of every fold (stratified), on which the fold ensemble and "
                            "the TTA views are measured against single folds; 0 for a submission run")
     seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
-    epochs: int = _opt(30, "epochs per fold")
+    epochs: int = _opt(30, "epochs per fold (with --time-budget: planned instead)")
+    time_budget: str = _opt("", "time for all folds' training, e.g. 900, 15m, 2h: each fold's epochs are planned from "
+                                "the measured speed so that every fold ends in time with a complete schedule (empty: "
+                                "--epochs)")
     batch_size: int = _opt(128, "training batch size (per process)")
     optimizer: str = _opt("sgd", "any timm optimizer name: sgd (Nesterov), lamb, adamw, muon, ...")
     lr: float = _opt(0.2, "peak learning rate of the one-cycle schedule")
@@ -56,6 +61,7 @@ class TrainConfig:
         from timm.optim import list_optimizers
 
         from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, TTA_VIEWS
+        from kaggle_cifar.model import ARCHS
 
         wrong_types = []
         for f in dataclasses.fields(self):
@@ -88,8 +94,13 @@ class TrainConfig:
             ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),
             ("pseudo_max", self.pseudo_max >= 0, "0 or more"),
         ] if not ok]
-        if self.arch != "resnet18_cifar" and not _is_timm_model(self.arch):
-            problems.insert(0, "arch must be resnet18_cifar or a timm model name" + _did_you_mean(self.arch))
+        if self.time_budget:
+            try:
+                parse_duration(self.time_budget)
+            except ConfigError as e:
+                problems.append(str(e))
+        if self.arch not in ARCHS and not _is_timm_model(self.arch):
+            problems.insert(0, f"arch must be {' or '.join(ARCHS)} or a timm model name" + _did_you_mean(self.arch))
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
@@ -140,7 +151,9 @@ def _did_you_mean(name: str) -> str:
 
     import timm
 
-    close = difflib.get_close_matches(name, ["resnet18_cifar", *timm.list_models()], n=3)
+    from kaggle_cifar.model import ARCHS
+
+    close = difflib.get_close_matches(name, [*ARCHS, *timm.list_models()], n=3)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_cifar import distributed, plots
+from kaggle_cifar import budget, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import Labels, load_test, load_train
@@ -34,6 +34,7 @@ def check_input(input_dir: Path, cache_dir: Path, folds: int) -> str:
 def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context,
                 compile: bool = False) -> dict | None:
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
+    started = budget.clock()
     cfg.check_files()
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
     labels, run = train.labels, RunDir(run_dir)
@@ -47,15 +48,32 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     if teacher is not None:
         _, test_images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
     on_device = DeviceTrainSet.of(train, ctx.device)
-    for fold in range(ctx.rank, cfg.folds, ctx.world_size):
-        data = on_device.fold(fold_of, fold)
-        if teacher is not None and not run.fold(fold).finished():
+    mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
+    time_left = None
+    if cfg.time_budget:  # counted from this call, less what earlier sessions of the run spent
+        time_left = budget.Budget(budget.parse_duration(cfg.time_budget),
+                                  start=started - sum(f.seconds_spent() for f in mine),
+                                  folds_left=sum(not f.finished() for f in mine))
+    for fold_dir in mine:
+        if fold_dir.finished():
+            continue
+        data = on_device.fold(fold_of, fold_dir.fold)
+        if teacher is not None:
             data = with_pseudo_labels(data, cfg, teacher, test_images)
-        train_fold(cfg, data, run.fold(fold), ctx.device, compile)
+        deadline = time_left.next_fold_deadline() if time_left else None
+        if fold_dir.started():
+            deadline = None  # a resumed fold keeps the plan its checkpoint holds
+        train_fold(cfg, data, fold_dir, ctx.device, compile, deadline)
     ctx.barrier()
     if not ctx.is_main:
         return None
     summary = write_oof_report(run, cfg, labels, fold_of)
+    if time_left is not None:
+        results = [fold_dir.read_result() for fold_dir in run.folds(cfg)]
+        summary["time_budget"] = {"budget_s": time_left.seconds, "used_s": budget.clock() - time_left.start,
+                                  "epochs_per_fold": [r["epochs"] for r in results],
+                                  "plans": [r.get("plan") for r in results]}
+        run.write_report(summary)
     if plots.available():
         plots.write_report(run, labels.ids, train.images)
     return summary

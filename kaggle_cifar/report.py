@@ -51,6 +51,10 @@ def describe(summary: dict, tta: str) -> str:
              f"{'held-out accuracy, TTA:':<34}" + "".join(f"{n:>16}" for n in names)]
     for fold in range(len(summary["fold_accuracy"])):
         lines.append(f"{f'  fold {fold}':<34}" + "".join(f"{by_tta[n][fold]:>16.4f}" for n in names))
+    if "time_budget" in summary:
+        spent = summary["time_budget"]
+        lines.append(f"time budget {spent['budget_s']:.0f} s, used {spent['used_s']:.0f} s "
+                     f"(training and its data; not predict); epochs per fold: {spent['epochs_per_fold']}")
     if "holdout" in summary:
         holdout = summary["holdout"]
         single = holdout["single_fold_accuracy"]

@@ -22,7 +22,7 @@ import pandas as pd
 from kaggle_cifar import checkpoint
 from kaggle_cifar.atomic import atomic_path, write_text
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.errors import CheckpointError, RunDirError
+from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,13 @@ class FoldDir:
     def read_log(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "log.csv")
 
+    def seconds_spent(self) -> float:
+        """Training time this fold has logged so far (its epochs and their checkpoints)."""
+        if not (self.path / "log.csv").exists():
+            return 0.0
+        log_rows = self.read_log()
+        return float(log_rows["seconds"].sum() + log_rows.get("checkpoint_seconds", pd.Series(dtype=float)).sum())
+
     def write_oof(self, probs: np.ndarray) -> None:
         with atomic_path(self.path / "oof.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, probs)
@@ -103,6 +110,14 @@ class FoldDir:
 
     def read_holdout(self) -> dict[str, np.ndarray]:
         return dict(np.load(self.path / "holdout.npz"))
+
+
+def _same_config(path: Path, cfg: TrainConfig) -> bool:
+    """Equal field by field: a config.json written before a field was added still matches."""
+    try:
+        return TrainConfig.from_json(path) == cfg
+    except ConfigError:
+        return False
 
 
 def folds_table(ids: np.ndarray, fold_of: np.ndarray) -> str:
@@ -146,7 +161,7 @@ class RunDir:
                                     ("classes.json", json.dumps(classes) + "\n", "set of classes"),
                                     ("folds.csv", folds_csv, "training set or fold split")]:
             path = self.path / name
-            if path.exists() and path.read_text() == content:
+            if path.exists() and (path.read_text() == content or (name == "config.json" and _same_config(path, cfg))):
                 continue
             if path.exists() and started:
                 raise RunDirError(f"{path}: this run dir was made with a different {what}; "

@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from kaggle_cifar import checkpoint
+from kaggle_cifar import budget, checkpoint
 from kaggle_cifar import device as devices
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
@@ -45,10 +45,13 @@ def run_seed(cfg: TrainConfig, fold: int, epoch: int | None = None) -> int:
 
 
 def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor | None = None,
-                  std: torch.Tensor | None = None) -> torch.nn.Module:
-    """Fold `fold`'s starting weights: seeded by (seed, fold), or the --pretrained file's."""
+                  std: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.nn.Module:
+    """Fold `fold`'s starting weights: seeded by (seed, fold), set from the fold's training images
+    where the network asks for it (fast_cifar's whitening), or the --pretrained file's."""
     torch.manual_seed(run_seed(cfg, fold))
     model = build_model(cfg.arch, num_classes, cfg.width, mean, std)
+    if images is not None and hasattr(model[1], "init_from_data"):
+        model[1].init_from_data(images)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model
@@ -93,9 +96,22 @@ class Training:
             self.ema.load_state_dict(state["ema"])
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
+              done_steps: int = 0) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The learning-rate schedule over `total_steps`: linear warm-up to cfg.lr, then the decay to
+    1/2500 of it at the last step; positioned after `done_steps` (a re-planned schedule)."""
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup, anneal_strategy=cfg.anneal,
+        div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
+    if done_steps:
+        scheduler.last_epoch = done_steps - 1
+        scheduler.step()
+    return scheduler
+
+
 def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False,
                    backend: str = "inductor") -> Training:
-    model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std)
+    model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images)
     model = model.to(device, memory_format=torch.channels_last)
     # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
     # The fused kernels take the fp16 loss scaler's inf check on the device; with any other
@@ -105,9 +121,7 @@ def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compi
                                     momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias, **fused)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup,
-        anneal_strategy=cfg.anneal, div_factor=25.0, final_div_factor=100.0, cycle_momentum=False)
+    scheduler = one_cycle(optimizer, cfg, cfg.epochs * steps_per_epoch)
     # fp16 needs loss scaling (its range is small); bf16 and float32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=devices.autocast_dtype(device) == torch.float16)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
@@ -176,11 +190,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor
     return {"val_loss": nll(probs, targets), "val_acc": accuracy(probs, targets)}
 
 
-def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, history: list[dict], board) -> None:
+def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, history: list[dict], board,
+                       plan: dict) -> None:
     """The epoch's resume state (atomically: a kill leaves the previous one), its log row with the
     time that save took (outside the epoch's "seconds"), its TensorBoard scalars."""
     t0 = time.perf_counter()
-    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, **t.state_dict()})
+    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, "plan": plan, **t.state_dict()})
     history[-1]["checkpoint_seconds"] = time.perf_counter() - t0  # in last.pt from the next epoch's save on
     fold_dir.write_log(history)
     if board is not None:
@@ -189,7 +204,8 @@ def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, h
         board.flush()
 
 
-def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict]) -> dict:
+def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict],
+           plan: dict) -> dict:
     """The final model, the fold's OOF probabilities (the run's TTA), the holdout's (every view
     set), and result.json last: from then on the fold counts as finished."""
     model, device = t.eval_model.eval(), data.val_images.device
@@ -202,47 +218,108 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
     result = {"fold": data.fold, "accuracy": accuracy_by_tta[cfg.tta], "accuracy_by_tta": accuracy_by_tta,
-              "train_images": len(data.train_targets), "epochs": cfg.epochs,
+              "train_images": len(data.train_targets), "epochs": plan["epochs"],
               "seconds": sum(h["seconds"] for h in history)}
+    if cfg.time_budget:
+        result["plan"] = plan
     fold_dir.write_result(result)
     log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, result["accuracy"], cfg.tta)
     return result
 
 
+def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool) -> tuple[float, float]:
+    """Seconds per training step and per held-out image predicted, measured on a throwaway copy of
+    the fold's training (after two warm-up steps that pay for any compilation)."""
+    t = build_training(cfg, data, device, compile)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step(i: int) -> None:
+        idx = torch.randint(len(data.train_targets), (t.batch_size,), generator=generator, device=device)
+        train_step(t, augment(data.train_images[idx], cfg, generator), data.train_targets[idx], i + 1)
+
+    step(0)
+    step(1)
+    devices.synchronize(device)
+    t0 = budget.clock()
+    for i in range(5):
+        step(2 + i)
+    devices.synchronize(device)
+    seconds_per_step = (budget.clock() - t0) / 5
+    n = min(len(data.val_targets), 4 * t.batch_size)
+    t0 = budget.clock()
+    stream_probs([t.model.eval()], data.val_images[:n], TTA_VIEWS["none"], device)
+    return seconds_per_step, (budget.clock() - t0) / max(1, n)
+
+
+def plan_epochs(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, deadline: float) -> dict:
+    """The fold's first plan under a time budget: its epochs, and what they were planned from."""
+    step_seconds, image_seconds = calibrate(cfg, data, device, compile)
+    steps = len(data.train_targets) // min(cfg.batch_size, len(data.train_targets))
+    epoch_seconds = steps * step_seconds + min(EPOCH_EVAL_IMAGES, len(data.val_targets)) * image_seconds
+    distinct_views = len({view for views in TTA_VIEWS.values() for view in views})
+    reserve = distinct_views * (len(data.val_targets) + len(data.holdout_images)) * image_seconds
+    epochs = budget.epochs_that_fit(deadline, epoch_seconds, reserve, 0)
+    return {"epochs": epochs, "deadline_in_s": deadline - budget.clock(), "step_seconds": step_seconds,
+            "epoch_seconds": epoch_seconds, "reserve_s": reserve, "replans": []}
+
+
 def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torch.device,
-               compile: bool = False) -> dict:
-    """Train (or resume, or skip if finished) one fold; return its result."""
+               compile: bool = False, deadline: float | None = None) -> dict:
+    """Train (or resume, or skip if finished) one fold; return its result. With a `deadline` (on
+    budget.clock) its epochs are planned to end by then (see budget.py) instead of cfg.epochs."""
     if fold_dir.finished():
         return fold_dir.read_result()
     meta = checkpoint.run_meta(cfg, data.classes)
+    plan = plan_epochs(cfg, data, device, compile, deadline) if deadline is not None and not fold_dir.last.exists() \
+        else {"epochs": cfg.epochs}
     t = build_training(cfg, data, device, compile)
+    if plan["epochs"] != cfg.epochs:
+        t.scheduler = one_cycle(t.optimizer, cfg, plan["epochs"] * t.steps_per_epoch)
     start_epoch, history = 0, []
     if fold_dir.last.exists():
         state = fold_dir.load_last(meta, device)
-        t.load_state_dict(state)
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        t.load_state_dict(state)  # the schedule too, as last planned
+        start_epoch, history, plan = state["epoch"] + 1, state["history"], state.get("plan", plan)
         log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, fold_dir.last)
 
     images_per_epoch = t.steps_per_epoch * t.batch_size
-    with tqdm(total=cfg.epochs * images_per_epoch, initial=start_epoch * images_per_epoch, desc=f"fold {data.fold}",
+    with tqdm(total=plan["epochs"] * images_per_epoch, initial=start_epoch * images_per_epoch, desc=f"fold {data.fold}",
               unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
+        epoch = start_epoch
+        while epoch < plan["epochs"]:
+            t0 = budget.clock()
             metrics = train_one_epoch(t, cfg, data, epoch, bar)
             if not math.isfinite(metrics["train_loss"]):
                 kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
                 raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
                                        f"{kept} (try a lower --lr)")
-            evaluated = len(data.val_targets) if epoch == cfg.epochs - 1 else EPOCH_EVAL_IMAGES
+            evaluated = len(data.val_targets) if epoch == plan["epochs"] - 1 else EPOCH_EVAL_IMAGES
             metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated])
             history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
                             "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
                             "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
-                            "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
+                            "seconds": budget.clock() - t0, "train_images_per_s": metrics["train_images_per_s"],
                             "skipped_steps": metrics["skipped_steps"]})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
-            log_and_checkpoint(fold_dir, t, meta, epoch, history, board)
-    return finish(fold_dir, cfg, data, t, meta, history)
+            epoch += 1
+            if deadline is not None and epoch < plan["epochs"]:
+                replan(t, cfg, plan, epoch, history, deadline, bar, data.fold)
+            log_and_checkpoint(fold_dir, t, meta, epoch - 1, history, board, plan)
+    return finish(fold_dir, cfg, data, t, meta, history, plan)
+
+
+def replan(t: Training, cfg: TrainConfig, plan: dict, done: int, history: list[dict], deadline: float,
+           bar: tqdm, fold: int) -> None:
+    """Plan the fold's epochs again from the measured time of its epochs; the schedule is stretched
+    or compressed to the new end, from where it is now."""
+    measured = [h["seconds"] + h.get("checkpoint_seconds", 0.0) for h in history[-3:]]
+    epochs = budget.epochs_that_fit(deadline, sum(measured) / len(measured), plan.get("reserve_s", 0.0), done)
+    if epochs != plan["epochs"]:
+        log.info("fold %d: re-planned after epoch %d: %d epochs instead of %d", fold, done, epochs, plan["epochs"])
+        plan["replans"] = plan.get("replans", []) + [{"after_epoch": done, "epochs": epochs}]
+        plan["epochs"] = epochs
+        t.scheduler = one_cycle(t.optimizer, cfg, epochs * t.steps_per_epoch, done * t.steps_per_epoch)
+        bar.total = epochs * t.steps_per_epoch * t.batch_size
 
 
 def tensorboard_writer(fold_dir: FoldDir):

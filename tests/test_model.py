@@ -3,10 +3,56 @@ import torch
 from kaggle_cifar import device
 
 
-def test_autocast_dtype_is_bf16_only_where_the_gpu_computes_it(monkeypatch):
+def test_autocast_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
-    assert device.autocast_dtype(torch.device("cpu")) is None
+    for native, dtype in ((True, torch.bfloat16), (False, None)):  # AVX-512 BF16 or AMX, or neither
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+        assert device.autocast_dtype(torch.device("cpu")) == dtype
+    device.set_precision("float32")
+    try:
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+        assert device.autocast_dtype(torch.device("cpu")) is None  # the reference, on request
+    finally:
+        device.set_precision("auto")
     capability = (8, 0)  # A100
     assert device.autocast_dtype(torch.device("cuda")) == torch.bfloat16
     capability = (7, 5)  # T4 (P100: 6.0): bf16 only emulated, so fp16 with loss scaling
     assert device.autocast_dtype(torch.device("cuda")) == torch.float16
+
+
+def test_fast_cifar_whitens_the_patches_of_its_training_images():
+    from kaggle_cifar.model import FastCifar
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (600, 16, 16, 3), generator=g, dtype=torch.uint8)
+    images = base.repeat_interleave(2, 1).repeat_interleave(2, 2)  # neighbouring pixels correlate strongly
+    net = FastCifar(num_classes=3, width=4)
+    net.init_from_data(images)
+    x = images.permute(0, 3, 1, 2).float()
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x, net.whiten.weight[:12])  # the first half: the other is its negative
+    covariance = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
+    torch.testing.assert_close(covariance, torch.eye(12), atol=0.05, rtol=0)
+    assert not net.whiten.weight.requires_grad
+
+
+def test_fast_cifar_trains_and_predicts_through_the_pipeline(tmp_path):
+    import io
+    import json
+
+    import pandas as pd
+
+    from conftest import TINY, make_competition, run_script
+    from kaggle_cifar.model import build_model, training_flops_per_image
+
+    competition = make_competition(tmp_path / "input")
+    run = tmp_path / "run"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY[:-4], "--batch-size", "16",
+               "--lr", "0.5", "--epochs", "8", "--arch", "fast_cifar")  # its 1/9 output scale wants a high rate
+    assert json.loads((run / "report.json").read_text())["cv_accuracy"] > 0.6  # chance: 1/3
+    sub = pd.read_csv(io.StringIO(run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout))
+    assert len(sub) == 24
+    fast = training_flops_per_image(build_model("fast_cifar", 10, 64), (3, 32, 32))
+    resnet = training_flops_per_image(build_model("resnet18_cifar", 10, 64), (3, 32, 32))
+    assert fast < resnet / 3

@@ -1,0 +1,103 @@
+"""--time-budget: every fold ends inside the budget with a complete schedule, planned from the
+measured speed, planned again when the speed changes, and kept on resume. Time is a fake clock
+that a training step advances, so the tests are exact whatever the machine's load."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_competition
+from kaggle_cifar import budget, distributed, train
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import train_folds
+from kaggle_cifar.errors import ConfigError
+
+CPU = distributed.setup("cpu")
+CFG = TrainConfig(folds=2, width=4, batch_size=4, lr=0.05, time_budget="60")  # 9 training images: 2 steps an epoch
+FLOOR = CFG.lr / 25 / 100  # the schedule's last rate
+
+
+class StepClock:
+    """budget.clock, advanced by `cost` seconds at every training step (calibration's included)."""
+
+    def __init__(self, monkeypatch, cost: float = 1.0):
+        self.now, self.cost, self.steps = 1000.0, cost, 0
+        monkeypatch.setattr(budget, "clock", lambda: self.now)
+        real_step = train.train_step
+
+        def timed_step(*args, **kwargs):
+            self.now += self.cost
+            self.steps += 1
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(train, "train_step", timed_step)
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_competition(tmp_path / "input", per_class=6, n_test=3)
+
+
+def test_durations_are_read_as_a_person_writes_them():
+    assert [budget.parse_duration(t) for t in ("900", "90s", "15m", "2h", "1h30m", "0.5h")] == \
+        [900, 90, 900, 7200, 5400, 1800]
+    with pytest.raises(ConfigError, match=r"time_budget '15 minutes': give seconds, or a duration such as 15m"):
+        TrainConfig(time_budget="15 minutes")
+
+
+def test_every_fold_ends_inside_the_budget_with_a_complete_schedule(small, tmp_path, monkeypatch):
+    clock = StepClock(monkeypatch)
+    summary = train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
+    spent = summary["time_budget"]
+    assert spent["used_s"] <= 60 and spent["used_s"] == clock.now - 1000
+    assert spent["epochs_per_fold"][0] >= 8 and spent["epochs_per_fold"][1] >= 8  # the budget is used, not wasted
+    assert clock.now - 1000 > 60 - 2 * 2 * 2  # within two epochs of each fold's share
+    for fold, epochs in enumerate(spent["epochs_per_fold"]):
+        log = pd.read_csv(tmp_path / "run" / f"fold{fold}" / "log.csv")
+        assert len(log) == epochs
+        assert log["lr"].iloc[-1] == pytest.approx(FLOOR)  # the schedule ran to its end
+        assert log["lr"].max() == pytest.approx(CFG.lr, rel=0.1)
+
+
+def test_a_slower_machine_gets_fewer_epochs_and_a_fold_that_slows_down_is_planned_again(small, tmp_path, monkeypatch):
+    fast = StepClock(monkeypatch, cost=0.5)
+    planned_fast = train_folds(CFG, small, tmp_path / "fast", small / ".cache", CPU)["time_budget"]["epochs_per_fold"]
+    slow = StepClock(monkeypatch, cost=1.0)
+    real_epoch = train.train_one_epoch
+
+    def slowing(t, cfg, data, epoch, bar):  # fold 0 slows down threefold from its fourth epoch
+        slow.cost = 3.0 if data.fold == 0 and epoch >= 3 else 1.0
+        return real_epoch(t, cfg, data, epoch, bar)
+
+    monkeypatch.setattr(train, "train_one_epoch", slowing)
+    summary = train_folds(CFG, small, tmp_path / "slow", small / ".cache", CPU)
+    result = json.loads((tmp_path / "slow" / "fold0" / "result.json").read_text())
+    assert result["plan"]["replans"] and result["epochs"] < result["plan"]["replans"][0]["epochs"] + 10
+    assert summary["time_budget"]["epochs_per_fold"][1] < planned_fast[1]
+    assert summary["time_budget"]["used_s"] <= 60 + 2 * 3.0  # at most the one epoch the slow-down was late by
+    log = pd.read_csv(tmp_path / "slow" / "fold0" / "log.csv")
+    assert log["lr"].iloc[-1] == pytest.approx(FLOOR)
+
+
+def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
+    clock = StepClock(monkeypatch)
+    real_epoch = train.train_one_epoch
+
+    def killed_in_fold_1(t, cfg, data, epoch, bar):
+        if data.fold == 1 and epoch == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_epoch(t, cfg, data, epoch, bar)
+
+    monkeypatch.setattr(train, "train_one_epoch", killed_in_fold_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
+    planned = torch.load(tmp_path / "run" / "fold1" / "last.pt", weights_only=True)["plan"]["epochs"]
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    steps_before = clock.steps
+    summary = train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
+    assert summary["time_budget"]["epochs_per_fold"][1] == planned
+    assert clock.steps - steps_before == (planned - 3) * 2  # no calibration again, the remaining epochs only
