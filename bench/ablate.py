@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import markdown_table, setting, warm_epochs  # bench/common.py, beside this script
+from common import Table, setting, warm_epochs  # bench/common.py, beside this script
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
@@ -72,7 +72,7 @@ def main() -> int:
     train = load_train(args.input, args.cache_dir, base.folds)
     on_device = DeviceTrainSet.of(train, ctx.device)
 
-    rows = []
+    table = Table()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.run_dir or Path(tmp)
         for name in args.only:
@@ -82,14 +82,13 @@ def main() -> int:
             run = RunDir(out / name)
             run.create(cfg, train.labels.classes, folds_table(train.labels.ids, fold_of))
             result = train_fold(cfg, on_device.fold(fold_of, args.fold), run.fold(args.fold), ctx.device, compile)
-            rows.append({"variant": name, "changes": ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-",
-                         **{f"acc {tta}": f"{result['accuracy_by_tta'][tta]:.4f}" for tta in TTA_VIEWS},
-                         "train s": f"{result['seconds']:.1f}",
+            table.add(variant=name, changes=", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-",
+                      **{f"acc {tta}": f"{result['accuracy_by_tta'][tta]:.4f}" for tta in TTA_VIEWS},
+                      **{"train s": f"{result['seconds']:.1f}",
                          "images/s": f"{warm_epochs(run.fold(args.fold))['train_images_per_s'].median():,.0f}"})
-            print(markdown_table(rows[-1:], header=False), flush=True)
     print(f"\nablation on fold {args.fold} of {base.folds}, {len(train.labels.ids):,} training images; "
           f"every variant changes this base:\n{setting(ctx.device, compile, base)}")
-    print(markdown_table(rows))
+    print(table)
     return 0
 
 

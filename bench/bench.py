@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import markdown_table, setting, warm_epochs  # bench/common.py, beside this script
+from common import Table, setting, warm_epochs  # bench/common.py, beside this script
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
@@ -36,7 +36,7 @@ from kaggle_cifar.model import build_model, training_flops_per_image
 from kaggle_cifar.predict import submission_csv
 from kaggle_cifar.report import describe
 from kaggle_cifar.rundir import RunDir
-from kaggle_cifar.train import augment, build_training, train_step
+from kaggle_cifar.train import augment, build_training, one_cycle, train_step
 
 
 def timed(fn):
@@ -59,6 +59,7 @@ def training_and_predict_rates(cfg: TrainConfig, data: FoldData, device: torch.d
     """Images/s of the training step (augmentation included) and of the forward pass alone, after
     a warm-up that pays for any compilation."""
     t = build_training(cfg, data, device, compile)
+    t.scheduler = one_cycle(t.optimizer, cfg, 3 + steps)  # a schedule as long as the probe, whatever the data
     generator = torch.Generator(device).manual_seed(0)
 
     def step(i: int) -> None:
@@ -87,12 +88,10 @@ def main() -> None:
     set_precision(args.precision)
     ctx = distributed.setup()
     compile = use_compile(args.compile, ctx.device)
-    rows = []
+    table = Table()
 
     def measured(what: str, rate: str, seconds: str) -> None:
-        """Keep a row for the final table, and print it now: a run cut short keeps what it measured."""
-        rows.append({"what": what, "rate": rate, "time": seconds})
-        print(markdown_table(rows[-1:], header=False), flush=True)
+        table.add(what=what, rate=rate, time=seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         cache, run_dir = Path(tmp) / "cache", Path(tmp) / "run"
@@ -115,7 +114,7 @@ def main() -> None:
                                               f"{predict_rate / train_rate:.1f}x its training rate)", "")
         set_precision(args.precision)
         if args.speed_only:
-            print("\n" + setting(ctx.device, compile, cfg) + "\n\n" + markdown_table(rows))
+            print("\n" + setting(ctx.device, compile, cfg) + "\n\n" + str(table))
             return
         summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
         measured(f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s")
@@ -143,7 +142,7 @@ def main() -> None:
     measured("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved")
     print("\n" + setting(ctx.device, compile, cfg))
     print(describe(summary, cfg.tta) + "\n")
-    print(markdown_table(rows))
+    print(str(table))
 
 
 if __name__ == "__main__":

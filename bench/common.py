@@ -22,6 +22,21 @@ def markdown_table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(head + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows])
 
 
+class Table:
+    """A Markdown table whose rows are printed as soon as they are measured, so a run cut short
+    keeps what it measured; str() is the whole table."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print(markdown_table([row], header=False), flush=True)
+
+    def __str__(self) -> str:
+        return markdown_table(self.rows)
+
+
 def warm_epochs(fold_dir: FoldDir) -> pd.DataFrame:
     """A fold's log rows after the first epoch (the one that pays for compilation and cuDNN
     autotuning), or its only row."""

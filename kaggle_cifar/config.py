@@ -23,8 +23,11 @@ def _opt(default, help):
 @dataclass(frozen=True)
 class TrainConfig:
     arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool), fast_cifar "
-                                       "(airbench-style: whitened 2x2 stem, three conv groups) or any timm model name")
-    width: int = _opt(64, "base width of resnet18_cifar (64 is the standard ResNet18; 16 for quick CPU runs)")
+                                       "(airbench-style: whitened 2x2 stem, three conv groups), resnet34_cifar, "
+                                       "resnet50_cifar, resnet101_cifar, resnet152_cifar, resnext50_32x4d_cifar, "
+                                       "resnext101_32x8d_cifar (timm's with the CIFAR stem), or any timm model name")
+    width: int = _opt(64, "base width of resnet18_cifar and fast_cifar (64 is the standard ResNet18; 16 for quick "
+                          "CPU runs); other architectures have their own")
     folds: int = _opt(5, "number of stratified folds (K)")
     holdout: int = _opt(0, "training images kept out of every fold (stratified), on which the fold ensemble and "
                            "the TTA views are measured against single folds; 0 for a submission run")
@@ -61,7 +64,7 @@ class TrainConfig:
         from timm.optim import list_optimizers
 
         from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, TTA_VIEWS
-        from kaggle_cifar.model import ARCHS
+        from kaggle_cifar.model import ARCHS, SCALABLE_ARCHS
 
         wrong_types = []
         for f in dataclasses.fields(self):
@@ -79,6 +82,8 @@ class TrainConfig:
             ("holdout", self.holdout >= 0, "0 or more"),
             ("epochs", self.epochs >= 1, "at least 1"),
             ("width", self.width >= 1, "at least 1"),
+            ("width", self.width == 64 or self.arch in SCALABLE_ARCHS,
+             f"64 for {self.arch}, which has its own widths (--width scales {' and '.join(SCALABLE_ARCHS)})"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("optimizer", self.optimizer in list_optimizers(), "a timm optimizer name (timm.optim.list_optimizers())"),
             ("lr", self.lr > 0, "positive"),

@@ -76,6 +76,8 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         run.write_report(summary)
     if plots.available():
         plots.write_report(run, labels.ids, train.images)
+    else:
+        log.warning("report pictures skipped: matplotlib is not installed (pip install matplotlib)")
     return summary
 
 

@@ -15,6 +15,7 @@ from kaggle_cifar import device as devices
 from kaggle_cifar import probe
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import check_input
 from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import batch_probs, stream_probs
@@ -72,100 +73,124 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class Probe:
+    """Synthetic training data and one batch of it, at the sizes this device is probed with."""
+    cfg: TrainConfig
+    device: torch.device
+    data: FoldData
+    x: torch.Tensor
+    y: torch.Tensor
+    steps: int  # timed steps
+
+    @classmethod
+    def on(cls, device: torch.device) -> "Probe":
+        # The CPU takes minutes at full size: the same checks, smaller.
+        cfg = TrainConfig() if device.type == "cuda" else TrainConfig(width=16, batch_size=64)
+        data = synthetic_fold(8 * cfg.batch_size, device)
+        return cls(cfg, device, data, data.train_images[:cfg.batch_size].permute(0, 3, 1, 2).contiguous(),
+                   data.train_targets[:cfg.batch_size], 10 if device.type == "cuda" else 4)
+
+    def images_per_s(self, t) -> float:
+        return self.steps * self.cfg.batch_size / timed(
+            lambda: [train_step(t, self.x, self.y, 100 + s) for s in range(self.steps)], self.device)
+
+
 def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | None, say=print) -> list[Verdict]:
     say(versions())
     try:
         device = devices.select(requested_device)
     except EXPECTED_ERRORS as e:
         return [Verdict("device and torch build", str(e))]
-    verdicts = [Verdict("device and torch build")]
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
     say(f"device: {describe_device(device)}" + (f"; this torch has kernels for {', '.join(torch.cuda.get_arch_list())}"
                                                   if device.type == "cuda" else ""))
     say(f"precision: {precision(device)}; torch.compile by default: {'on' if devices.compile_default(device) else 'off'}"
         + (" (Triton needs compute capability 7.0)" if device.type == "cuda" and not devices.compile_default(device)
            else ""))
+    p = Probe.on(device)
+    verdicts = [Verdict("device and torch build"), check_compiled(p, say), *check_eager(p, say), check_memory(device, say)]
+    if input_dir is not None:
+        verdicts.append(check_files(input_dir, cache_dir, say))
+    return verdicts
 
-    cfg = TrainConfig()
-    on_gpu = device.type == "cuda"
-    if not on_gpu:  # the CPU takes minutes at full size: the same checks, smaller
-        cfg = TrainConfig(width=16, batch_size=64)
+
+def check_compiled(p: Probe, say) -> Verdict:
+    """Two epochs of a few compiled steps with evaluation between, then a second fold's model:
+    one graph, no break, no recompile."""
+    on_gpu = p.device.type == "cuda"
     backend = "inductor" if on_gpu else "aot_eager"
-    say(f"probe on synthetic data: width {cfg.width}, batch {cfg.batch_size}"
+    say(f"probe on synthetic data: width {p.cfg.width}, batch {p.cfg.batch_size}"
         + ("" if on_gpu else " (reduced on the CPU; the default run is width 64, batch 128)")
         + f"; compile backend {backend}" + ("" if on_gpu else " (graph breaks and recompiles do not depend on it)"))
-    data = synthetic_fold(8 * cfg.batch_size, device)
-    batch_x = data.train_images[:cfg.batch_size].permute(0, 3, 1, 2).contiguous()
-    batch_y = data.train_targets[:cfg.batch_size]
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-
-    # Compiled: two epochs of a few steps with evaluation between, then a second fold's model.
     probe.reset_compile_counts()
     t0 = time.perf_counter()
     for fold in range(2):
-        t = build_training(cfg, data, device, compile=True, backend=backend)
+        t = build_training(p.cfg, p.data, p.device, compile=True, backend=backend)
         for epoch in range(2 if fold == 0 else 1):
             t.model.train()
             for step in range(3):
-                train_step(t, batch_x, batch_y, epoch * 3 + step + 1)
-            evaluate(t.eval_model, data.val_images, data.val_targets)
-    devices.synchronize(device)
+                train_step(t, p.x, p.y, epoch * 3 + step + 1)
+            evaluate(t.eval_model, p.data.val_images, p.data.val_targets)
+    devices.synchronize(p.device)
     counts = probe.compile_counts()
     say(f"compiled step: {counts.graphs} graph(s), {sum(counts.graph_breaks.values())} graph break(s), "
         f"{counts.recompiles} recompile(s) over 2 epochs, evaluation and a second fold "
         f"({time.perf_counter() - t0:.0f} s with compilation)")
-    verdicts.append(Verdict("compiled step: one graph, no break, no recompile", None if counts.clean else
-                            f"{counts}; a GPU run loses speed: run with --no-compile and report it"))
-    steps = 10 if on_gpu else 4
     if on_gpu:  # on the CPU the probe's backend checks graphs, it is no measure of speed
-        seconds = timed(lambda: [train_step(t, batch_x, batch_y, 10 + s) for s in range(steps)], device)
-        say(f"training, compiled: {steps * cfg.batch_size / seconds:,.0f} images/s")
+        say(f"training, compiled: {p.images_per_s(t):,.0f} images/s")
+    return Verdict("compiled step: one graph, no break, no recompile", None if counts.clean else
+                   f"{counts}; a GPU run loses speed: run with --no-compile and report it")
 
-    eager = build_training(cfg, data, device)
-    train_step(eager, batch_x, batch_y, 1)
+
+def check_eager(p: Probe, say) -> list[Verdict]:
+    """Host syncs per training step and per predict batch, the fp16 overflow skip, images/s."""
+    verdicts = []
+    eager = build_training(p.cfg, p.data, p.device)
+    train_step(eager, p.x, p.y, 1)
     with probe.HostSyncs() as step_syncs:
         for s in range(3):
-            train_step(eager, batch_x, batch_y, s + 2)
-    seconds = timed(lambda: [train_step(eager, batch_x, batch_y, 10 + s) for s in range(steps)], device)
-    say(f"training, eager: {steps * cfg.batch_size / seconds:,.0f} images/s")
+            train_step(eager, p.x, p.y, s + 2)
+    say(f"training, eager: {p.images_per_s(eager):,.0f} images/s")
     if eager.scaler.is_enabled():
-        clean = probe.overflow_step_changes_nothing(eager, batch_x, batch_y, 20)
+        clean = probe.overflow_step_changes_nothing(eager, p.x, p.y, 20)
         say(f"fp16 overflow step: {'skipped, weights and optimizer state untouched' if clean else 'CHANGED the state'}")
         verdicts.append(Verdict("fp16 loss scaling skips an overflowing step cleanly", None if clean else
                                 "this torch's fused optimizer updated its state on a skipped step: "
                                 "report it, and train with --optimizer lamb until it is fixed"))
     model = eager.model.eval()
     with probe.HostSyncs() as predict_syncs, torch.no_grad():
-        batch_probs([model], batch_x, TTA_VIEWS["flip"])
+        batch_probs([model], p.x, TTA_VIEWS["flip"])
     say(f"host syncs: {step_syncs.count / 3:g} per training step, {predict_syncs.count} per predict batch")
     verdicts.append(Verdict("no host sync in a training step or a predict batch",
                             None if step_syncs.count == predict_syncs.count == 0 else
                             f"syncs {step_syncs.ops} per 3 steps, {predict_syncs.ops} per batch: report it"))
-    images = data.train_images.repeat(4, 1, 1, 1)
-    seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], device), device)
+    images = p.data.train_images.repeat(4, 1, 1, 1)
+    seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], p.device), p.device)
     say(f"predict: {len(images) / seconds:,.0f} images/s per view and fold")
+    return verdicts
 
+
+def check_memory(device: torch.device, say) -> Verdict:
     estimate = probe.estimate_memory(TrainConfig(), train_images=50_000)
     line = (f"device memory of the default run (50,000 images, width 64, batch 128), estimated: "
             f"{estimate.total / GiB:.2f} GiB (images {estimate.images / GiB:.2f}, weights and optimizer "
             f"{estimate.weights / GiB:.2f}, activations {estimate.activations / GiB:.2f})")
     problem = None
-    if on_gpu:
+    if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         line += f"; this probe's peak: {torch.cuda.max_memory_allocated(device) / GiB:.2f} GiB of {total / GiB:.1f}"
         if estimate.total > 0.9 * total:
             problem = "the default run may not fit: lower --batch-size"
     say(line)
-    verdicts.append(Verdict("memory", problem))
+    return Verdict("memory", problem)
 
-    if input_dir is not None:
-        from kaggle_cifar.cv import check_input
 
-        try:
-            say(check_input(input_dir, cache_dir, cfg.folds))
-            verdicts.append(Verdict(f"competition files in {input_dir}"))
-        except EXPECTED_ERRORS as e:
-            verdicts.append(Verdict(f"competition files in {input_dir}", str(e)))
-    return verdicts
+def check_files(input_dir: Path, cache_dir: Path, say) -> Verdict:
+    try:
+        say(check_input(input_dir, cache_dir, TrainConfig().folds))
+        return Verdict(f"competition files in {input_dir}")
+    except EXPECTED_ERRORS as e:
+        return Verdict(f"competition files in {input_dir}", str(e))

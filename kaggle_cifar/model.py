@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -110,7 +111,23 @@ def _bn(planes: int) -> nn.BatchNorm2d:
     return bn
 
 
-ARCHS = {"resnet18_cifar": ResNet18Cifar, "fast_cifar": FastCifar}  # our own; any other name is timm's
+def timm_with_cifar_stem(name: str, num_classes: int, width: int) -> nn.Module:
+    """timm's `name` with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool, so a 32x32
+    image keeps its resolution into the first stage; everything else is timm's (its widths too)."""
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    net.conv1 = nn.Conv2d(CHANNELS, net.conv1.out_channels, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.maxpool = nn.Identity()
+    return net
+
+
+CIFAR_STEM_FAMILY = ("resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
+# Built here, by name; any other name is timm's own model. `width` scales the first two only.
+ARCHS = {"resnet18_cifar": ResNet18Cifar, "fast_cifar": FastCifar,
+         **{f"{name}_cifar": functools.partial(timm_with_cifar_stem, name) for name in CIFAR_STEM_FAMILY}}
+SCALABLE_ARCHS = ("resnet18_cifar", "fast_cifar")
 
 
 def build_model(arch: str, num_classes: int, width: int, mean: torch.Tensor | None = None,

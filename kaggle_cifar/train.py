@@ -231,6 +231,7 @@ def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: b
     """Seconds per training step and per held-out image predicted, measured on a throwaway copy of
     the fold's training (after two warm-up steps that pay for any compilation)."""
     t = build_training(cfg, data, device, compile)
+    t.scheduler = one_cycle(t.optimizer, cfg, 7)  # as long as the calibration, whatever the data
     generator = torch.Generator(device).manual_seed(0)
 
     def step(i: int) -> None:

@@ -32,3 +32,10 @@ def test_ablation_trains_each_chosen_variant_on_the_same_fold(competition, tmp_p
     assert (tmp_path / "no_label_smoothing" / "fold1" / "result.json").exists()
     assert not (tmp_path / "default" / "fold0").exists()
     assert '"label_smoothing": 0.0' in (tmp_path / "no_label_smoothing" / "config.json").read_text()
+
+
+def test_the_architecture_table_measures_each_architecture(tmp_path):
+    out = bench("archs.py", "--only", "resnet18_cifar", "fast_cifar", "--batch-size", "4", "--steps", "1")
+    table = out[out.index("| arch |"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| resnet18_cifar", "| fast_cifar"]
+    assert "| resnet18_cifar | 11.2 M |" in out

@@ -72,7 +72,7 @@ def test_a_typo_is_refused_before_the_run_dir_is_written_and_the_fixed_command_r
     run = tmp_path / "run"
     flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
     last = one_error_line(run_script("train_folds.py", *flags, "--arch", "resnet18_cifra", check=False))
-    assert "arch must be resnet18_cifar or a timm model name (did you mean resnet18_cifar" in last
+    assert "arch must be resnet18_cifar or fast_cifar or" in last and "(did you mean resnet18_cifar" in last
     last = one_error_line(run_script("train_folds.py", *flags, "--pseudo-labels", str(tmp_path / "fisrt"), check=False))
     assert "--pseudo-labels" in last and "no such run dir" in last
     bad = tmp_path / "bad.json"

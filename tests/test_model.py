@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kaggle_cifar import device
@@ -56,3 +57,25 @@ def test_fast_cifar_trains_and_predicts_through_the_pipeline(tmp_path):
     fast = training_flops_per_image(build_model("fast_cifar", 10, 64), (3, 32, 32))
     resnet = training_flops_per_image(build_model("resnet18_cifar", 10, 64), (3, 32, 32))
     assert fast < resnet / 3
+
+
+@pytest.mark.parametrize("arch", ["resnet34_cifar", "resnet50_cifar", "resnext50_32x4d_cifar"])
+def test_the_resnet_family_keeps_a_32x32_image_whole_into_its_first_stage(arch):
+    from kaggle_cifar.model import build_model
+
+    model = build_model(arch, 10, 64).eval()
+    seen = {}
+    model[1].layer1.register_forward_hook(lambda m, i, out: seen.update(shape=out.shape))
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert logits.shape == (2, 10) and seen["shape"][-2:] == (32, 32)  # timm's ImageNet stem would give 8x8
+    assert model[1].conv1.kernel_size == (3, 3) and model[1].conv1.stride == (1, 1)
+
+
+def test_width_is_refused_where_the_architecture_has_its_own():
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"width must be 64 for resnet50_cifar"):
+        TrainConfig(arch="resnet50_cifar", width=16)
+    assert TrainConfig(arch="fast_cifar", width=16).width == 16
