@@ -16,7 +16,9 @@ from kaggle_cifar.errors import ConfigError
 
 clock = time.monotonic
 
-_UNITS = {"s": 1, "m": 60, "h": 3600}
+# The share a fold plans for: full-data runs on the CPU ended 0.7% and 2% past a 15-minute budget
+# planned at 100% (the finish and the report took longer than estimated).
+PLANNED_SHARE = 0.97
 
 
 def parse_duration(text: str) -> float:
@@ -38,7 +40,7 @@ class Budget:
     def next_fold_deadline(self) -> float:
         """The clock time by which the next fold must end: an equal share of what is left."""
         now = clock()
-        deadline = now + max(0.0, self.start + self.seconds - now) / max(1, self.folds_left)
+        deadline = now + PLANNED_SHARE * max(0.0, self.start + self.seconds - now) / max(1, self.folds_left)
         self.folds_left -= 1
         return deadline
 
