@@ -26,17 +26,16 @@ from common import Table, setting, warm_epochs  # bench/common.py, beside this s
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import TrainConfig, add_config_flags, config_from_args
+from kaggle_cifar.config import add_config_flags, config_from_args
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.data import cached_images, image_ids, load_train, read_labels
 from kaggle_cifar.device import autocast_dtype, set_precision, use_compile
-from kaggle_cifar.folds import DeviceTrainSet, FoldData, fold_split
-from kaggle_cifar.inference import stream_probs
+from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.model import build_model, training_flops_per_image
 from kaggle_cifar.predict import submission_csv
 from kaggle_cifar.report import describe
 from kaggle_cifar.rundir import RunDir
-from kaggle_cifar.train import augment, build_training, one_cycle, train_step
+from kaggle_cifar.train import calibrate
 
 
 def timed(fn):
@@ -52,27 +51,6 @@ def timed(fn):
 def autocast_name(device: torch.device) -> str:
     dtype = autocast_dtype(device)
     return "no autocast" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-
-
-def training_and_predict_rates(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool,
-                               steps: int = 24) -> tuple[float, float]:
-    """Images/s of the training step (augmentation included) and of the forward pass alone, after
-    a warm-up that pays for any compilation."""
-    t = build_training(cfg, data, device, compile)
-    t.scheduler = one_cycle(t.optimizer, cfg, 3 + steps)  # a schedule as long as the probe, whatever the data
-    generator = torch.Generator(device).manual_seed(0)
-
-    def step(i: int) -> None:
-        idx = torch.randint(len(data.train_targets), (t.batch_size,), generator=generator, device=device)
-        train_step(t, augment(data.train_images[idx], cfg, generator), data.train_targets[idx], i + 1)
-
-    for i in range(3):
-        step(i)
-    _, seconds = timed(lambda: [step(3 + i) for i in range(steps)])
-    model, images = t.model.eval(), data.val_images[:8192]
-    stream_probs([model], images[:512], TTA_VIEWS["none"], device)
-    _, predict_seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], device))
-    return steps * t.batch_size / seconds, len(images) / predict_seconds
 
 
 def main() -> None:
@@ -106,7 +84,8 @@ def main() -> None:
         for precision, compiled in dict.fromkeys(settings):
             set_precision(precision)
             name = f"{precision} ({autocast_name(ctx.device)}), {'compiled' if compiled else 'eager'}"
-            rates[precision, compiled] = training_and_predict_rates(cfg, fold, ctx.device, compiled)
+            step_seconds, image_seconds = calibrate(cfg, fold, ctx.device, compiled, steps=24, images=8192)
+            rates[precision, compiled] = min(cfg.batch_size, len(fold.train_targets)) / step_seconds, 1 / image_seconds
             train_rate, predict_rate = rates[precision, compiled]
             base_train, base_predict = rates[settings[0]]
             measured(f"training step, {name}", f"{train_rate:,.0f} images/s ({train_rate / base_train:.2f}x)", "")

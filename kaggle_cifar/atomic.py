@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -28,3 +29,12 @@ def atomic_path(path: Path | str):
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def free_space(path: Path | str) -> str:
+    """The free space on the disk that holds `path` (or its nearest existing parent), for messages
+    about writes that failed."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free"

@@ -4,12 +4,11 @@ and checked against the run they are loaded into."""
 from __future__ import annotations
 
 import pickle
-import shutil
 from pathlib import Path
 
 import torch
 
-from kaggle_cifar.atomic import atomic_path
+from kaggle_cifar.atomic import atomic_path, free_space
 from kaggle_cifar.errors import CheckpointError
 
 
@@ -24,9 +23,8 @@ def save(path: Path, state: dict) -> None:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     except (RuntimeError, OSError) as e:  # torch's writer reports a full disk as a RuntimeError
-        free = shutil.disk_usage(Path(path).parent).free / 2**20
         raise CheckpointError(f"{path}: could not be written ({str(e).strip().splitlines()[0][:200]}); "
-                              f"{free:,.0f} MiB free on its disk; the previous version, if any, is kept") from None
+                              f"{free_space(path)} on its disk; the previous version, if any, is kept") from None
 
 
 def read(path: Path, device: torch.device | str = "cpu"):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import shutil
 import sys
 from pathlib import Path
 
+from kaggle_cifar.atomic import free_space
 from kaggle_cifar.data import default_cache_dir
 from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.prepare import prepare
@@ -86,10 +86,7 @@ def describe_os_error(e: OSError) -> str:
     where = e.filename2 or e.filename or ""  # a rename's target, else the file
     text = f"{where}: {e.strerror or e}" if where else str(e)
     if e.errno == errno.ENOSPC and where:
-        parent = Path(where).parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        text += f" (the disk is full: {shutil.disk_usage(parent).free / 2**20:,.0f} MiB free)"
+        text += f" (the disk is full: {free_space(where)})"
     return text
 
 

@@ -67,13 +67,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     ctx.barrier()
     if not ctx.is_main:
         return None
-    summary = write_oof_report(run, cfg, labels, fold_of)
-    if time_left is not None:
-        results = [fold_dir.read_result() for fold_dir in run.folds(cfg)]
-        summary["time_budget"] = {"budget_s": time_left.seconds, "used_s": budget.clock() - time_left.start,
-                                  "epochs_per_fold": [r["epochs"] for r in results],
-                                  "plans": [r.get("plan") for r in results]}
-        run.write_report(summary)
+    summary = write_oof_report(run, cfg, labels, fold_of, time_left)
     if plots.available():
         plots.write_report(run, labels.ids, train.images)
     else:
@@ -81,8 +75,10 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     return summary
 
 
-def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray) -> dict:
-    """oof.csv and report.json from the finished folds' files."""
+def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,
+                     time_left: budget.Budget | None = None) -> dict:
+    """oof.csv and report.json from the finished folds' files (and, with a time budget, what of it
+    was used and each fold's plan)."""
     folds = run.folds(cfg)
     in_folds = fold_of != HOLDOUT
     targets = labels.targets[in_folds]
@@ -92,6 +88,10 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
     summary = oof_summary(probs, targets, fold_of[in_folds], labels.classes)
     results = [fold_dir.read_result() for fold_dir in folds]
     summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS}
+    if time_left is not None:
+        summary["time_budget"] = {"budget_s": time_left.seconds, "used_s": budget.clock() - time_left.start,
+                                  "epochs_per_fold": [r["epochs"] for r in results],
+                                  "plans": [r.get("plan") for r in results]}
     if not in_folds.all():
         summary["holdout"] = holdout_summary([fold_dir.read_holdout() for fold_dir in folds],
                                              labels.targets[~in_folds])

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +25,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from kaggle_cifar.atomic import atomic_path, write_text
+from kaggle_cifar.atomic import atomic_path, free_space, write_text
 from kaggle_cifar.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -210,8 +209,7 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
         pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(e, BrokenProcessPool):
             raise InputError(f"{folder}: decoding stopped, a worker process died ({e}); the cache goes to "
-                             f"{npy_path.parent}, where {shutil.disk_usage(npy_path.parent).free / 2**20:,.0f} MiB "
-                             f"are free") from None
+                             f"{npy_path.parent}: {free_space(npy_path.parent)}") from None
         raise
     pool.shutdown()
     seconds = time.perf_counter() - t0
@@ -233,8 +231,8 @@ def _reserve(path: Path) -> None:
             os.posix_fallocate(f.fileno(), 0, size)
         except OSError as e:
             raise InputError(f"{path.parent}: no room for the decoded images ({size / 2**20:,.0f} MiB needed, "
-                             f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free: {e.strerror}); free space "
-                             f"or give --cache-dir on another disk") from None
+                             f"{free_space(path.parent)}: {e.strerror}); free space or give --cache-dir on another "
+                             f"disk") from None
 
 
 def cached_images(folder: Path, ids: np.ndarray, cache_dir: Path) -> np.ndarray:

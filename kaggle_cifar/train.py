@@ -10,7 +10,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -110,7 +109,8 @@ def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
 
 
 def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False,
-                   backend: str = "inductor") -> Training:
+                   backend: str = "inductor", epochs: int | None = None) -> Training:
+    """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA."""
     model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images)
     model = model.to(device, memory_format=torch.channels_last)
     # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
@@ -121,7 +121,7 @@ def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compi
                                     momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias, **fused)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
-    scheduler = one_cycle(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    scheduler = one_cycle(optimizer, cfg, (epochs or cfg.epochs) * steps_per_epoch)
     # fp16 needs loss scaling (its range is small); bf16 and float32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=devices.autocast_dtype(device) == torch.float16)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
@@ -227,11 +227,13 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     return result
 
 
-def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool) -> tuple[float, float]:
-    """Seconds per training step and per held-out image predicted, measured on a throwaway copy of
-    the fold's training (after two warm-up steps that pay for any compilation)."""
+def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, steps: int = 5,
+              images: int | None = None) -> tuple[float, float]:
+    """Seconds per training step (augmentation included) and per held-out image predicted,
+    measured on a throwaway copy of the fold's training after a warm-up that pays for any
+    compilation: `steps` steps, and `images` held-out images (default: four batches)."""
     t = build_training(cfg, data, device, compile)
-    t.scheduler = one_cycle(t.optimizer, cfg, 7)  # as long as the calibration, whatever the data
+    t.scheduler = one_cycle(t.optimizer, cfg, 2 + steps)  # as long as the calibration, whatever the data
     generator = torch.Generator(device).manual_seed(0)
 
     def step(i: int) -> None:
@@ -242,14 +244,16 @@ def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: b
     step(1)
     devices.synchronize(device)
     t0 = budget.clock()
-    for i in range(5):
+    for i in range(steps):
         step(2 + i)
     devices.synchronize(device)
-    seconds_per_step = (budget.clock() - t0) / 5
-    n = min(len(data.val_targets), 4 * t.batch_size)
+    seconds_per_step = (budget.clock() - t0) / steps
+    model, held_out = t.model.eval(), data.val_images[:images or 4 * t.batch_size]
+    stream_probs([model], held_out[:t.batch_size], TTA_VIEWS["none"], device)
     t0 = budget.clock()
-    stream_probs([t.model.eval()], data.val_images[:n], TTA_VIEWS["none"], device)
-    return seconds_per_step, (budget.clock() - t0) / max(1, n)
+    stream_probs([model], held_out, TTA_VIEWS["none"], device)
+    devices.synchronize(device)
+    return seconds_per_step, (budget.clock() - t0) / max(1, len(held_out))
 
 
 def plan_epochs(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, deadline: float) -> dict:
@@ -273,9 +277,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
     meta = checkpoint.run_meta(cfg, data.classes)
     plan = plan_epochs(cfg, data, device, compile, deadline) if deadline is not None and not fold_dir.last.exists() \
         else {"epochs": cfg.epochs}
-    t = build_training(cfg, data, device, compile)
-    if plan["epochs"] != cfg.epochs:
-        t.scheduler = one_cycle(t.optimizer, cfg, plan["epochs"] * t.steps_per_epoch)
+    t = build_training(cfg, data, device, compile, epochs=plan["epochs"])
     start_epoch, history = 0, []
     if fold_dir.last.exists():
         state = fold_dir.load_last(meta, device)
@@ -314,10 +316,10 @@ def replan(t: Training, cfg: TrainConfig, plan: dict, done: int, history: list[d
     """Plan the fold's epochs again from the measured time of its epochs; the schedule is stretched
     or compressed to the new end, from where it is now."""
     measured = [h["seconds"] + h.get("checkpoint_seconds", 0.0) for h in history[-3:]]
-    epochs = budget.epochs_that_fit(deadline, sum(measured) / len(measured), plan.get("reserve_s", 0.0), done)
+    epochs = budget.epochs_that_fit(deadline, sum(measured) / len(measured), plan["reserve_s"], done)
     if epochs != plan["epochs"]:
         log.info("fold %d: re-planned after epoch %d: %d epochs instead of %d", fold, done, epochs, plan["epochs"])
-        plan["replans"] = plan.get("replans", []) + [{"after_epoch": done, "epochs": epochs}]
+        plan["replans"].append({"after_epoch": done, "epochs": epochs})
         plan["epochs"] = epochs
         t.scheduler = one_cycle(t.optimizer, cfg, epochs * t.steps_per_epoch, done * t.steps_per_epoch)
         bar.total = epochs * t.steps_per_epoch * t.batch_size

@@ -64,7 +64,7 @@ def test_every_fold_ends_inside_the_budget_with_a_complete_schedule(small, tmp_p
 
 
 def test_a_slower_machine_gets_fewer_epochs_and_a_fold_that_slows_down_is_planned_again(small, tmp_path, monkeypatch):
-    fast = StepClock(monkeypatch, cost=0.5)
+    StepClock(monkeypatch, cost=0.5)
     planned_fast = train_folds(CFG, small, tmp_path / "fast", small / ".cache", CPU)["time_budget"]["epochs_per_fold"]
     slow = StepClock(monkeypatch, cost=1.0)
     real_epoch = train.train_one_epoch
