@@ -31,7 +31,7 @@ from kaggle_cifar.cv import train_folds
 from kaggle_cifar.data import cached_images, image_ids, load_train, read_labels
 from kaggle_cifar.device import autocast_dtype, set_precision, use_compile
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
-from kaggle_cifar.model import build_model, training_flops_per_image
+from kaggle_cifar.model import training_flops_per_image
 from kaggle_cifar.predict import submission_csv
 from kaggle_cifar.report import describe
 from kaggle_cifar.rundir import RunDir
@@ -115,7 +115,7 @@ def main() -> None:
         measured("predict, per model forward pass", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold", "")
         measured("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s")
 
-    model = build_model(cfg.arch, 10, cfg.width).to(ctx.device)
+    model = cfg.build_model(10).to(ctx.device)
     flops = training_flops_per_image(model, (3, 32, 32))
     rate = statistics.median(warm_rates)
     measured("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved")

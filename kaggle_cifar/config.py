@@ -28,6 +28,9 @@ class TrainConfig:
                                        "resnext101_32x8d_cifar (timm's with the CIFAR stem), or any timm model name")
     width: int = _opt(64, "base width of resnet18_cifar and fast_cifar (64 is the standard ResNet18; 16 for quick "
                           "CPU runs); other architectures have their own")
+    image_size: int = _opt(0, "side the images are resized to on the device (bilinear, batched) before the model, in "
+                              "training, evaluation, TTA and predict alike, e.g. 224 for ImageNet weights (0: as "
+                              "they are, 32x32)")
     folds: int = _opt(5, "number of stratified folds (K)")
     holdout: int = _opt(0, "training images kept out of every fold (stratified), on which the fold ensemble and "
                            "the TTA views are measured against single folds; 0 for a submission run")
@@ -52,6 +55,11 @@ class TrainConfig:
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
     pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "
                                 "read with weights_only=True, nothing is downloaded)")
+    normalization: str = _opt("auto", "per-channel mean and std the input is standardised with: data (the training "
+                                      "images'), imagenet (those ImageNet weights were trained with), or auto: "
+                                      "imagenet with --pretrained, data otherwise (a run's model.pt brings its own)")
+    freeze_epochs: int = _opt(0, "the first E epochs train only the classifier head, the rest of the network frozen "
+                                 "(BatchNorm statistics too), as feature extraction does; then everything trains")
     tta: str = _opt("flip", "test-time views for OOF and predict: none, flip or flip_translate")
     pseudo_labels: str = _opt("", "a finished run with the same fold split: fold k adds to its training set the test "
                                   "images that run's fold k predicts with probability >= --pseudo-threshold "
@@ -82,6 +90,7 @@ class TrainConfig:
             ("holdout", self.holdout >= 0, "0 or more"),
             ("epochs", self.epochs >= 1, "at least 1"),
             ("width", self.width >= 1, "at least 1"),
+            ("image_size", self.image_size >= 0, "0 (as they are) or a side in pixels"),
             ("width", self.width == 64 or self.arch in SCALABLE_ARCHS,
              f"64 for {self.arch}, which has its own widths (--width scales {' and '.join(SCALABLE_ARCHS)})"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
@@ -95,6 +104,10 @@ class TrainConfig:
             ("auto_augment", self.auto_augment in ("", *AUTO_AUGMENT_POLICIES),
              f"empty or one of {', '.join(AUTO_AUGMENT_POLICIES)}"),
             ("cutout", self.cutout >= 0, "0 or more"),
+            ("normalization", self.normalization in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
+            ("freeze_epochs", self.freeze_epochs >= 0, "0 or more"),
+            ("freeze_epochs", self.freeze_epochs < self.epochs or bool(self.time_budget),
+             f"fewer than --epochs ({self.epochs}), so that the whole network trains at the end"),
             ("tta", self.tta in TTA_VIEWS, f"one of {', '.join(TTA_VIEWS)}"),
             ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),
             ("pseudo_max", self.pseudo_max >= 0, "0 or more"),
@@ -108,6 +121,19 @@ class TrainConfig:
             problems.insert(0, f"arch must be {' or '.join(ARCHS)} or a timm model name" + _did_you_mean(self.arch))
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
+
+    def build_model(self, num_classes: int, data_mean: "torch.Tensor | None" = None,
+                    data_std: "torch.Tensor | None" = None) -> "torch.nn.Sequential":
+        """The network this config names, behind its input layer. A fresh model standardises with the
+        training images' mean and std (`data_*`) or ImageNet's, as --normalization says; a model
+        about to load a checkpoint needs neither."""
+        import torch
+
+        from kaggle_cifar import model
+
+        if self.normalization == "imagenet" or (self.normalization == "auto" and self.pretrained):
+            data_mean, data_std = torch.tensor(model.IMAGENET_MEAN), torch.tensor(model.IMAGENET_STD)
+        return model.build_model(self.arch, num_classes, self.width, self.image_size, data_mean, data_std)
 
     def check_files(self) -> None:
         """The files the config names exist: checked before a run writes anything."""
@@ -143,6 +169,9 @@ class TrainConfig:
         changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
                    if getattr(self, f.name) != f.default]
         return "defaults" + (" except " + ", ".join(changed) if changed else "")
+
+
+NORMALIZATIONS = ("auto", "data", "imagenet")
 
 
 def _is_timm_model(name: str) -> bool:

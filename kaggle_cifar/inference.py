@@ -12,8 +12,7 @@ from tqdm import tqdm
 from kaggle_cifar import checkpoint
 from kaggle_cifar.augment import TTA_VIEWS, tta_view
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.device import autocast, to_device
-from kaggle_cifar.model import build_model
+from kaggle_cifar.device import autocast, place, to_device
 from kaggle_cifar.rundir import RunDir
 
 CHUNK = 65_536  # images moved to the device at once (200 MB of 32x32 uint8)
@@ -63,9 +62,9 @@ def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, device: 
 def load_fold_model(run: RunDir, cfg: TrainConfig, classes: list[str], fold: int,
                     device: torch.device) -> torch.nn.Module:
     """A finished fold's model on `device`, in eval mode (read on the CPU, moved once)."""
-    model = build_model(cfg.arch, len(classes), cfg.width)
+    model = cfg.build_model(len(classes))
     model.load_state_dict(run.fold(fold).load_model(checkpoint.run_meta(cfg, classes)))
-    return model.to(device, memory_format=torch.channels_last).eval()
+    return place(model, device).eval()
 
 
 def load_fold_models(run: RunDir, cfg: TrainConfig, classes: list[str], device: torch.device) -> list[torch.nn.Module]:

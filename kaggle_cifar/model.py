@@ -1,4 +1,5 @@
-"""Models: the CIFAR-stem ResNet18 (default) or any timm architecture, behind a uint8 input layer."""
+"""Models: the CIFAR-stem ResNet18 (default) or any timm architecture, behind a uint8 input layer
+that standardises and, for networks pretrained at another resolution, resizes."""
 
 from __future__ import annotations
 
@@ -17,19 +18,32 @@ log = logging.getLogger(__name__)
 
 
 CHANNELS = 3  # the data layer refuses anything but RGB
+# The per-channel pixel mean and std (0-255) that torchvision's and timm's ImageNet weights were trained with.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-class Normalize(nn.Module):
-    """uint8 NCHW images in, standardised float out; mean/std are buffers, so they travel with the
-    checkpoint and predict needs nothing but the weights."""
+class InputLayer(nn.Module):
+    """uint8 NCHW images in, standardised float out, resized (bilinear, the whole batch at once) to
+    `image_size` when it is not 0. Being part of the model, the resize applies alike in training,
+    evaluation, TTA and predict, after the augmentation has worked on the small images. mean/std are
+    buffers, so they travel with the checkpoint and predict needs nothing but the weights."""
 
-    def __init__(self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+    def __init__(self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None, image_size: int = 0):
         super().__init__()
         self.register_buffer("mean", (torch.zeros(CHANNELS) if mean is None else mean).reshape(1, -1, 1, 1).float())
         self.register_buffer("std", (torch.ones(CHANNELS) if std is None else std).reshape(1, -1, 1, 1).float())
+        self.image_size = image_size
+        self.channels_last = True  # the layout of the uint8 batches it is given; device.place may say otherwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        x = (x.float() - self.mean) / self.std
+        if not self.channels_last:
+            x = x.contiguous()
+        if self.image_size and x.shape[-2:] != (self.image_size, self.image_size):
+            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                          align_corners=False, antialias=x.shape[-1] > self.image_size)
+        return x
 
 
 def _stage(inplanes: int, planes: int, stride: int) -> nn.Sequential:
@@ -59,6 +73,9 @@ class ResNet18Cifar(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
+
+    def get_classifier(self) -> nn.Module:  # timm's name for it, so that every arch answers alike
+        return self.head[-1]
 
 
 class FastCifar(nn.Module):
@@ -104,6 +121,9 @@ class FastCifar(nn.Module):
         x = self.groups(self.whiten(x))
         return self.head(x.amax((2, 3))) / 9  # small logits at the start: airbench's output scale
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
 
 def _bn(planes: int) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(planes, momentum=0.4, eps=1e-12)
@@ -130,17 +150,17 @@ ARCHS = {"resnet18_cifar": ResNet18Cifar, "fast_cifar": FastCifar,
 SCALABLE_ARCHS = ("resnet18_cifar", "fast_cifar")
 
 
-def build_model(arch: str, num_classes: int, width: int, mean: torch.Tensor | None = None,
+def build_model(arch: str, num_classes: int, width: int, image_size: int = 0, mean: torch.Tensor | None = None,
                 std: torch.Tensor | None = None) -> nn.Sequential:
-    """The network behind a Normalize layer. A fresh model takes the training pixels' per-channel
-    mean and std; a model about to load a checkpoint needs neither (its buffers come with it)."""
+    """The network behind an InputLayer. A fresh model takes the per-channel mean and std it is to
+    standardise with; a model about to load a checkpoint needs neither (its buffers come with it)."""
     if arch in ARCHS:
         net = ARCHS[arch](num_classes, width)
     else:
         import timm
 
         net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    return nn.Sequential(Normalize(mean, std), net)
+    return nn.Sequential(InputLayer(mean, std, image_size), net)
 
 
 def load_pretrained(model: nn.Sequential, path: Path) -> None:
@@ -156,7 +176,7 @@ def load_pretrained(model: nn.Sequential, path: Path) -> None:
     own = model.state_dict()
     matched = {}
     for name, tensor in state.items():
-        target = name if name in own else f"1.{name}"  # a bare network's names sit under our Normalize layer
+        target = name if name in own else f"1.{name}"  # a bare network's names sit under our input layer
         if target in own and isinstance(tensor, torch.Tensor) and own[target].shape == tensor.shape:
             matched[target] = tensor
     if not matched:

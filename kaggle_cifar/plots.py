@@ -123,3 +123,32 @@ def write_report(run: RunDir, train_ids: np.ndarray, train_images: np.ndarray) -
         _save(fig, out / name)
     log.info("report pictures: %s", out)
     return [out / name for name in figures]
+
+
+def write_search_pictures(study, folder: Path) -> list[Path]:
+    """A search's pictures, drawn by Optuna: accuracy per trial with the best so far, accuracy
+    against each parameter, and (with two or more parameters and completed trials) the parameters'
+    importance."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as optuna_plots
+    from optuna.exceptions import ExperimentalWarning
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # few trials: flat axes, equal importances
+        for name, draw in [("history", optuna_plots.plot_optimization_history), ("slices", optuna_plots.plot_slice),
+                           ("importance", optuna_plots.plot_param_importances)]:
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError) as e:  # importance with too few trials or a single parameter
+                log.info("search picture %s skipped: %s", name, e)
+                plt.close("all")
+                continue
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            _save(figure, folder / f"{name}.png")
+            written.append(folder / f"{name}.png")
+    return written

@@ -7,10 +7,17 @@
             oof.csv        id, fold, label, prediction, per-class probabilities (holdout excluded)
             report.json    CV accuracy, per-fold and per-class accuracy, confusion matrix, holdout
             report/*.png   the report's pictures
+
+    SEARCH_DIR/study.db          the Optuna study (SQLite; or a database named by --storage)
+               trials/<digest>/  one run dir per trial, named by its parameters (fold 0 trained)
+               trials.csv        every trial: number, state, parameters, accuracy, epochs run, seconds
+               report/*.png      the search's pictures
+               best_config.json  the best trial's config, for train_folds.py --config
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -199,6 +206,37 @@ class RunDir:
 
     def read_report(self) -> dict:
         return json.loads(self.report_json.read_text())
+
+
+class SearchDir:
+    """A hyperparameter search's files (see the module's docstring)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def study_url(self) -> str:
+        return f"sqlite:///{self.path.resolve() / 'study.db'}"
+
+    def trial(self, params: dict) -> RunDir:
+        """The run dir of a trial with these parameters: the same parameters, the same run dir, so a
+        trial that was stopped and is asked for again resumes where it was."""
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+        return RunDir(self.path / "trials" / digest)
+
+    @property
+    def pictures(self) -> Path:
+        return self.path / "report"
+
+    def write_trials_csv(self, frame: pd.DataFrame) -> None:
+        write_text(self.path / "trials.csv", frame.to_csv(index=False))
+
+    @property
+    def best_config(self) -> Path:
+        return self.path / "best_config.json"
+
+    def write_best_config(self, cfg: TrainConfig) -> None:
+        write_text(self.best_config, cfg.to_json())
 
 
 def same_classes(runs: list[tuple[RunDir | str, list[str]]]) -> list[str]:

@@ -8,10 +8,11 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -22,7 +23,7 @@ from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import TrainingDiverged
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import stream_probs, view_set_probs
-from kaggle_cifar.model import build_model, load_pretrained
+from kaggle_cifar.model import load_pretrained
 from kaggle_cifar.report import accuracy, nll
 from kaggle_cifar.rundir import FoldDir
 
@@ -48,7 +49,7 @@ def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Ten
     """Fold `fold`'s starting weights: seeded by (seed, fold), set from the fold's training images
     where the network asks for it (fast_cifar's whitening), or the --pretrained file's."""
     torch.manual_seed(run_seed(cfg, fold))
-    model = build_model(cfg.arch, num_classes, cfg.width, mean, std)
+    model = cfg.build_model(num_classes, mean, std)
     if images is not None and hasattr(model[1], "init_from_data"):
         model[1].init_from_data(images)
     if cfg.pretrained:
@@ -76,6 +77,18 @@ class Training:
     criterion: torch.nn.Module
     batch_size: int
     steps_per_epoch: int
+
+    def train_mode(self, features_frozen: bool) -> None:
+        """Training mode for an epoch. With `features_frozen` only the classifier head trains, as in
+        feature extraction: every other weight gets no gradient (so the optimizer leaves it as it is)
+        and its BatchNorm layers keep their statistics (eval mode)."""
+        head = self.model[1].get_classifier()
+        in_head = {id(p) for p in head.parameters()}
+        for group in self.optimizer.param_groups:  # the trainable weights; frozen-by-design ones are not here
+            for p in group["params"]:
+                p.requires_grad_(id(p) in in_head or not features_frozen)
+        self.model.train(not features_frozen)
+        head.train()
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -108,17 +121,34 @@ def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     return scheduler
 
 
+def head_apart(cfg: TrainConfig):
+    """timm's weight-decay parameter groups, each split into the classifier head and the rest, for a
+    run whose head trains alone first: fused SGD starts the momentum of a whole group at once, so
+    the weights that join later need groups of their own."""
+    def groups(model: torch.nn.Module) -> list[dict]:
+        head = {id(p) for p in model[1].get_classifier().parameters()}
+        split = []
+        for group in param_groups_weight_decay(model, cfg.weight_decay, not cfg.decay_norm_and_bias):
+            for part in ([p for p in group["params"] if id(p) in head], [p for p in group["params"] if id(p) not in head]):
+                if part:
+                    split.append({**group, "params": part})
+        return split
+
+    return groups
+
+
 def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False,
                    backend: str = "inductor", epochs: int | None = None) -> Training:
     """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA."""
     model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = devices.place(model, device)
     # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
     # The fused kernels take the fp16 loss scaler's inf check on the device; with any other
     # optimizer GradScaler.step reads it on the host, one sync per step.
     fused = {"fused": True} if cfg.optimizer in FUSED_OPTIMIZERS else {}
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias, **fused)
+                                    momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias,
+                                    param_group_fn=head_apart(cfg) if cfg.freeze_epochs else None, **fused)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = one_cycle(optimizer, cfg, (epochs or cfg.epochs) * steps_per_epoch)
@@ -156,7 +186,7 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     """One pass over the fold's training images in an order and with augmentations drawn from the
     epoch's own generator."""
     t0 = time.perf_counter()
-    t.model.train()
+    t.train_mode(features_frozen=epoch < cfg.freeze_epochs)
     device = data.train_images.device
     generator = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold, epoch))
     order = torch.randperm(len(data.train_targets), device=device, generator=generator)
@@ -269,9 +299,12 @@ def plan_epochs(cfg: TrainConfig, data: FoldData, device: torch.device, compile:
 
 
 def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torch.device,
-               compile: bool = False, deadline: float | None = None) -> dict:
+               compile: bool = False, deadline: float | None = None,
+               epoch_end: Callable[[list[dict]], None] | None = None) -> dict:
     """Train (or resume, or skip if finished) one fold; return its result. With a `deadline` (on
-    budget.clock) its epochs are planned to end by then (see budget.py) instead of cfg.epochs."""
+    budget.clock) its epochs are planned to end by then (see budget.py) instead of cfg.epochs.
+    `epoch_end` sees the log rows after each epoch's checkpoint (a resumed fold's first) and may
+    stop the fold by raising, as a search's pruner does."""
     if fold_dir.finished():
         return fold_dir.read_result()
     meta = checkpoint.run_meta(cfg, data.classes)
@@ -284,6 +317,8 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
         t.load_state_dict(state)  # the schedule too, as last planned
         start_epoch, history, plan = state["epoch"] + 1, state["history"], state.get("plan", plan)
         log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, fold_dir.last)
+        if epoch_end is not None:
+            epoch_end(history)
 
     images_per_epoch = t.steps_per_epoch * t.batch_size
     with tqdm(total=plan["epochs"] * images_per_epoch, initial=start_epoch * images_per_epoch, desc=f"fold {data.fold}",
@@ -308,6 +343,8 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
             if deadline is not None and epoch < plan["epochs"]:
                 replan(t, cfg, plan, epoch, history, deadline, bar, data.fold)
             log_and_checkpoint(fold_dir, t, meta, epoch - 1, history, board, plan)
+            if epoch_end is not None:
+                epoch_end(history)
     return finish(fold_dir, cfg, data, t, meta, history, plan)
 
 

@@ -79,3 +79,19 @@ def test_width_is_refused_where_the_architecture_has_its_own():
     with pytest.raises(ConfigError, match=r"width must be 64 for resnet50_cifar"):
         TrainConfig(arch="resnet50_cifar", width=16)
     assert TrainConfig(arch="fast_cifar", width=16).width == 16
+
+
+@pytest.mark.parametrize("capability,width,channels_last", [("AVX2", 4, False), ("AVX2", 8, True), ("AVX512", 4, True)])
+def test_narrow_models_run_nchw_on_cpus_where_onednn_fails_in_channels_last(monkeypatch, capability, width,
+                                                                             channels_last):
+    from kaggle_cifar.config import TrainConfig
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    model = device.place(TrainConfig(width=width).build_model(3), torch.device("cpu"))
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model(torch.zeros(2, 32, 32, 3, dtype=torch.uint8).permute(0, 3, 1, 2))  # a batch as augment gives it
+    layouts = {x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in seen}
+    assert layouts == {channels_last}

@@ -1,0 +1,253 @@
+"""Hyperparameter search on Optuna. Any TrainConfig fields, over a space written `NAME=LOW:HIGH`
+(`:log` for a log scale) or `NAME=A,B,C` (choices); each trial trains fold 0 of its config and is
+scored by that fold's held-out accuracy; a trial whose per-epoch validation accuracy falls below the
+median of earlier trials at the same epoch is stopped (Optuna's MedianPruner: the search's early
+stopping). The study lives in an Optuna storage, SQLite in the search dir unless a database URL is
+given, so a stopped search goes on where it was and several processes or machines can share one.
+Each trial is an ordinary run dir named by its parameters: a trial stopped mid-way (Ctrl-C, a kill)
+is asked for again when the search restarts, and resumes from its last epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from sqlalchemy.exc import SQLAlchemyError
+
+from kaggle_cifar import plots
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.data import load_train
+from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged
+from kaggle_cifar.folds import DeviceTrainSet, fold_split
+from kaggle_cifar.rundir import SearchDir, folds_table
+from kaggle_cifar.train import train_fold
+
+log = logging.getLogger(__name__)
+
+SEARCH_FOLD = 0
+# A trial must be an ordinary run of fixed epochs on the competition's own images.
+NOT_SEARCHABLE = ("time_budget", "pseudo_labels", "pseudo_threshold", "pseudo_max")
+STUDY_NAME = "search"
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched field: a range (ints stay ints) or a list of choices."""
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial):
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if isinstance(self.low, int):
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def values_to_check(self) -> tuple:
+        return self.choices or (self.low, self.high)
+
+
+def parse_space(specs: list[str]) -> list[Dimension]:
+    """`NAME=LOW:HIGH[:log]` or `NAME=A,B,...` for TrainConfig fields, typed as the fields are."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    space = []
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"search space {spec!r}: {why} (write NAME=LOW:HIGH, NAME=LOW:HIGH:log or NAME=A,B,C)")
+
+        if name not in kinds:
+            raise bad(f"{name!r} is not a training config field")
+        if name in NOT_SEARCHABLE:
+            raise bad(f"{name} cannot be searched")
+        if name in {d.name for d in space}:
+            raise bad(f"{name} is given twice")
+        kind = kinds[name]
+        try:
+            if "," in values:
+                choices = tuple(_typed(kind, v.strip()) for v in values.split(","))
+                space.append(Dimension(name, choices=choices))
+                continue
+            parts = values.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+                raise bad("neither a range nor choices")
+            if kind not in (int, float):
+                raise bad(f"{name} is not a number: give its choices")
+            low, high = _typed(kind, parts[0]), _typed(kind, parts[1])
+        except ValueError as e:
+            raise bad(str(e)) from None
+        if not low < high:
+            raise bad("LOW must be below HIGH")
+        if len(parts) == 3 and low <= 0:
+            raise bad("a log scale needs LOW > 0")
+        space.append(Dimension(name, low, high, log=len(parts) == 3))
+    if not space:
+        raise ConfigError("the search space is empty: give --space NAME=LOW:HIGH ... or --space-file FILE")
+    return space
+
+
+def _typed(kind: type, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{text!r} is not true or false")
+        return text.lower() == "true"
+    return kind(text)
+
+
+def read_space_file(path: Path) -> list[str]:
+    """A space file: one `NAME=...` per line; blank lines and `#` comments are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable search space ({e})") from None
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def check_space(base: TrainConfig, space: list[Dimension]) -> None:
+    """Every end of every range and every choice makes a valid config with the base: a typo is
+    caught before the first trial trains."""
+    for dim in space:
+        for value in dim.values_to_check():
+            try:
+                dataclasses.replace(base, **{dim.name: value})
+            except ConfigError as e:
+                raise ConfigError(f"search space {dim.name}={value!r}: {e}") from None
+    if base.time_budget or base.pseudo_labels:
+        raise ConfigError("a search trains fixed --epochs on the competition's images: "
+                          "--time-budget and --pseudo-labels are not for it")
+
+
+def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir, storage_url: str | None,
+               prune: bool) -> optuna.Study:
+    """The study, created or loaded, refused if it was made with another base config or space;
+    trials of an earlier session that were stopped mid-way are asked for again."""
+    url = storage_url or search_dir.study_url
+    search_dir.path.mkdir(parents=True, exist_ok=True)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
+    try:
+        # A trial whose process died without a word stops beating; the next session finds it stale.
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
+                                    pruner=pruner, sampler=optuna.samplers.TPESampler(seed=base.seed))
+    except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
+        raise RunDirError(f"{url}: cannot hold the study ({str(e).splitlines()[0][:200]})") from None
+    identity = {"base_config": base.to_json(), "space": [dataclasses.asdict(d) for d in space]}
+    for key, value in identity.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+        elif study.user_attrs[key] != _json_like(value):
+            raise RunDirError(f"{url}: this study was made with another {key.replace('_', ' ')}; "
+                              f"use another --run-dir (or --storage), or delete it to start over")
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL and not any(
+                o.number > t.number and _params(o) == t.params for o in trials):
+            log.info("trial %d was stopped mid-way: asked for again (it resumes from its last epoch)", t.number)
+            study.enqueue_trial(t.params, user_attrs={"resumes_trial": t.number})
+    return study
+
+
+def _params(trial: optuna.trial.FrozenTrial) -> dict:
+    return trial.system_attrs.get("fixed_params", trial.params)  # an enqueued trial's, before it runs
+
+
+def _json_like(value):
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, search_dir: SearchDir, cache_dir: Path,
+               device: torch.device, compile: bool, trials: int, timeout: float | None, storage_url: str | None = None,
+               prune: bool = True) -> optuna.Study:
+    """Run trials until the study holds `trials` finished ones (complete or pruned) or `timeout`
+    seconds have passed, then write trials.csv, the pictures and best_config.json."""
+    check_space(base, space)
+    study = open_study(base, space, search_dir, storage_url, prune)
+    train = load_train(input_dir, cache_dir, base.folds)
+    labels, on_device = train.labels, DeviceTrainSet.of(train, device)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {dim.name: dim.suggest(trial) for dim in space}
+        try:
+            cfg = dataclasses.replace(base, **params)
+        except ConfigError as e:  # a combination no single value showed (e.g. freeze_epochs >= epochs)
+            trial.set_user_attr("invalid", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        run = search_dir.trial(params)
+        fold_of = fold_split(cfg, labels)
+        run.create(cfg, labels.classes, folds_table(labels.ids, fold_of))
+        trial.set_user_attr("run_dir", str(run))
+        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
+
+        def epoch_end(history: list[dict]) -> None:
+            for row in history[-1:] if trial.user_attrs.get("epochs") else history:
+                trial.report(row["val_acc"], row["epoch"])
+            trial.set_user_attr("epochs", history[-1]["epoch"])
+            trial.set_user_attr("seconds", sum(h["seconds"] for h in history))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {history[-1]['epoch']}: validation accuracy "
+                                         f"{history[-1]['val_acc']:.4f}, below the median of earlier trials")
+
+        fold_dir = run.fold(SEARCH_FOLD)
+        try:
+            result = train_fold(cfg, on_device.fold(fold_of, SEARCH_FOLD), fold_dir, device, compile, epoch_end=epoch_end)
+        except (optuna.TrialPruned, TrainingDiverged) as e:
+            trial.set_user_attr("stopped", str(e))
+            fold_dir.last.unlink(missing_ok=True)  # a pruned trial never resumes: its checkpoint is dead weight
+            raise optuna.TrialPruned(str(e)) from None
+        trial.set_user_attr("epochs", result["epochs"])
+        trial.set_user_attr("seconds", result["seconds"])
+        return result["accuracy"]
+
+    # Ctrl-C: the trial is recorded as failed with one line, not optuna's traceback.
+    logging.getLogger("optuna.study._optimize").addFilter(
+        lambda record: not (record.exc_info and record.exc_info[0] is KeyboardInterrupt))
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if len(study.get_trials(deepcopy=False, states=finished)) < trials:
+        try:
+            study.optimize(objective, timeout=timeout, catch=(),
+                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
+                                      lambda study, _: write_outputs(study, base, search_dir)])
+        finally:
+            write_outputs(study, base, search_dir)
+    else:
+        write_outputs(study, base, search_dir)
+    return study
+
+
+def write_outputs(study: optuna.Study, base: TrainConfig, search_dir: SearchDir) -> None:
+    """trials.csv, the pictures, and best_config.json (the base config with the best trial's
+    parameters) once a trial has completed."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+    search_dir.write_trials_csv(frame.rename(columns={"value": "accuracy"}))
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return
+    search_dir.write_best_config(dataclasses.replace(base, **study.best_params))
+    if plots.available():
+        plots.write_search_pictures(study, search_dir.pictures)
+
+
+def summary(study: optuna.Study, search_dir: SearchDir) -> str:
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+    if not any(s == "complete" for s in states):
+        return f"search: {counts}; no trial has completed yet"
+    best = study.best_trial
+    return (f"search: {counts}; best trial {best.number}: accuracy {best.value:.4f} with "
+            + ", ".join(f"{k}={v}" for k, v in best.params.items())
+            + f"\nbest config: {search_dir.best_config} (train_folds.py --config {search_dir.best_config})")
+

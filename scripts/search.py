@@ -1,0 +1,59 @@
+"""Hyperparameter search (Optuna): trials train fold 0 of a config drawn from the space, hopeless
+ones are pruned by their per-epoch validation accuracy, and the best config is written for
+train_folds.py --config.
+
+    python scripts/search.py --space lr=0.05:1:log label_smoothing=0:0.3 optimizer=sgd,adamw --trials 20 --epochs 10
+    python scripts/search.py --space-file space.txt --timeout 3600       # the same, one NAME=... per line
+    python scripts/train_folds.py --config runs/search/best_config.json   # then the whole k-fold run
+
+Run it again with the same --run-dir to go on (a stopped trial resumes from its last epoch); start
+it on other machines with the same --storage URL to share one study.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kaggle_cifar import cli, distributed
+from kaggle_cifar.config import add_config_flags, config_from_args
+from kaggle_cifar.device import set_precision, use_compile
+from kaggle_cifar.rundir import SearchDir
+from kaggle_cifar.search import parse_space, read_space_file, run_search, summary
+
+log = logging.getLogger("search")
+
+
+def main() -> int:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_io_flags(parser, run_dir=Path("runs/search"))
+    cli.add_compile_flag(parser)
+    search = parser.add_argument_group("search")
+    search.add_argument("--space", nargs="+", default=[], metavar="NAME=RANGE",
+                        help="searched config fields: NAME=LOW:HIGH (uniform), NAME=LOW:HIGH:log, NAME=A,B,C (choices)")
+    search.add_argument("--space-file", type=cli.Path, help="a file with one NAME=... per line (# comments)")
+    search.add_argument("--trials", type=cli.positive_int, default=20,
+                        help="finished trials (completed or pruned) the study should hold (default: 20)")
+    search.add_argument("--timeout", type=float, default=None, help="stop starting trials after SECONDS")
+    search.add_argument("--storage", default=None,
+                        help="Optuna database URL to share a study between processes or machines, e.g. "
+                             "postgresql://host/db (default: sqlite in RUN_DIR/study.db)")
+    search.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop trials whose per-epoch validation accuracy is below the median of earlier "
+                             "trials at the same epoch (default: on)")
+    add_config_flags(parser)
+    args = parser.parse_args()
+    base = config_from_args(args)
+    space = parse_space(args.space + (read_space_file(args.space_file) if args.space_file else []))
+    set_precision(args.precision)
+    ctx = distributed.setup(args.device)
+    cli.resolve_paths(args, ctx)
+    search_dir = SearchDir(args.run_dir)
+    study = run_search(base, space, args.input, search_dir, args.cache_dir, ctx.device,
+                       use_compile(args.compile, ctx.device), args.trials, args.timeout, args.storage, args.prune)
+    print(summary(study, search_dir), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, interrupted="the study is kept; run the same command again to go on (the stopped trial resumes)")

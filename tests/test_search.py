@@ -1,0 +1,108 @@
+"""Hyperparameter search: the space as written, trials that resume and prune, the best config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_competition, run_script
+from kaggle_cifar import train
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.rundir import SearchDir
+from kaggle_cifar.search import Dimension, check_space, parse_space, run_search
+
+BASE = TrainConfig(folds=2, epochs=3, width=8, batch_size=8)
+
+
+def test_the_space_is_read_as_written_and_typed_as_the_fields():
+    assert parse_space(["lr=0.01:1:log", "width=8:32", "optimizer=sgd,adamw", "decay-norm-and-bias=true,false"]) == [
+        Dimension("lr", 0.01, 1.0, log=True), Dimension("width", 8, 32),
+        Dimension("optimizer", choices=("sgd", "adamw")), Dimension("decay_norm_and_bias", choices=(True, False))]
+    for spec, why in [("nope=1:2", "'nope' is not a training config field"), ("time_budget=1,2", "cannot be searched"),
+                      ("lr=1:0.1", "LOW must be below HIGH"), ("lr=0:1:log", "needs LOW > 0"), ("lr=0.1", "neither"),
+                      ("width=8.5:16", "invalid literal"), ("optimizer=a:b", "not a number")]:
+        with pytest.raises(ConfigError, match=why):
+            parse_space([spec])
+    with pytest.raises(ConfigError, match=r"search space optimizer='nadamm': invalid config: optimizer must be"):
+        check_space(BASE, parse_space(["optimizer=sgd,nadamm"]))
+    with pytest.raises(ConfigError, match=r"search space label_smoothing=1.0: .*label_smoothing must be in \[0, 1\)"):
+        check_space(BASE, parse_space(["label_smoothing=0:1"]))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_competition(tmp_path / "input", per_class=10, n_test=3)
+
+
+def search(tiny, where, trials, space=("lr=0.01:0.3:log", "label_smoothing=0:0.2"), prune=True):
+    return run_search(BASE, parse_space(list(space)), tiny, SearchDir(where), tiny / ".cache", torch.device("cpu"),
+                      False, trials, None, prune=prune)
+
+
+def test_a_stopped_trial_resumes_from_its_last_epoch_when_the_search_goes_on(tiny, tmp_path, monkeypatch, caplog):
+    calls, real_augment = {"n": 0}, train.augment
+    steps = 15 // BASE.batch_size  # fold 0 trains on the other fold's 15 images: 1 step an epoch
+
+    def crash_in_epoch_2_of_trial_1(*args):
+        calls["n"] += 1
+        if calls["n"] == 3 * steps + 1 * steps + 1:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real_augment(*args)
+
+    monkeypatch.setattr(train, "augment", crash_in_epoch_2_of_trial_1)
+    with pytest.raises(KeyboardInterrupt):
+        search(tiny, tmp_path / "s", trials=3)
+    monkeypatch.setattr(train, "augment", real_augment)
+    study = optuna.load_study(study_name="search", storage=SearchDir(tmp_path / "s").study_url)
+    stopped = study.trials[1]
+    assert stopped.state == optuna.trial.TrialState.FAIL
+    with caplog.at_level(logging.INFO):
+        study = search(tiny, tmp_path / "s", trials=3)
+    resumed = [t for t in study.trials if t.user_attrs.get("resumes_trial") == 1]
+    assert len(resumed) == 1 and resumed[0].params == stopped.params and resumed[0].state.name == "COMPLETE"
+    assert "fold 0: resuming after epoch 1" in caplog.text
+    assert resumed[0].intermediate_values.keys() == {1, 2, 3}
+    straight = run_search(BASE, [Dimension(k, choices=(v,)) for k, v in stopped.params.items()], tiny,
+                          SearchDir(tmp_path / "straight"), tiny / ".cache", torch.device("cpu"), False, 1, None)
+    assert straight.trials[0].value == resumed[0].value
+
+
+def test_a_hopeless_trial_is_pruned_and_its_checkpoint_dropped(tiny, tmp_path):
+    where = SearchDir(tmp_path / "s")
+    where.path.mkdir()
+    study = optuna.create_study(storage=where.study_url, study_name="search", direction="maximize")
+    for lr in (0.1, 0.1, 0.1, 1e-6):  # three to set the median, then one that cannot learn in three epochs
+        study.enqueue_trial({"lr": lr})
+    study = search(tiny, where.path, trials=4, space=("lr=0.000001,0.1",))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["PRUNED"]
+    assert "below the median of earlier trials" in study.trials[3].user_attrs["stopped"]
+    run = where.trial({"lr": 1e-6})
+    assert (run.fold(0).path / "log.csv").exists() and not run.fold(0).last.exists()
+
+
+def test_search_writes_trials_pictures_and_a_best_config_and_goes_on(tiny, tmp_path):
+    where = tmp_path / "s"
+    args = ["--input", str(tiny), "--run-dir", str(where), "--space", "lr=0.01:0.3:log", "optimizer=sgd,adamw",
+            "--folds", "2", "--epochs", "2", "--width", "8", "--batch-size", "8", "--trials"]
+    proc = run_script("search.py", *args, "2")
+    assert "best trial" in proc.stderr
+    trials = pd.read_csv(where / "trials.csv")
+    assert len(trials) == 2 and {"params_lr", "params_optimizer", "accuracy", "user_attrs_epochs",
+                                 "user_attrs_seconds", "state"} <= set(trials.columns)
+    best = TrainConfig.from_json(where / "best_config.json")
+    top = trials.loc[trials["accuracy"].idxmax()]  # the first of equals, as optuna takes it
+    assert best == dataclasses.replace(TrainConfig(folds=2, epochs=2, width=8, batch_size=8), lr=top["params_lr"],
+                                       optimizer=top["params_optimizer"])
+    assert (where / "report" / "history.png").stat().st_size > 0 and (where / "report" / "slices.png").exists()
+    run_script("search.py", *args, "3")
+    assert len(pd.read_csv(where / "trials.csv")) == 3  # the same study, one trial more
+    other = run_script("search.py", *args[:-1], "--epochs", "3", "--trials", "4", check=False)
+    assert other.returncode == 2 and "this study was made with another base config" in other.stderr
+    bad = run_script("search.py", *args, "3", "--storage", "nosuchdb://x", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: nosuchdb://x: cannot hold the study")
