@@ -12,12 +12,13 @@ import torch
 from torchvision.transforms import v2
 
 
-def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Random horizontal flip (p=0.5) and random crop back to size from a zero-padded copy."""
     n, _, h, w = images.shape
     device = images.device
-    flip = torch.rand(n, device=device, generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    if flip:
+        flipped = torch.rand(n, device=device, generator=generator) < 0.5
+        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
     if pad == 0:
         return images
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))

@@ -49,10 +49,14 @@ class TrainConfig:
     anneal: str = _opt("linear", "shape of the learning-rate decay after the warm-up: linear or cos")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
+    flip: bool = _opt(True, "random horizontal flips on the device")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
     auto_augment: str = _opt("", "RandAugment-style ops after flip/crop, drawn per image on the device: "
                                  "randaugment, trivialaugment, or empty for none")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
+    albumentations: str = _opt("", "an albumentations pipeline saved with A.save (JSON, or YAML by its suffix), applied "
+                                   "to each training image in worker processes before the device's flip/crop (off "
+                                   "with --no-flip --crop-pad 0), seeded per (seed, fold, epoch, batch); empty: none")
     pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "
                                 "read with weights_only=True, nothing is downloaded)")
     normalization: str = _opt("auto", "per-channel mean and std the input is standardised with: data (the training "
@@ -142,6 +146,12 @@ class TrainConfig:
             problems.append(f"--pretrained {self.pretrained}: no such file")
         if self.pseudo_labels and not Path(self.pseudo_labels).is_dir():
             problems.append(f"--pseudo-labels {self.pseudo_labels}: no such run dir")
+        if self.albumentations and not Path(self.albumentations).is_file():
+            problems.append(f"--albumentations {self.albumentations}: no such file")
+        elif self.albumentations:
+            from kaggle_cifar.host_augment import load_pipeline
+
+            load_pipeline(self.albumentations)
         if problems:
             raise ConfigError("; ".join(problems))
 

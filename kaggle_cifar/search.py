@@ -175,6 +175,7 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
     """Run trials until the study holds `trials` finished ones (complete or pruned) or `timeout`
     seconds have passed, then write trials.csv, the pictures and best_config.json."""
     check_space(base, space)
+    base.check_files()
     study = open_study(base, space, search_dir, storage_url, prune)
     train = load_train(input_dir, cache_dir, base.folds)
     labels, on_device = train.labels, DeviceTrainSet.of(train, device)

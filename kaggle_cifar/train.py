@@ -22,6 +22,7 @@ from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import TrainingDiverged
 from kaggle_cifar.folds import FoldData
+from kaggle_cifar.host_augment import HostAugmenter, workers
 from kaggle_cifar.inference import stream_probs, view_set_probs
 from kaggle_cifar.model import load_pretrained
 from kaggle_cifar.report import accuracy, nll
@@ -59,7 +60,7 @@ def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Ten
 
 def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """uint8 NHWC batch in, augmented uint8 NCHW batch out."""
-    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator)
+    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator, cfg.flip)
     if cfg.auto_augment:
         x = auto_augment(x, cfg.auto_augment, generator)
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
@@ -182,9 +183,10 @@ def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
     return loss.detach(), logits.detach(), skipped
 
 
-def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm) -> dict:
+def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm,
+                    host: HostAugmenter | None = None) -> dict:
     """One pass over the fold's training images in an order and with augmentations drawn from the
-    epoch's own generator."""
+    epoch's own generator (first through `host`'s albumentations pipeline, with --albumentations)."""
     t0 = time.perf_counter()
     t.train_mode(features_frozen=epoch < cfg.freeze_epochs)
     device = data.train_images.device
@@ -195,9 +197,18 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
-    for step in range(t.steps_per_epoch):
-        idx = order[step * t.batch_size:(step + 1) * t.batch_size]
-        inputs, targets = augment(data.train_images[idx], cfg, generator), data.train_targets[idx]
+    batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)
+    if host is not None:  # made by worker processes while the device trains on earlier ones
+        host_batches = host.epoch(list(batches.cpu().numpy()), run_seed(cfg, data.fold, epoch))
+    waited = 0.0
+    for step, idx in enumerate(batches):
+        if host is not None:
+            t_wait = time.perf_counter()
+            images = next(host_batches).to(device, non_blocking=True)
+            waited += (time.perf_counter() - t_wait) if step else 0.0  # the first: the workers' start-up
+        else:
+            images = data.train_images[idx]
+        inputs, targets = augment(images, cfg, generator), data.train_targets[idx]
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
         loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
         loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
@@ -206,10 +217,17 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
         bar.update(t.batch_size)
     loss_sum, correct, skipped = torch.stack([loss_sum, correct.float(), skipped.float()]).tolist()  # the one sync of the epoch
     stepped = (t.steps_per_epoch - int(skipped)) * t.batch_size  # no step taken: NaN, and the fold stops
-    return {"train_loss": loss_sum / stepped if stepped else math.nan,
-            "train_acc": correct / stepped if stepped else math.nan, "lr": lr,
-            "train_images_per_s": t.steps_per_epoch * t.batch_size / (time.perf_counter() - t0),
-            "skipped_steps": int(skipped)}
+    seconds = time.perf_counter() - t0
+    metrics = {"train_loss": loss_sum / stepped if stepped else math.nan,
+               "train_acc": correct / stepped if stepped else math.nan, "lr": lr,
+               "train_images_per_s": t.steps_per_epoch * t.batch_size / seconds, "skipped_steps": int(skipped)}
+    if host is not None:
+        metrics["augment_wait_s"] = waited
+        if waited > 0.2 * seconds:
+            log.warning("fold %d, epoch %d: training waited %.1f s of %.1f s for albumentations' %d worker processes: "
+                        "augmentation, not the model, is the bottleneck (a lighter pipeline or more CPU cores)",
+                        data.fold, epoch + 1, waited, seconds, workers())
+    return metrics
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -320,13 +338,14 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
         if epoch_end is not None:
             epoch_end(history)
 
+    host = HostAugmenter(cfg.albumentations, data.train_images.cpu(), device.type == "cuda") if cfg.albumentations else None
     images_per_epoch = t.steps_per_epoch * t.batch_size
     with tqdm(total=plan["epochs"] * images_per_epoch, initial=start_epoch * images_per_epoch, desc=f"fold {data.fold}",
               unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
         epoch = start_epoch
         while epoch < plan["epochs"]:
             t0 = budget.clock()
-            metrics = train_one_epoch(t, cfg, data, epoch, bar)
+            metrics = train_one_epoch(t, cfg, data, epoch, bar, host)
             if not math.isfinite(metrics["train_loss"]):
                 kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
                 raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
@@ -337,7 +356,8 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torc
                             "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
                             "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
                             "seconds": budget.clock() - t0, "train_images_per_s": metrics["train_images_per_s"],
-                            "skipped_steps": metrics["skipped_steps"]})
+                            "skipped_steps": metrics["skipped_steps"],
+                            **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
             epoch += 1
             if deadline is not None and epoch < plan["epochs"]:

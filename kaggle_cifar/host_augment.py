@@ -1,0 +1,108 @@
+"""A competitor's own albumentations pipeline (`--albumentations FILE`, saved with `A.save`), applied
+one image at a time on the host, in worker processes that deliver the epoch's batches in order.
+
+Each batch's draws are seeded by (the epoch's seed, the batch's index), so the images a batch gets do
+not depend on how many workers there are or which one made it, and a resumed run replays them. The
+device's flip/crop (and the rest of augment.py) runs on the result as usual."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kaggle_cifar.errors import ConfigError
+
+PIN = "albumentations==2.0.8"  # the last MIT release; its successor is AGPL
+
+
+def load_pipeline(path: Path | str, image_shape: tuple[int, int, int] = (32, 32, 3)):
+    """The pipeline saved in `path` (JSON, or YAML by its suffix), refused in one sentence if it is
+    not one or does not give back an image of the shape and dtype it was given."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network
+    try:
+        import albumentations as A
+    except ImportError:
+        raise ConfigError(f"--albumentations {path}: albumentations is not installed (pip install '{PIN}')") from None
+    fmt = "yaml" if Path(path).suffix.lower() in (".yaml", ".yml") else "json"
+    try:
+        pipeline = A.load(str(path), data_format=fmt)
+    except OSError as e:
+        raise ConfigError(f"--albumentations {path}: unreadable ({e.strerror or e})") from None
+    except Exception as e:  # albumentations raises whatever its parser or a transform's validation raises
+        raise ConfigError(f"--albumentations {path}: not an albumentations pipeline saved with A.save as {fmt} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    probe = np.zeros(image_shape, dtype=np.uint8)
+    try:
+        out = pipeline(image=probe)["image"]
+    except Exception as e:
+        raise ConfigError(f"--albumentations {path}: fails on a {'x'.join(map(str, image_shape))} uint8 image "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(out, np.ndarray) or out.shape != probe.shape or out.dtype != np.uint8:
+        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ConfigError(f"--albumentations {path}: turns a uint8 {probe.shape} image into {got}; the pipeline must "
+                          f"keep the images' size and uint8 type (resizing is --image-size's job, normalising the "
+                          f"model's; leave out ToTensorV2 and Normalize)")
+    return pipeline
+
+
+class _Images(torch.utils.data.Dataset):
+    """Item (seed, indices): those images, each through the pipeline, the pipeline seeded by `seed`.
+    The images are a CPU tensor, which reaches the workers through shared memory, not a copy."""
+
+    def __init__(self, path: str, images: torch.Tensor):
+        self.path, self.images = path, images
+        self.pipeline = None  # loaded in each worker, not pickled from the parent
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> torch.Tensor:
+        if self.pipeline is None:
+            import cv2
+
+            cv2.setNumThreads(1)  # one process per core already
+            self.pipeline = load_pipeline(self.path, tuple(self.images.shape[1:]))
+        seed, indices = item
+        self.pipeline.set_random_seed(seed)
+        return torch.from_numpy(np.stack([self.pipeline(image=self.images[i].numpy())["image"] for i in indices]))
+
+
+class _EpochItems(torch.utils.data.Sampler):
+    """The items of the epoch at hand, set before each epoch."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def workers() -> int:
+    """Worker processes: one per core this process may use, less one for the training loop."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+class HostAugmenter:
+    """A fold's worker processes (started once, kept across its epochs) that make each epoch's
+    batches with the albumentations pipeline in `path` and deliver them in order."""
+
+    def __init__(self, path: str, images: torch.Tensor, pin_memory: bool):
+        # Workers start from a clean server process, never forked from this one: a child forked
+        # from a process whose OpenMP or OpenCV threads were running can hang in its first op.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "numpy", "cv2"])
+        self.sampler = _EpochItems()
+        self.loader = torch.utils.data.DataLoader(_Images(path, images), batch_size=None, sampler=self.sampler,
+                                                  num_workers=workers(), prefetch_factor=4, persistent_workers=True,
+                                                  pin_memory=pin_memory, multiprocessing_context=context)
+
+    def epoch(self, batches: list[np.ndarray], seed: int) -> Iterator[torch.Tensor]:
+        """The uint8 NHWC batches `batches` (index arrays into the images), in order, batch b's
+        draws seeded by (seed, b): the same whichever worker makes it, and again on a resume."""
+        self.sampler.items = [(seed * 100_003 + b, indices) for b, indices in enumerate(batches)]
+        return iter(self.loader)

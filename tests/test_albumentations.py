@@ -1,0 +1,78 @@
+"""--albumentations: a saved pipeline applied per image in worker processes, in order, replayable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+A = pytest.importorskip("albumentations")
+
+from conftest import make_competition, run_script  # noqa: E402
+from kaggle_cifar import distributed, train  # noqa: E402
+from kaggle_cifar.config import TrainConfig  # noqa: E402
+from kaggle_cifar.cv import train_folds  # noqa: E402
+from kaggle_cifar.errors import ConfigError  # noqa: E402
+
+CPU = distributed.setup("cpu")
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_competition(tmp_path / "input", per_class=6, n_test=3)
+
+
+def test_the_pipeline_is_what_the_model_trains_on(small, tmp_path, monkeypatch):
+    A.save(A.Compose([A.InvertImg(p=1.0)]), str(tmp_path / "invert.json"))
+    cfg = TrainConfig(folds=2, epochs=1, width=8, batch_size=4, flip=False, crop_pad=0,
+                      albumentations=str(tmp_path / "invert.json"))
+    seen, real_augment = [], train.augment
+    monkeypatch.setattr(train, "augment", lambda images, *args: seen.append(images) or real_augment(images, *args))
+    train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
+    trained_on = torch.cat(seen).float().mean((0, 1, 2))
+    originals = torch.from_numpy(np.load(next((small / ".cache").glob("train*.npy")))).float().mean((0, 1, 2))
+    torch.testing.assert_close(trained_on, 255 - originals, atol=12, rtol=0)  # every image inverted (a sample of them)
+
+
+def test_a_run_with_albumentations_replays_exactly_when_resumed(small, tmp_path, monkeypatch):
+    A.save(A.Compose([A.Affine(translate_percent=(-0.2, 0.2), rotate=(-20, 20), p=0.8), A.CoarseDropout(p=0.5),
+                      A.ColorJitter(p=0.5)]), str(tmp_path / "aug.yaml"), data_format="yaml")
+    cfg = TrainConfig(folds=2, epochs=3, width=8, batch_size=4, albumentations=str(tmp_path / "aug.yaml"))
+    train_folds(cfg, small, tmp_path / "straight", small / ".cache", CPU)
+    calls, real_augment = {"n": 0}, train.augment
+
+    def crash_in_epoch_2_of_fold_1(*args):
+        calls["n"] += 1
+        if calls["n"] == 3 * 2 + 2 + 1:  # fold 0 (3 epochs x 2 steps), fold 1 epoch 1, mid epoch 2
+            raise KeyboardInterrupt("simulated kill")
+        return real_augment(*args)
+
+    monkeypatch.setattr(train, "augment", crash_in_epoch_2_of_fold_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_folds(cfg, small, tmp_path / "resumed", small / ".cache", CPU)
+    monkeypatch.setattr(train, "augment", real_augment)
+    train_folds(cfg, small, tmp_path / "resumed", small / ".cache", CPU)
+    plain = dataclasses.replace(cfg, albumentations="")
+    train_folds(plain, small, tmp_path / "plain", small / ".cache", CPU)
+    for fold in (0, 1):
+        straight, resumed, without = (torch.load(tmp_path / run / f"fold{fold}" / "model.pt", weights_only=True)["model"]
+                                      for run in ("straight", "resumed", "plain"))
+        for name in straight:
+            torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+        assert not torch.equal(without["1.stem.0.weight"], straight["1.stem.0.weight"])
+
+
+def test_a_file_that_is_no_usable_pipeline_is_refused_in_one_sentence(small, tmp_path):
+    (tmp_path / "junk.json").write_text("{not json")
+    A.save(A.Compose([A.Resize(16, 16)]), str(tmp_path / "resize.json"))
+    for name, why in [("junk.json", "not an albumentations pipeline saved with A.save as json"),
+                      ("resize.json", r"turns a uint8 \(32, 32, 3\) image into uint8 \(16, 16, 3\)"),
+                      ("missing.json", "no such file")]:
+        with pytest.raises(ConfigError, match=why):
+            TrainConfig(albumentations=str(tmp_path / name)).check_files()
+    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
+                      "--albumentations", str(tmp_path / "resize.json"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --albumentations")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
