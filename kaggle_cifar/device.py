@@ -116,10 +116,13 @@ def place(model: torch.nn.Sequential, device: torch.device) -> torch.nn.Sequenti
     forward images/s, bench/RESULTS.md). Except where oneDNN fails in it: on a CPU without AVX-512,
     the backward pass of a strided 1x1 convolution with fewer than 8 input channels (resnet18_cifar
     narrower than --width 8) segfaults or hangs (torch 2.14.1), so such a model runs NCHW
-    throughout, from its input layer on."""
+    throughout, from its input layer on, and compiled too: inductor's own layout choice is off."""
     if device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability() and any(
             isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
             for m in model.modules()):
+        from torch._inductor import config as inductor
+
+        inductor.layout_optimization = False
         model[0].channels_last = False
         return model.to(device)
     return model.to(device, memory_format=torch.channels_last)

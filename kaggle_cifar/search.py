@@ -133,7 +133,7 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
     trials of an earlier session that were stopped mid-way are asked for again."""
     url = storage_url or search_dir.study_url
     search_dir.path.mkdir(parents=True, exist_ok=True)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
     try:
         # A trial whose process died without a word stops beating; the next session finds it stale.

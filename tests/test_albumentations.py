@@ -76,3 +76,29 @@ def test_a_file_that_is_no_usable_pipeline_is_refused_in_one_sentence(small, tmp
                       "--albumentations", str(tmp_path / "resize.json"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --albumentations")
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_log_says_when_augmentation_is_the_bottleneck(small, tmp_path, caplog):
+    import logging
+    import time
+
+    from tqdm import tqdm
+
+    from kaggle_cifar.data import load_train
+    from kaggle_cifar.folds import DeviceTrainSet, fold_split
+
+    cfg = TrainConfig(folds=2, epochs=1, width=8, batch_size=4, albumentations="aug.json")
+    train_set = load_train(small, small / ".cache", cfg.folds)
+    data = DeviceTrainSet.of(train_set, torch.device("cpu")).fold(fold_split(cfg, train_set.labels), 0)
+    t = train.build_training(cfg, data, torch.device("cpu"))
+
+    class SlowWorkers:  # stands in for HostAugmenter: batches that take 0.3 s each to arrive
+        def epoch(self, batches, seed):
+            for indices in batches:
+                time.sleep(0.3)
+                yield data.train_images[torch.from_numpy(indices)]
+
+    with caplog.at_level(logging.WARNING), tqdm(disable=True) as bar:
+        metrics = train.train_one_epoch(t, cfg, data, 0, bar, SlowWorkers())
+    assert metrics["augment_wait_s"] >= 0.3  # the second batch's wait (the first is the workers' start-up)
+    assert "augmentation, not the model, is the bottleneck" in caplog.text

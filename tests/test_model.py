@@ -86,8 +86,15 @@ def test_narrow_models_run_nchw_on_cpus_where_onednn_fails_in_channels_last(monk
                                                                              channels_last):
     from kaggle_cifar.config import TrainConfig
 
+    from torch._inductor import config as inductor
+
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    model = device.place(TrainConfig(width=width).build_model(3), torch.device("cpu"))
+    layout_optimization = inductor.layout_optimization
+    try:
+        model = device.place(TrainConfig(width=width).build_model(3), torch.device("cpu"))
+        assert inductor.layout_optimization == channels_last  # inductor may not choose channels_last either
+    finally:
+        inductor.layout_optimization = layout_optimization
     seen = []
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):

@@ -69,9 +69,9 @@ def test_a_slower_machine_gets_fewer_epochs_and_a_fold_that_slows_down_is_planne
     slow = StepClock(monkeypatch, cost=1.0)
     real_epoch = train.train_one_epoch
 
-    def slowing(t, cfg, data, epoch, bar):  # fold 0 slows down threefold from its fourth epoch
+    def slowing(t, cfg, data, epoch, *rest):  # fold 0 slows down threefold from its fourth epoch
         slow.cost = 3.0 if data.fold == 0 and epoch >= 3 else 1.0
-        return real_epoch(t, cfg, data, epoch, bar)
+        return real_epoch(t, cfg, data, epoch, *rest)
 
     monkeypatch.setattr(train, "train_one_epoch", slowing)
     summary = train_folds(CFG, small, tmp_path / "slow", small / ".cache", CPU)
@@ -87,10 +87,10 @@ def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
     clock = StepClock(monkeypatch)
     real_epoch = train.train_one_epoch
 
-    def killed_in_fold_1(t, cfg, data, epoch, bar):
+    def killed_in_fold_1(t, cfg, data, epoch, *rest):
         if data.fold == 1 and epoch == 3:
             raise KeyboardInterrupt("simulated kill")
-        return real_epoch(t, cfg, data, epoch, bar)
+        return real_epoch(t, cfg, data, epoch, *rest)
 
     monkeypatch.setattr(train, "train_one_epoch", killed_in_fold_1)
     with pytest.raises(KeyboardInterrupt):
