@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -54,14 +52,11 @@ def test_a_run_with_albumentations_replays_exactly_when_resumed(small, tmp_path,
         train_folds(cfg, small, tmp_path / "resumed", small / ".cache", CPU)
     monkeypatch.setattr(train, "augment", real_augment)
     train_folds(cfg, small, tmp_path / "resumed", small / ".cache", CPU)
-    plain = dataclasses.replace(cfg, albumentations="")
-    train_folds(plain, small, tmp_path / "plain", small / ".cache", CPU)
     for fold in (0, 1):
-        straight, resumed, without = (torch.load(tmp_path / run / f"fold{fold}" / "model.pt", weights_only=True)["model"]
-                                      for run in ("straight", "resumed", "plain"))
+        straight, resumed = (torch.load(tmp_path / run / f"fold{fold}" / "model.pt", weights_only=True)["model"]
+                             for run in ("straight", "resumed"))
         for name in straight:
             torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
-        assert not torch.equal(without["1.stem.0.weight"], straight["1.stem.0.weight"])
 
 
 def test_a_file_that_is_no_usable_pipeline_is_refused_in_one_sentence(small, tmp_path):

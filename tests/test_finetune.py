@@ -3,8 +3,6 @@ network, the head trained alone first, ImageNet's normalisation for ImageNet wei
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -95,12 +93,3 @@ def test_a_timm_imagenet_checkpoint_fine_tunes_at_another_size_and_predicts(tmp_
     torch.testing.assert_close(trained["0.mean"].flatten(), torch.tensor(IMAGENET_MEAN))
     sub = run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
     assert len(sub.splitlines()) == 4
-
-
-def test_image_size_is_part_of_the_runs_identity(tmp_path):
-    small = make_competition(tmp_path / "input", per_class=6, n_test=3)
-    cfg = dataclasses.replace(CFG, epochs=1, freeze_epochs=0)
-    train_folds(cfg, small, tmp_path / "run", small / ".cache", distributed.setup("cpu"))
-    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
-                      "--config", str(tmp_path / "run" / "config.json"), "--image-size", "40", check=False)
-    assert proc.returncode == 2 and "image_size" in proc.stderr

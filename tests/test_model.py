@@ -91,6 +91,7 @@ def test_narrow_models_run_nchw_on_cpus_where_onednn_fails_in_channels_last(monk
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     layout_optimization = inductor.layout_optimization
     try:
+        inductor.layout_optimization = True  # as torch starts; an earlier narrow model in this process turned it off
         model = device.place(TrainConfig(width=width).build_model(3), torch.device("cpu"))
         assert inductor.layout_optimization == channels_last  # inductor may not choose channels_last either
     finally:

@@ -13,9 +13,9 @@ import torch
 from conftest import make_competition, run_script
 from kaggle_cifar import train
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.errors import ConfigError, RunDirError
 from kaggle_cifar.rundir import SearchDir
-from kaggle_cifar.search import Dimension, check_space, parse_space, run_search
+from kaggle_cifar.search import Dimension, check_space, open_study, parse_space, run_search
 
 BASE = TrainConfig(folds=2, epochs=3, width=8, batch_size=8)
 
@@ -102,7 +102,14 @@ def test_search_writes_trials_pictures_and_a_best_config_and_goes_on(tiny, tmp_p
     assert (where / "report" / "history.png").stat().st_size > 0 and (where / "report" / "slices.png").exists()
     run_script("search.py", *args, "3")
     assert len(pd.read_csv(where / "trials.csv")) == 3  # the same study, one trial more
-    other = run_script("search.py", *args[:-1], "--epochs", "3", "--trials", "4", check=False)
-    assert other.returncode == 2 and "this study was made with another base config" in other.stderr
     bad = run_script("search.py", *args, "3", "--storage", "nosuchdb://x", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: nosuchdb://x: cannot hold the study")
+
+
+def test_a_study_is_refused_to_another_base_config_or_space(tmp_path):
+    space = parse_space(["lr=0.01:0.3:log"])
+    open_study(BASE, space, SearchDir(tmp_path), None, prune=True)
+    with pytest.raises(RunDirError, match="this study was made with another base config"):
+        open_study(dataclasses.replace(BASE, epochs=4), space, SearchDir(tmp_path), None, prune=True)
+    with pytest.raises(RunDirError, match="this study was made with another space"):
+        open_study(BASE, parse_space(["lr=0.01:0.5:log"]), SearchDir(tmp_path), None, prune=True)
