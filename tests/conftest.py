@@ -55,3 +55,21 @@ def run_script(name: str, *args: str, check: bool = True) -> subprocess.Complete
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def train_and_predict_from_random_timm_weights(tmp_path: Path, timm_name: str, *train_flags: str):
+    """A tiny competition trained from a randomly initialised timm checkpoint (standing in for a
+    downloaded ImageNet file), then predicted; returns the source network and the run dir."""
+    import timm
+    import torch
+
+    competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
+    torch.manual_seed(0)
+    source = timm.create_model(timm_name, pretrained=False)
+    torch.save(source.state_dict(), tmp_path / f"{timm_name}.pth")
+    run = tmp_path / "run"
+    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--folds", "2",
+                      "--batch-size", "4", "--pretrained", str(tmp_path / f"{timm_name}.pth"), *train_flags)
+    sub = run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
+    assert len(sub.splitlines()) == 4
+    return source, run, proc

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_competition, run_script
+from conftest import make_competition, train_and_predict_from_random_timm_weights
 from kaggle_cifar import distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -79,17 +79,7 @@ def test_frozen_epochs_train_only_the_head_and_a_resume_lands_in_the_right_phase
 
 
 def test_a_timm_imagenet_checkpoint_fine_tunes_at_another_size_and_predicts(tmp_path):
-    import timm
-
-    competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
-    torch.manual_seed(0)
-    imagenet = timm.create_model("resnet18", pretrained=False)  # stands in for a downloaded ImageNet file
-    torch.save(imagenet.state_dict(), tmp_path / "resnet18.pth")
-    run = tmp_path / "run"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--arch", "resnet18",
-               "--folds", "2", "--epochs", "2", "--freeze-epochs", "1", "--image-size", "64", "--batch-size", "4",
-               "--pretrained", str(tmp_path / "resnet18.pth"))
+    _, run, _ = train_and_predict_from_random_timm_weights(tmp_path, "resnet18", "--arch", "resnet18", "--epochs", "2",
+                                                           "--freeze-epochs", "1", "--image-size", "64")
     trained = torch.load(run / "fold0" / "model.pt", weights_only=True)["model"]
     torch.testing.assert_close(trained["0.mean"].flatten(), torch.tensor(IMAGENET_MEAN))
-    sub = run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
-    assert len(sub.splitlines()) == 4

@@ -65,20 +65,10 @@ def test_training_starts_every_fold_from_the_pretrained_weights(tmp_path):
 
 
 def test_a_resnet_family_member_starts_from_imagenet_shaped_weights_and_predicts(tmp_path):
-    import timm
+    from conftest import train_and_predict_from_random_timm_weights
 
-    from conftest import make_competition, run_script
-
-    competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
-    torch.manual_seed(0)
-    imagenet = timm.create_model("resnet34", pretrained=False)  # stands in for a downloaded ImageNet file
-    torch.save(imagenet.state_dict(), tmp_path / "resnet34.pth")
-    run = tmp_path / "run"
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--arch", "resnet34_cifar",
-                      "--folds", "2", "--epochs", "1", "--batch-size", "4", "--lr", "1e-9",
-                      "--pretrained", str(tmp_path / "resnet34.pth"))
+    imagenet, run, proc = train_and_predict_from_random_timm_weights(tmp_path, "resnet34", "--arch", "resnet34_cifar",
+                                                                     "--epochs", "1", "--lr", "1e-9")
     assert "kept fresh: 0.mean, 0.std, 1.conv1.weight, 1.fc.bias, 1.fc.weight" in proc.stderr  # 7x7 stem, 1000 classes
     trained = torch.load(run / "fold0" / "model.pt", weights_only=True)["model"]
     torch.testing.assert_close(trained["1.layer3.0.conv1.weight"], imagenet.layer3[0].conv1.weight, rtol=0, atol=1e-6)
-    sub = run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
-    assert len(sub.splitlines()) == 4
