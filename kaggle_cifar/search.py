@@ -134,12 +134,14 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
     url = storage_url or search_dir.study_url
     search_dir.path.mkdir(parents=True, exist_ok=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
     try:
-        # A trial whose process died without a word stops beating; the next session finds it stale.
-        storage = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
-                                    pruner=pruner, sampler=optuna.samplers.TPESampler(seed=base.seed))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
+            # A trial whose process died without a word stops beating; the next session finds it stale.
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                        load_if_exists=True, pruner=pruner,
+                                        sampler=optuna.samplers.TPESampler(seed=base.seed))
     except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
         raise RunDirError(f"{url}: cannot hold the study ({str(e).splitlines()[0][:200]})") from None
     identity = {"base_config": base.to_json(), "space": [dataclasses.asdict(d) for d in space]}
@@ -149,7 +151,9 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
         elif study.user_attrs[key] != _json_like(value):
             raise RunDirError(f"{url}: this study was made with another {key.replace('_', ' ')}; "
                               f"use another --run-dir (or --storage), or delete it to start over")
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     for t in trials:
         if t.state == optuna.trial.TrialState.FAIL and not any(
@@ -213,20 +217,21 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
         trial.set_user_attr("seconds", result["seconds"])
         return result["accuracy"]
 
-    # Ctrl-C: the trial is recorded as failed with one line, not optuna's traceback.
-    logging.getLogger("optuna.study._optimize").addFilter(
-        lambda record: not (record.exc_info and record.exc_info[0] is KeyboardInterrupt))
+    logging.getLogger("optuna.study._optimize").addFilter(_without_interrupt_traceback)  # once: the same filter
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    if len(study.get_trials(deepcopy=False, states=finished)) < trials:
-        try:
+    try:
+        if len(study.get_trials(deepcopy=False, states=finished)) < trials:
             study.optimize(objective, timeout=timeout, catch=(),
                            callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
                                       lambda study, _: write_outputs(study, base, search_dir)])
-        finally:
-            write_outputs(study, base, search_dir)
-    else:
+    finally:
         write_outputs(study, base, search_dir)
     return study
+
+
+def _without_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Ctrl-C: the trial is recorded as failed in one line, without optuna's traceback."""
+    return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
 
 
 def write_outputs(study: optuna.Study, base: TrainConfig, search_dir: SearchDir) -> None:

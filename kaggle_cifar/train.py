@@ -66,6 +66,11 @@ def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) 
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
+def head_parameter_ids(model: torch.nn.Module) -> set[int]:
+    """The classifier head's parameters (by id) of a model as build_model makes it."""
+    return {id(p) for p in model[1].get_classifier().parameters()}
+
+
 @dataclass
 class Training:
     """Everything a training step changes, and what last.pt saves of it."""
@@ -83,13 +88,12 @@ class Training:
         """Training mode for an epoch. With `features_frozen` only the classifier head trains, as in
         feature extraction: every other weight gets no gradient (so the optimizer leaves it as it is)
         and its BatchNorm layers keep their statistics (eval mode)."""
-        head = self.model[1].get_classifier()
-        in_head = {id(p) for p in head.parameters()}
+        in_head = head_parameter_ids(self.model)
         for group in self.optimizer.param_groups:  # the trainable weights; frozen-by-design ones are not here
             for p in group["params"]:
                 p.requires_grad_(id(p) in in_head or not features_frozen)
         self.model.train(not features_frozen)
-        head.train()
+        self.model[1].get_classifier().train()
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -127,7 +131,7 @@ def head_apart(cfg: TrainConfig):
     run whose head trains alone first: fused SGD starts the momentum of a whole group at once, so
     the weights that join later need groups of their own."""
     def groups(model: torch.nn.Module) -> list[dict]:
-        head = {id(p) for p in model[1].get_classifier().parameters()}
+        head = head_parameter_ids(model)
         split = []
         for group in param_groups_weight_decay(model, cfg.weight_decay, not cfg.decay_norm_and_bias):
             for part in ([p for p in group["params"] if id(p) in head], [p for p in group["params"] if id(p) not in head]):
