@@ -3,11 +3,14 @@
     python bench/bench.py --input input                       # the default run, as a competitor runs it
     python bench/bench.py --input /tmp/cifar-small --folds 2 --epochs 4 --width 16    # CPU-sized
 
-Measures, from a cold cache: PNG decode images/s (train and test), training images/s per fold
-(epochs after the first, so warm-up and compilation stay out), epoch time, predict images/s per
-TTA view and fold, the wall time of the whole pipeline (decode + k folds + predict + CSV), the
-model's training FLOPs per image and the TFLOP/s they imply; then the run's accuracy report (CV,
-each fold with each TTA view set, and with --holdout N the fold ensemble against single folds).
+Measures, side by side: the training step and the forward pass in float32 eager (the reference)
+and in the chosen precision and compile setting, and the forward pass compiled for inference with
+frozen weights (what predict does on the CPU for a large set); then, from a cold cache, PNG decode
+images/s (train and test), training images/s per fold (epochs after the first, so warm-up and
+compilation stay out), epoch time, predict images/s per TTA view and fold, the wall time of the
+whole pipeline (decode + k folds + predict + CSV), the model's training FLOPs per image and the
+TFLOP/s they imply; then the run's accuracy report (CV, each fold with each TTA view set, and with
+--holdout N the fold ensemble against single folds).
 Run outputs go to a temporary folder.
 """
 
@@ -92,6 +95,12 @@ def main() -> None:
             measured(f"forward pass, {name}", f"{predict_rate:,.0f} images/s per view ({predict_rate / base_predict:.2f}x; "
                                               f"{predict_rate / train_rate:.1f}x its training rate)", "")
         set_precision(args.precision)
+        # predict's default on the CPU for a large set: the model compiled for inference, weights frozen
+        _, image_seconds = calibrate(cfg, fold, ctx.device, compile, steps=1, images=8192, forward_compiled=True)
+        train_rate, predict_rate = rates[settings[-1]][0], 1 / image_seconds
+        measured(f"forward pass, {autocast_name(ctx.device)}, compiled for inference (weights frozen)",
+                 f"{predict_rate:,.0f} images/s per view ({predict_rate / rates[settings[0]][1]:.2f}x; "
+                 f"{predict_rate / train_rate:.1f}x the training rate above)", "")
         if args.speed_only:
             print("\n" + setting(ctx.device, compile, cfg) + "\n\n" + str(table))
             return

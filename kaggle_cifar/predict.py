@@ -15,7 +15,7 @@ from kaggle_cifar import distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
-from kaggle_cifar.inference import load_fold_models, stream_probs
+from kaggle_cifar.inference import PREDICT_BATCH, for_inference, load_fold_models, stream_probs
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, submission_frame
 
@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   tta: str | None = None, batch_size: int = PREDICT_BATCH,
+                   compile: bool | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
-    `run_dirs`, with the `tta` views (default: the first run's); on every rank."""
+    `run_dirs`, with the `tta` views (default: the first run's), the models compiled for
+    inference as `compile` says (None: inference.for_inference's default); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
@@ -34,6 +36,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     views = TTA_VIEWS[tta or configs[0][0].tta]
 
     rows = distributed.shard(len(images), ctx)
+    models = for_inference(models, ctx.device, (rows.stop - rows.start) * len(views), batch_size, compile)
     t0 = time.perf_counter()
     local = stream_probs(models, images[rows], views, ctx.device, batch_size, desc=f"predict rank {ctx.rank}")
     synchronize(ctx.device)
@@ -44,9 +47,9 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
 
 
 def submission_csv(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int = 2048) -> str | None:
+                   tta: str | None = None, batch_size: int = PREDICT_BATCH, compile: bool | None = None) -> str | None:
     """The ensemble's submission CSV, validated (on rank 0; None elsewhere)."""
-    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size)
+    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, compile)
     if not ctx.is_main:
         return None
     return render(submission_frame(ids, probs, classes), ids, classes)

@@ -23,7 +23,8 @@ from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import TrainingDiverged
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.host_augment import HostAugmenter, workers
-from kaggle_cifar.inference import stream_probs, view_set_probs
+from kaggle_cifar.inference import (DISTINCT_VIEWS, PREDICT_BATCH, for_inference, forward_seconds, stream_probs,
+                                    view_set_probs)
 from kaggle_cifar.model import load_pretrained
 from kaggle_cifar.report import accuracy, nll
 from kaggle_cifar.rundir import FoldDir
@@ -262,11 +263,13 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     set), and result.json last: from then on the fold counts as finished."""
     model, device = t.eval_model.eval(), data.val_images.device
     fold_dir.save_model(meta, model.state_dict())
-    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs([model], data.val_images, device).items()}
+    forwards = len(DISTINCT_VIEWS) * (len(data.val_images) + len(data.holdout_images))
+    models = for_inference([model], device, forwards, PREDICT_BATCH)
+    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(models, data.val_images, device).items()}
     fold_dir.write_oof(oof_by_tta[cfg.tta])
     if len(data.holdout_images):
         fold_dir.write_holdout({name: p.cpu().numpy()
-                                for name, p in view_set_probs([model], data.holdout_images, device).items()})
+                                for name, p in view_set_probs(models, data.holdout_images, device).items()})
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
     result = {"fold": data.fold, "accuracy": accuracy_by_tta[cfg.tta], "accuracy_by_tta": accuracy_by_tta,
@@ -280,10 +283,11 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
 
 
 def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, steps: int = 5,
-              images: int | None = None) -> tuple[float, float]:
-    """Seconds per training step (augmentation included) and per held-out image predicted,
-    measured on a throwaway copy of the fold's training after a warm-up that pays for any
-    compilation: `steps` steps, and `images` held-out images (default: four batches)."""
+              images: int | None = None, forward_compiled: bool = False) -> tuple[float, float]:
+    """Seconds per training step (augmentation included) and per held-out image predicted (by the
+    model compiled for inference with `forward_compiled`), measured on a throwaway copy of the
+    fold's training after a warm-up that pays for any compilation: `steps` steps, and `images`
+    held-out images (default: four training batches)."""
     t = build_training(cfg, data, device, compile)
     t.scheduler = one_cycle(t.optimizer, cfg, 2 + steps)  # as long as the calibration, whatever the data
     generator = torch.Generator(device).manual_seed(0)
@@ -300,12 +304,9 @@ def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: b
         step(2 + i)
     devices.synchronize(device)
     seconds_per_step = (budget.clock() - t0) / steps
-    model, held_out = t.model.eval(), data.val_images[:images or 4 * t.batch_size]
-    stream_probs([model], held_out[:t.batch_size], TTA_VIEWS["none"], device)
-    t0 = budget.clock()
-    stream_probs([model], held_out, TTA_VIEWS["none"], device)
-    devices.synchronize(device)
-    return seconds_per_step, (budget.clock() - t0) / max(1, len(held_out))
+    held_out = data.val_images[:images or 4 * t.batch_size]
+    models = for_inference([t.model.eval()], device, 0, PREDICT_BATCH, compile=forward_compiled)
+    return seconds_per_step, forward_seconds(models, held_out, device, PREDICT_BATCH)
 
 
 def plan_epochs(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, deadline: float) -> dict:
@@ -313,8 +314,7 @@ def plan_epochs(cfg: TrainConfig, data: FoldData, device: torch.device, compile:
     step_seconds, image_seconds = calibrate(cfg, data, device, compile)
     steps = len(data.train_targets) // min(cfg.batch_size, len(data.train_targets))
     epoch_seconds = steps * step_seconds + min(EPOCH_EVAL_IMAGES, len(data.val_targets)) * image_seconds
-    distinct_views = len({view for views in TTA_VIEWS.values() for view in views})
-    reserve = distinct_views * (len(data.val_targets) + len(data.holdout_images)) * image_seconds
+    reserve = len(DISTINCT_VIEWS) * (len(data.val_targets) + len(data.holdout_images)) * image_seconds
     epochs = budget.epochs_that_fit(deadline, epoch_seconds, reserve, 0)
     return {"epochs": epochs, "deadline_in_s": deadline - budget.clock(), "step_seconds": step_seconds,
             "epoch_seconds": epoch_seconds, "reserve_s": reserve, "replans": []}

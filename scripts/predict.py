@@ -13,6 +13,7 @@ from kaggle_cifar import cli, distributed
 from kaggle_cifar.atomic import write_text
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.device import set_precision
+from kaggle_cifar.inference import COMPILE_MIN_FORWARDS, PREDICT_BATCH
 from kaggle_cifar.predict import submission_csv
 
 
@@ -24,8 +25,13 @@ def main() -> int:
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the fold models for inference, weights frozen into the graph (default: on the "
+                             f"CPU when images x views per model reach {COMPILE_MIN_FORWARDS:,}, where it pays for "
+                             "its compilation; off on GPUs)")
     cli.add_precision_flag(parser)
-    parser.add_argument("--batch-size", type=cli.positive_int, default=2048, help="inference batch size (default: 2048)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=PREDICT_BATCH,
+                        help=f"inference batch size (default: {PREDICT_BATCH})")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the CSV to this file (atomically) instead of stdout")
     args = parser.parse_args()
@@ -36,7 +42,7 @@ def main() -> int:
     try:
         cli.resolve_paths(args, ctx)
         csv = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
-                             args.batch_size)
+                             args.batch_size, args.compile)
     finally:
         distributed.teardown(ctx)
     if csv is not None:
