@@ -43,6 +43,7 @@ VARIANTS = {
     "randaugment": {"auto_augment": "randaugment"},
     "trivialaugment": {"auto_augment": "trivialaugment"},
     "crop_pad_2": {"crop_pad": 2},
+    "flip_alternate": {"flip": "alternate"},
     "batch_256_lr_0.3": {"batch_size": 256, "lr": 0.3},
     "batch_512_lr_0.4": {"batch_size": 512, "lr": 0.4},
     "momentum_not_nesterov": {"optimizer": "momentum"},

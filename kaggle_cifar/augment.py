@@ -12,12 +12,18 @@ import torch
 from torchvision.transforms import v2
 
 
-def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """Random horizontal flip (p=0.5) and random crop back to size from a zero-padded copy."""
+FLIPS = ("random", "alternate", "none")  # --flip: see train.epoch_flips for alternate
+
+
+def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: bool = True,
+              flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """Horizontal flip of the images `flipped` names (one bool each; default: each with p=0.5),
+    then a random crop back to size from a zero-padded copy."""
     n, _, h, w = images.shape
     device = images.device
     if flip:
-        flipped = torch.rand(n, device=device, generator=generator) < 0.5
+        if flipped is None:
+            flipped = torch.rand(n, device=device, generator=generator) < 0.5
         images = torch.where(flipped[:, None, None, None], images.flip(3), images)
     if pad == 0:
         return images

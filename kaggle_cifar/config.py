@@ -49,14 +49,16 @@ class TrainConfig:
     anneal: str = _opt("linear", "shape of the learning-rate decay after the warm-up: linear or cos")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     ema_decay: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
-    flip: bool = _opt(True, "random horizontal flips on the device")
+    flip: str = _opt("random", "horizontal flips on the device: random (each image, each epoch, p=0.5), alternate "
+                               "(each image flipped every other epoch, from a side drawn once per fold: airbench's "
+                               "alternating flip), or none")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
     auto_augment: str = _opt("", "RandAugment-style ops after flip/crop, drawn per image on the device: "
                                  "randaugment, trivialaugment, or empty for none")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
     albumentations: str = _opt("", "an albumentations pipeline saved with A.save (JSON, or YAML by its suffix), applied "
                                    "to each training image in worker processes before the device's flip/crop (off "
-                                   "with --no-flip --crop-pad 0), seeded per (seed, fold, epoch, batch); empty: none")
+                                   "with --flip none --crop-pad 0), seeded per (seed, fold, epoch, batch); empty: none")
     pretrained: str = _opt("", "local weights file to start every fold from (state dict or a run's model.pt; "
                                 "read with weights_only=True, nothing is downloaded)")
     normalization: str = _opt("auto", "per-channel mean and std the input is standardised with: data (the training "
@@ -75,7 +77,7 @@ class TrainConfig:
     def __post_init__(self):
         from timm.optim import list_optimizers
 
-        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, TTA_VIEWS
+        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, FLIPS, TTA_VIEWS
         from kaggle_cifar.model import ARCHS, SCALABLE_ARCHS
 
         wrong_types = []
@@ -104,6 +106,7 @@ class TrainConfig:
             ("anneal", self.anneal in ("linear", "cos"), "linear or cos"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("flip", self.flip in FLIPS, f"one of {', '.join(FLIPS)}"),
             ("crop_pad", self.crop_pad >= 0, "0 or more"),
             ("auto_augment", self.auto_augment in ("", *AUTO_AUGMENT_POLICIES),
              f"empty or one of {', '.join(AUTO_AUGMENT_POLICIES)}"),
@@ -163,6 +166,8 @@ class TrainConfig:
             raise ConfigError(f"{path}: unreadable config ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: not a config (a JSON object of TrainConfig fields)")
+        if isinstance(data.get("flip"), bool):  # the yes/no form of --flip: random or none
+            data["flip"] = "random" if data["flip"] else "none"
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"{path}: unknown config keys {sorted(unknown)}")

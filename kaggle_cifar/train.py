@@ -59,9 +59,22 @@ def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Ten
     return model
 
 
-def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """uint8 NHWC batch in, augmented uint8 NCHW batch out."""
-    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator, cfg.flip)
+def epoch_flips(cfg: TrainConfig, data: FoldData, epoch: int) -> torch.Tensor | None:
+    """With --flip alternate, which of the fold's training images epoch `epoch` flips: each image
+    draws a side once per fold, then switches every epoch, so that any two epochs in a row show it
+    both ways (airbench's alternating flip: more diversity than random flips, which show an image
+    the same way twice in a row half the time). None for the other rules."""
+    if cfg.flip != "alternate":
+        return None
+    device = data.train_targets.device
+    first = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold))
+    return (torch.rand(len(data.train_targets), device=device, generator=first) < 0.5) ^ bool(epoch % 2)
+
+
+def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+            flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 NHWC batch in, augmented uint8 NCHW batch out; `flipped`: the batch's rows of epoch_flips."""
+    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator, cfg.flip != "none", flipped)
     if cfg.auto_augment:
         x = auto_augment(x, cfg.auto_augment, generator)
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
@@ -197,6 +210,7 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     device = data.train_images.device
     generator = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold, epoch))
     order = torch.randperm(len(data.train_targets), device=device, generator=generator)
+    flips = epoch_flips(cfg, data, epoch)
     # Summed on the device, no host sync per step. A step the loss scaler skipped (one overflow in
     # fp16) changed no weight, so its loss is left out of the epoch's mean rather than making it inf.
     loss_sum = torch.zeros((), device=device)
@@ -213,7 +227,8 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
             waited += (time.perf_counter() - t_wait) if step else 0.0  # the first: the workers' start-up
         else:
             images = data.train_images[idx]
-        inputs, targets = augment(images, cfg, generator), data.train_targets[idx]
+        inputs = augment(images, cfg, generator, None if flips is None else flips[idx])
+        targets = data.train_targets[idx]
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
         loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
         loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
@@ -290,11 +305,12 @@ def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: b
     held-out images (default: four training batches)."""
     t = build_training(cfg, data, device, compile)
     t.scheduler = one_cycle(t.optimizer, cfg, 2 + steps)  # as long as the calibration, whatever the data
-    generator = torch.Generator(device).manual_seed(0)
+    generator, flips = torch.Generator(device).manual_seed(0), epoch_flips(cfg, data, 0)
 
     def step(i: int) -> None:
         idx = torch.randint(len(data.train_targets), (t.batch_size,), generator=generator, device=device)
-        train_step(t, augment(data.train_images[idx], cfg, generator), data.train_targets[idx], i + 1)
+        flipped = None if flips is None else flips[idx]
+        train_step(t, augment(data.train_images[idx], cfg, generator, flipped), data.train_targets[idx], i + 1)
 
     step(0)
     step(1)

@@ -24,7 +24,7 @@ def small(tmp_path):
 
 def test_the_pipeline_is_what_the_model_trains_on(small, tmp_path, monkeypatch):
     A.save(A.Compose([A.InvertImg(p=1.0)]), str(tmp_path / "invert.json"))
-    cfg = TrainConfig(folds=2, epochs=1, width=8, batch_size=4, flip=False, crop_pad=0,
+    cfg = TrainConfig(folds=2, epochs=1, width=8, batch_size=4, flip="none", crop_pad=0,
                       albumentations=str(tmp_path / "invert.json"))
     seen, real_augment = [], train.augment
     monkeypatch.setattr(train, "augment", lambda images, *args: seen.append(images) or real_augment(images, *args))

@@ -110,3 +110,50 @@ def test_tta_views():
     assert len(TTA_VIEWS["none"]) == 1 and len(TTA_VIEWS["flip"]) == 2 and len(TTA_VIEWS["flip_translate"]) == 6
     assert torch.equal(tta_view(x, (True, 0, 0)), x.flip(3))
     assert len({tta_view(x, v).numpy().tobytes() for v in TTA_VIEWS["flip_translate"]}) == 6  # all distinct
+
+
+def test_alternating_flips_show_every_image_both_ways_in_any_two_epochs_in_a_row(tmp_path, monkeypatch):
+    from conftest import make_competition
+    from kaggle_cifar import train
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.cv import train_folds
+    from kaggle_cifar.distributed import setup
+
+    seen = []  # (dataset rows, flipped) of every training batch, recorded where train_one_epoch augments
+    real = train.augment
+    monkeypatch.setattr(train, "augment", lambda images, cfg, generator, flipped=None: (
+        seen.append((images.clone(), flipped)), real(images, cfg, generator, flipped))[1])
+    competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
+    cfg = TrainConfig(folds=2, epochs=3, width=8, batch_size=64, flip="alternate", crop_pad=0)
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", setup("cpu"))
+    epochs = [seen[e:e + 1] for e in range(3)]  # fold 0's epochs: one batch of all its training images
+    assert all(flipped is not None for batch in epochs for _, flipped in batch)
+
+    def sides(epoch):  # image (its bytes, before augmentation) -> flipped in this epoch
+        return {image.numpy().tobytes(): bool(f) for batch in epoch for image, f in zip(*batch)}
+
+    first, second, third = sides(epochs[0]), sides(epochs[1]), sides(epochs[2])
+    assert set(first) == set(second) and all(first[k] != second[k] for k in first)
+    assert first == third
+    assert 0 < sum(first.values()) < len(first)
+
+
+def test_augment_flips_exactly_the_images_it_is_told_to():
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.train import augment
+
+    images = random_images(16).permute(0, 2, 3, 1)  # NHWC, as the training set holds them
+    flipped = torch.arange(16) % 3 == 0
+    out = augment(images, TrainConfig(flip="alternate", crop_pad=0), torch.Generator().manual_seed(0), flipped)
+    for src, dst, f in zip(images.permute(0, 3, 1, 2), out, flipped):
+        assert torch.equal(dst, src.flip(2) if f else src)
+
+
+def test_a_config_saved_with_flips_as_yes_or_no_reads_as_random_or_none(tmp_path):
+    import json
+
+    from kaggle_cifar.config import TrainConfig
+
+    for saved, rule in ((True, "random"), (False, "none")):
+        (tmp_path / "config.json").write_text(json.dumps({"flip": saved, "epochs": 3}))
+        assert TrainConfig.from_json(tmp_path / "config.json") == TrainConfig(flip=rule, epochs=3)
