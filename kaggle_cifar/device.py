@@ -92,17 +92,23 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision for training and predict: bf16 where the device computes it natively (GPUs
-    from Ampere on; CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older GPUs such as
-    Kaggle's T4 and P100, none (float32) on other CPUs or when set_precision("float32")."""
-    if _precision == "float32":
-        return None
+def computes_bf16_natively(device: torch.device) -> bool:
+    """GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated: on an AVX2 CPU
+    a bf16 matmul took about 20x the float32 one's time (bench/RESULTS.md)."""
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    if device.type != "cuda":
+        return cpu_has_native_bf16()
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for training and predict: bf16 where the device computes it natively, fp16
+    with loss scaling on older GPUs such as Kaggle's T4 and P100, none (float32) on other CPUs or
+    when set_precision("float32")."""
+    if _precision == "float32" or device.type not in ("cpu", "cuda"):
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY else torch.float16
+    if computes_bf16_natively(device):
+        return torch.bfloat16
+    return torch.float16 if device.type == "cuda" else None
 
 
 def autocast(device: torch.device) -> torch.autocast:

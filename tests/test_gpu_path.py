@@ -156,6 +156,29 @@ def test_an_overflowing_fp16_step_leaves_weights_and_optimizer_state_untouched(o
     assert probe.overflow_step_changes_nothing(t, x, y, 2)
 
 
+@pytest.mark.parametrize("native, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_muon_orthogonalises_its_updates_in_bf16_only_where_the_device_computes_it(native, dtype, monkeypatch):
+    """timm's default is bf16, which an AVX2 CPU (or a T4) only emulates, at about 20x the time."""
+    from timm.optim import muon as timm_muon
+
+    from kaggle_cifar import train
+
+    used = []
+    newton_schulz = train.NEWTON_SCHULZ
+
+    def recorded(*args, dtype=torch.bfloat16, **kwargs):
+        used.append(dtype)
+        return newton_schulz(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(train, "NEWTON_SCHULZ", recorded)
+    monkeypatch.setattr(timm_muon, "zeropower_via_newtonschulz", timm_muon.zeropower_via_newtonschulz)  # restored after
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    data = synthetic_fold()
+    t = build_training(TrainConfig(width=4, batch_size=16, optimizer="muon", lr=0.02), data, torch.device("cpu"))
+    train_step(t, data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16], 1)
+    assert len(used) >= 20 and set(used) == {dtype}  # every conv and linear weight of the ResNet18
+
+
 def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, monkeypatch):
     fp16(monkeypatch)
     calls = {"n": 0}
