@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kaggle_cifar.atomic import atomic_path, free_space
-from kaggle_cifar.errors import CheckpointError
+from kaggle_cifar.errors import CheckpointError, first_line
 
 
 def run_meta(cfg, classes: list[str]) -> dict:
@@ -23,7 +23,7 @@ def save(path: Path, state: dict) -> None:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     except (RuntimeError, OSError) as e:  # torch's writer reports a full disk as a RuntimeError
-        raise CheckpointError(f"{path}: could not be written ({str(e).strip().splitlines()[0][:200]}); "
+        raise CheckpointError(f"{path}: could not be written ({first_line(e)}); "
                               f"{free_space(path)} on its disk; the previous version, if any, is kept") from None
 
 
@@ -32,10 +32,9 @@ def read(path: Path, device: torch.device | str = "cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refused, it is not a plain weights file ({first})") from None
+        raise CheckpointError(f"{path}: refused, it is not a plain weights file ({first_line(e)})") from None
     except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({str(e).strip().splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
     return state
 
 

@@ -97,8 +97,8 @@ def run(main, interrupted: str = "nothing was written") -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         code = main()
-    except EXPECTED_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:  # a quoted parser message may span lines: the error is one line
+        print("error:", " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         code = 2
     except OSError as e:
         print(f"error: {describe_os_error(e)}", file=sys.stderr)

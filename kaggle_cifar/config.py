@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaggle_cifar.budget import parse_duration
-from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.errors import ConfigError, first_line
 
 
 def _opt(default, help):
@@ -163,7 +163,7 @@ class TrainConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: unreadable config ({e})") from None
+            raise ConfigError(f"{path}: unreadable config ({first_line(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: not a config (a JSON object of TrainConfig fields)")
         if isinstance(data.get("flip"), bool):  # the yes/no form of --flip: random or none

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from kaggle_cifar.atomic import atomic_path, free_space, write_text
-from kaggle_cifar.errors import InputError
+from kaggle_cifar.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def read_labels(input_dir: Path) -> Labels:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a readable CSV ({e})") from None
+        raise InputError(f"{path}: not a readable CSV ({first_line(e)})") from None
     if list(frame.columns) != ["id", "label"]:
         raise InputError(f"{path}: header is {list(frame.columns)}, expected ['id', 'label']")
     if frame.empty:
@@ -169,7 +169,7 @@ def _decode_chunk(task: tuple) -> list[tuple[int, str]]:
         try:
             image = _decode(Path(folder) / f"{i}.png")
         except (OSError, SyntaxError, ValueError) as e:
-            problems.append((int(i), f"not a readable PNG ({str(e).splitlines()[0][:80]})"))
+            problems.append((int(i), f"not a readable PNG ({first_line(e, limit=80)})"))
             continue
         if image.shape != chunk.shape[1:]:
             problems.append((int(i), f"{_describe(image)}, expected {_describe(chunk[0])} RGB"))
@@ -190,7 +190,7 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
     try:
         first = _decode(folder / f"{ids[0]}.png")
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{folder / f'{ids[0]}.png'}: not a readable PNG ({e})") from None
+        raise InputError(f"{folder / f'{ids[0]}.png'}: not a readable PNG ({first_line(e)})") from None
     if first.ndim != 3 or first.shape[2] != 3:
         raise InputError(f"{folder / f'{ids[0]}.png'}: {_describe(first)}, expected an RGB image")
     np.lib.format.open_memmap(npy_path, mode="w+", dtype=np.uint8, shape=(len(ids), *first.shape)).flush()
@@ -208,7 +208,7 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
     except BaseException as e:
         pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(e, BrokenProcessPool):
-            raise InputError(f"{folder}: decoding stopped, a worker process died ({e}); the cache goes to "
+            raise InputError(f"{folder}: decoding stopped, a worker process died ({first_line(e)}); the cache goes to "
                              f"{npy_path.parent}: {free_space(npy_path.parent)}") from None
         raise
     pool.shutdown()

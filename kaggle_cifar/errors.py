@@ -28,4 +28,13 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def first_line(e: BaseException, typed: bool = False, limit: int = 200) -> str:
+    """Another library's exception as the one line our message quotes: its first non-blank line (a
+    parser's or compiler's may run to pages), cut at `limit` characters; prefixed by its type when
+    `typed`, and its type alone when it says nothing."""
+    line = next((s.strip() for s in str(e).splitlines() if s.strip()), "")[:limit]
+    name = type(e).__name__
+    return (f"{name}: {line}" if typed else line) if line else name
+
+
 EXPECTED_ERRORS = (InputError, ConfigError, RunDirError, CheckpointError, SubmissionError, TrainingDiverged)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kaggle_cifar.errors import ConfigError
+from kaggle_cifar.errors import ConfigError, first_line
 
 PIN = "albumentations==2.0.8"  # the last MIT release; its successor is AGPL
 
@@ -35,23 +35,19 @@ def load_pipeline(path: Path | str, image_shape: tuple[int, int, int] = (32, 32,
         raise ConfigError(f"--albumentations {path}: unreadable ({e.strerror or e})") from None
     except Exception as e:  # albumentations raises whatever its parser or a transform's validation raises
         raise ConfigError(f"--albumentations {path}: not an albumentations pipeline saved with A.save as {fmt} "
-                          f"({_first_line(e)})") from None
+                          f"({first_line(e, typed=True)})") from None
     probe = np.zeros(image_shape, dtype=np.uint8)
     try:
         out = pipeline(image=probe)["image"]
     except Exception as e:
         raise ConfigError(f"--albumentations {path}: fails on a {'x'.join(map(str, image_shape))} uint8 image "
-                          f"({_first_line(e)})") from None
+                          f"({first_line(e, typed=True)})") from None
     if not isinstance(out, np.ndarray) or out.shape != probe.shape or out.dtype != np.uint8:
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ConfigError(f"--albumentations {path}: turns a uint8 {probe.shape} image into {got}; the pipeline must "
                           f"keep the images' size and uint8 type (resizing is --image-size's job, normalising the "
                           f"model's; leave out ToTensorV2 and Normalize)")
     return pipeline
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 class _Images(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ from kaggle_cifar import budget, checkpoint
 from kaggle_cifar.augment import TTA_VIEWS, tta_view
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.device import autocast, place, synchronize, to_device
+from kaggle_cifar.errors import first_line
 from kaggle_cifar.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class FrozenForward(torch.nn.Module):
             out = self.compiled(x)
         except Exception as e:  # the compiler's failures have no common type
             log.warning("compiling the model for inference failed (%s): predicting without compilation",
-                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                        first_line(e))
             self.compiled = None
             return self.model(x)
         self.proven = True

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kaggle_cifar.data import LABELS_FILE, InputError
+from kaggle_cifar.data import LABELS_FILE
+from kaggle_cifar.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _extract_7z(archive: Path, dest: Path, part: str) -> None:
             with tqdm(total=len(z.getnames()), desc=f"extract {archive.name}", unit="file", unit_scale=True) as bar:
                 z.extractall(tmp, callback=Progress())
     except (py7zr.exceptions.Bad7zFile, OSError, EOFError) as e:
-        raise InputError(f"{archive}: not a readable 7z archive ({e}); download it again") from None
+        raise InputError(f"{archive}: not a readable 7z archive ({first_line(e)}); download it again") from None
     inner = tmp / part if (tmp / part).is_dir() else tmp
     if not any(inner.glob("*.png")):
         raise InputError(f"{archive}: holds no {part}/<id>.png images")
@@ -84,7 +85,7 @@ def prepare(input_dir: Path, dest: Path | None = None) -> Path:
             with zipfile.ZipFile(zip_path) as z:
                 z.extractall(dest, members=[n for n in z.namelist() if n in ("train.7z", "test.7z", *CSV_FILES)])
         except zipfile.BadZipFile as e:
-            raise InputError(f"{zip_path}: not a readable zip ({e}); download it again") from None
+            raise InputError(f"{zip_path}: not a readable zip ({first_line(e)}); download it again") from None
         source, unzipped = dest, True  # these .7z copies are ours: removed once extracted
     for part in ("train", "test"):
         if (dest / part).is_dir():

@@ -29,7 +29,7 @@ import pandas as pd
 from kaggle_cifar import checkpoint
 from kaggle_cifar.atomic import atomic_path, write_text
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError
+from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class RunDir:
         try:
             classes = json.loads((self.path / "classes.json").read_text())
         except json.JSONDecodeError as e:
-            raise RunDirError(f"{self.path / 'classes.json'}: unreadable ({e})") from None
+            raise RunDirError(f"{self.path / 'classes.json'}: unreadable ({first_line(e)})") from None
         return TrainConfig.from_json(self.path / "config.json"), classes
 
     def folds_csv(self) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from kaggle_cifar import plots
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import load_train
-from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged
+from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged, first_line
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.rundir import SearchDir, folds_table
 from kaggle_cifar.train import train_fold
@@ -143,7 +143,7 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
                                         load_if_exists=True, pruner=pruner,
                                         sampler=optuna.samplers.TPESampler(seed=base.seed))
     except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
-        raise RunDirError(f"{url}: cannot hold the study ({str(e).splitlines()[0][:200]})") from None
+        raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
     identity = {"base_config": base.to_json(), "space": [dataclasses.asdict(d) for d in space]}
     for key, value in identity.items():
         if key not in study.user_attrs:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from kaggle_cifar.cli import ArgumentParser, add_input_flag
 from kaggle_cifar.data import listing, read_labels, test_ids
-from kaggle_cifar.errors import InputError, SubmissionError
+from kaggle_cifar.errors import InputError, SubmissionError, first_line
 
 
 def submission_frame(ids: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -56,7 +56,7 @@ def check_file(path: Path, input_dir: Path) -> pd.DataFrame:
     try:
         frame = _read(path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise SubmissionError(f"{path}: not a readable CSV ({e})") from None
+        raise SubmissionError(f"{path}: not a readable CSV ({first_line(e)})") from None
     validate(frame, test_ids(input_dir), read_labels(input_dir).classes, str(path))
     return frame
 

@@ -190,6 +190,18 @@ def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted: nothing was written"
 
 
+def test_an_error_whose_text_spans_lines_is_still_one_error_line(capsys):
+    from kaggle_cifar import cli
+
+    def main():
+        raise InputError("input/trainLabels.csv: not a readable CSV (Error tokenizing data.\n  C error: saw 3)\n")
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: input/trainLabels.csv: not a readable CSV (Error tokenizing data. C error: saw 3)\n"
+
+
 def test_truncated_resume_state_says_what_to_do(small, tmp_path):
     cfg = TrainConfig(folds=2, epochs=2, width=4, batch_size=4)
     train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)

@@ -176,6 +176,18 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         checkpoint.load(path, {})
 
 
+def test_a_checkpoint_error_without_a_message_still_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    torch.save({"meta": {}}, path)
+
+    def fails_silently(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch, "load", fails_silently)
+    with pytest.raises(CheckpointError, match=r"last\.pt: unreadable checkpoint \(RuntimeError\)"):
+        checkpoint.load(path, {})
+
+
 def test_predict_refuses_a_run_with_a_missing_fold(small, tmp_path):
     run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
     (tmp_path / "run" / "fold1" / "model.pt").unlink()
