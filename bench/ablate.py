@@ -44,14 +44,16 @@ VARIANTS = {
     "trivialaugment": {"auto_augment": "trivialaugment"},
     "crop_pad_2": {"crop_pad": 2},
     "flip_alternate": {"flip": "alternate"},
-    "batch_256_lr_0.3": {"batch_size": 256, "lr": 0.3},
-    "batch_512_lr_0.4": {"batch_size": 512, "lr": 0.4},
-    "momentum_not_nesterov": {"optimizer": "momentum"},
+    "batch_256_lr_0.03": {"batch_size": 256, "lr": 0.03},
+    "batch_512_lr_0.04": {"batch_size": 512, "lr": 0.04},
+    "lr_0.01": {"lr": 0.01},
+    "lr_0.04": {"lr": 0.04},
     "decay_norm_and_bias": {"decay_norm_and_bias": True},
     "cosine_anneal": {"anneal": "cos"},
     "lamb_lr_0.01": {"optimizer": "lamb", "lr": 0.01, "weight_decay": 0.02},
-    # timm's Muon: orthogonalised momentum updates for conv/linear weights, AdamW for BN and biases.
-    "muon_lr_0.02": {"optimizer": "muon", "lr": 0.02, "momentum": 0.95, "weight_decay": 0.01},
+    # Nesterov SGD at its own scale (the default before Muon), and without Nesterov.
+    "sgd_lr_0.2": {"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4},
+    "momentum_not_nesterov": {"optimizer": "momentum", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4},
     "epochs_40": {"epochs": 40},
 }
 

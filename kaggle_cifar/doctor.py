@@ -19,7 +19,7 @@ from kaggle_cifar.cv import check_input
 from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import batch_probs, stream_probs
-from kaggle_cifar.train import build_training, evaluate, train_step
+from kaggle_cifar.train import FUSED_OPTIMIZERS, build_training, evaluate, train_step
 
 GiB = 2 ** 30
 
@@ -150,9 +150,11 @@ def check_eager(p: Probe, say) -> list[Verdict]:
     verdicts = []
     eager = build_training(p.cfg, p.data, p.device)
     train_step(eager, p.x, p.y, 1)
-    with probe.HostSyncs() as step_syncs:
+    with probe.HostSyncs(on_host=probe.host_step_counters(eager.optimizer)) as step_syncs:
         for s in range(3):
             train_step(eager, p.x, p.y, s + 2)
+    # fp16's loss scaler reads an unfused optimizer's inf flag on the host: one sync a step, by design
+    expected = 3 * (eager.scaler.is_enabled() and p.cfg.optimizer not in FUSED_OPTIMIZERS)
     say(f"training, eager: {p.images_per_s(eager):,.0f} images/s")
     if eager.scaler.is_enabled():
         clean = probe.overflow_step_changes_nothing(eager, p.x, p.y, 20)
@@ -164,8 +166,8 @@ def check_eager(p: Probe, say) -> list[Verdict]:
     with probe.HostSyncs() as predict_syncs, torch.no_grad():
         batch_probs([model], p.x, TTA_VIEWS["flip"])
     say(f"host syncs: {step_syncs.count / 3:g} per training step, {predict_syncs.count} per predict batch")
-    verdicts.append(Verdict("no host sync in a training step or a predict batch",
-                            None if step_syncs.count == predict_syncs.count == 0 else
+    verdicts.append(Verdict("no host sync in a training step (but fp16's with an unfused optimizer) or a predict batch",
+                            None if step_syncs.count == expected and predict_syncs.count == 0 else
                             f"syncs {step_syncs.ops} per 3 steps, {predict_syncs.ops} per batch: report it"))
     images = p.data.train_images.repeat(4, 1, 1, 1)
     seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], p.device), p.device)

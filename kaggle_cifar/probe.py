@@ -26,23 +26,33 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecuti
 
 
 class HostSyncs(TorchDispatchMode):
-    """Counts, by op name, the host syncs dispatched inside the `with` block."""
+    """Counts, by op name, the host syncs dispatched inside the `with` block. Reading a tensor of
+    `on_host` is none: those stay in host memory whatever the device (host_step_counters)."""
 
-    def __init__(self):
+    def __init__(self, on_host: list[torch.Tensor] = ()):
         super().__init__()
         self.ops: dict[str, int] = {}
+        self.on_host = {t.data_ptr() for t in on_host}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                              for i in (args[1] if len(args) > 1 else []) or [])
-        if name in SYNC_OPS or bool_index:
+        host_read = name == "_local_scalar_dense" and args[0].data_ptr() in self.on_host
+        if (name in SYNC_OPS or bool_index) and not host_read:
             self.ops[name] = self.ops.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
     @property
     def count(self) -> int:
         return sum(self.ops.values())
+
+
+def host_step_counters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The step counters an optimizer keeps in host memory on any device (torch's and timm's, unless
+    capturable or fused): Muon's AdamW part reads them each step, which waits for no GPU."""
+    return [step for group in optimizer.param_groups if not (group.get("capturable") or group.get("fused"))
+            for p in group["params"] if isinstance(step := optimizer.state.get(p, {}).get("step"), torch.Tensor)]
 
 
 @dataclass
@@ -101,7 +111,8 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model(x)
     params = sum(p.numel() for p in model.parameters())
-    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 2, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.optimizer, 2)
+    # Muon keeps one momentum per conv and linear weight; its AdamW's two are on BatchNorm and biases (<1%)
+    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 1, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.optimizer, 2)
     copies = 2 + optimizer_slots + (cfg.ema_decay > 0)  # weights, gradients, optimizer state, EMA
     image_bytes = CHANNELS * image_shape[0] * image_shape[1]
     return MemoryEstimate(images=2 * train_images * image_bytes, weights=4 * params * copies,
