@@ -2,7 +2,7 @@
 ones are pruned by their per-epoch validation accuracy, and the best config is written for
 train_folds.py --config.
 
-    python scripts/search.py --space lr=0.05:1:log label_smoothing=0:0.3 optimizer=sgd,adamw --trials 20 --epochs 10
+    python scripts/search.py --space lr=0.005:0.1:log label_smoothing=0:0.3 batch_size=128,256 --trials 20 --epochs 10
     python scripts/search.py --space-file space.txt --timeout 3600       # the same, one NAME=... per line
     python scripts/train_folds.py --config runs/search/best_config.json   # then the whole k-fold run
 

@@ -39,3 +39,10 @@ def test_the_architecture_table_measures_each_architecture(tmp_path):
     table = out[out.index("| arch |"):].splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| resnet18_cifar", "| fast_cifar"]
     assert "| resnet18_cifar | 11.2 M |" in out
+
+
+def test_the_optimizer_table_times_each_optimizer_step():
+    out = bench("optimizers.py", "--width", "4", "--steps", "1")
+    table = out[out.index("| optimizer |"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| sgd (fused)", "| muon, Newton-Schulz in bf16",
+                                                           "| muon, Newton-Schulz in float32"]
