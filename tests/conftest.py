@@ -11,6 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# One OpenMP thread, here and in the scripts the tests start: the tests' networks and batches are
+# tiny, so a second thread buys nothing, and beside a busy process (a training run) its barriers
+# made a test 6x slower (bench/RESULTS.md). Set before torch starts OpenMP; a value already set wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
 # One saturated colour per class plus noise: learnable in a few CPU steps, so the end-to-end tests
