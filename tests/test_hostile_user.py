@@ -158,7 +158,10 @@ def test_a_full_disk_under_the_cache_is_named_before_decoding(small, monkeypatch
 
 def interrupt_when(cmd: list[str], ready) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    # Ctrl-C's default action in the child, as in a terminal: a suite started in the background by a
+    # shell without job control inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
