@@ -10,20 +10,18 @@ native). Compare with the whole training step's time (bench/bench.py's images/s 
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import torch
 from common import Table  # bench/common.py, beside this script
 from timm.optim import create_optimizer_v2
-from timm.optim import muon as timm_muon
 
 from kaggle_cifar import cli
 from kaggle_cifar.model import ARCHS, build_model
-from kaggle_cifar.train import NEWTON_SCHULZ
+from kaggle_cifar.train import orthogonalise_updates_in
 
-SETTINGS = {  # name: (timm optimizer, its keyword arguments, Newton-Schulz dtype)
-    "sgd (fused)": ("sgd", {"lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "fused": True}, None),
+SETTINGS = {  # name: (timm optimizer, its keyword arguments, Muon's Newton-Schulz dtype)
+    "sgd (fused)": ("sgd", {"lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "fused": True}, torch.float32),
     "muon, Newton-Schulz in bf16": ("muon", {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.01}, torch.bfloat16),
     "muon, Newton-Schulz in float32": ("muon", {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.01}, torch.float32),
 }
@@ -41,7 +39,7 @@ def main() -> int:
         p.grad = torch.randn_like(p)
     table = Table()
     for name, (optimizer_name, kwargs, dtype) in SETTINGS.items():
-        timm_muon.zeropower_via_newtonschulz = functools.partial(NEWTON_SCHULZ, dtype=dtype or torch.bfloat16)
+        orthogonalise_updates_in(dtype)
         optimizer = create_optimizer_v2(model, optimizer_name, **kwargs)
         for _ in range(2):
             optimizer.step()

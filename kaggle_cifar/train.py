@@ -101,6 +101,12 @@ class Training:
     batch_size: int
     steps_per_epoch: int
 
+    @property
+    def host_syncs_per_step(self) -> int:
+        """What a step waits for the device by design: the fp16 loss scaler reads an unfused
+        optimizer's inf flag on the host; a fused one keeps the check on the device."""
+        return int(self.scaler.is_enabled() and not self.optimizer.defaults.get("fused"))
+
     def train_mode(self, features_frozen: bool) -> None:
         """Training mode for an epoch. With `features_frozen` only the classifier head trains, as in
         feature extraction: every other weight gets no gradient (so the optimizer leaves it as it is)
@@ -159,12 +165,11 @@ def head_apart(cfg: TrainConfig):
     return groups
 
 
-def orthogonalise_updates_in(device: torch.device) -> None:
+def orthogonalise_updates_in(dtype: torch.dtype) -> None:
     """timm's Muon orthogonalises every conv and linear update (Newton-Schulz) in bf16, a default no
     optimizer option reaches. Where bf16 is emulated that is most of the step (width 16 on the AVX2
     CPU: 607 ms a step against 29 ms in float32, SGD's whole update 2 ms): there it runs in float32.
     A process trains on one device, so the choice is the process's."""
-    dtype = torch.bfloat16 if devices.computes_bf16_natively(device) else torch.float32
     timm_muon.zeropower_via_newtonschulz = functools.partial(NEWTON_SCHULZ, dtype=dtype)
 
 
@@ -177,7 +182,7 @@ def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compi
     # The fused kernels take the fp16 loss scaler's inf check on the device; with any other
     # optimizer GradScaler.step reads it on the host, one sync per step.
     fused = {"fused": True} if cfg.optimizer in FUSED_OPTIMIZERS else {}
-    orthogonalise_updates_in(device)
+    orthogonalise_updates_in(torch.bfloat16 if devices.computes_bf16_natively(device) else torch.float32)
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias,
                                     param_group_fn=head_apart(cfg) if cfg.freeze_epochs else None, **fused)
