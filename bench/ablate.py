@@ -19,8 +19,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+from common import Table, setting, warm_epochs  # bench/common.py, beside this script; first, before torch loads
 import torch
-from common import Table, setting, warm_epochs  # bench/common.py, beside this script
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import Table  # bench/common.py, beside this script; first, before torch loads
 import torch
-from common import Table  # bench/common.py, beside this script
 
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig

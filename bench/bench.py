@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import Table, setting, warm_epochs  # bench/common.py, beside this script; first, before torch loads
 import torch
-from common import Table, setting, warm_epochs  # bench/common.py, beside this script
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS

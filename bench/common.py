@@ -3,6 +3,9 @@ bench/RESULTS.md."""
 
 from __future__ import annotations
 
+import os
+
+import kaggle_cifar  # noqa: F401  first: it sets OpenMP's wait policy, which torch reads as it loads
 import pandas as pd
 import torch
 
@@ -12,7 +15,8 @@ from kaggle_cifar.rundir import FoldDir
 
 def setting(device: torch.device, compile: bool, cfg: TrainConfig) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return f"device: {name}; torch {torch.__version__}; compile={compile}; config: {cfg.describe()}"
+    return (f"device: {name}; torch {torch.__version__}; compile={compile}; "
+            f"OpenMP wait {os.environ['OMP_WAIT_POLICY']}, {torch.get_num_threads()} threads; config: {cfg.describe()}")
 
 
 def markdown_table(rows: list[dict], header: bool = True) -> str:

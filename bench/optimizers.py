@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import Table  # bench/common.py, beside this script; first, before torch loads
 import torch
-from common import Table  # bench/common.py, beside this script
 from timm.optim import create_optimizer_v2
 
 from kaggle_cifar import cli

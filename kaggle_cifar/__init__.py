@@ -1,9 +1,15 @@
 """From the Kaggle CIFAR-10 download to a submission: k-fold training, TTA fold ensemble, CSV."""
 
 import os
+import sys
+import warnings
 
 # OpenMP threads that finish their share of an op spin while they wait for the next one. Beside
 # another busy process (a test run, a second job) the spinning takes the cores the other one needs:
-# on 2 cores training ran 1.7x slower than with passive waiting, which costs about 12% on an idle
-# machine (bench/RESULTS.md). It must be set before torch loads OpenMP; a value already set wins.
+# on 2 cores training ran 1.6-1.7x slower than with passive waiting, which costs 12-26% on an idle
+# machine (bench/RESULTS.md; OMP_WAIT_POLICY=ACTIVE for a machine of your own). It must be set
+# before torch loads OpenMP; a value already set wins.
+if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    warnings.warn("torch was imported before kaggle_cifar, so OpenMP keeps its spinning wait policy: "
+                  "import kaggle_cifar first, or set OMP_WAIT_POLICY", stacklevel=2)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

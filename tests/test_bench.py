@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, run_python
 
 
 def bench(name: str, *args: str) -> str:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+    return run_python(ROOT / "bench" / name, *args).stdout
 
 
 def test_bench_prints_the_pipeline_table_and_the_accuracy_report(competition):

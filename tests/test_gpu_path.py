@@ -255,6 +255,22 @@ def test_predict_reads_each_checkpoint_on_the_cpu(tmp_path, monkeypatch):
     assert seen == ["cpu", "cpu"]
 
 
+@pytest.mark.parametrize("optimizer, syncs", [("muon", "1"), ("sgd", "0")])
+def test_the_doctor_on_a_t4_expects_the_loss_scalers_sync_only_with_an_unfused_optimizer(optimizer, syncs, monkeypatch):
+    """On a T4 (fp16) the default Muon waits once a step by design: the doctor passes it, and it
+    would fail the same wait from fused SGD, whose inf check stays on the device."""
+    from kaggle_cifar import doctor
+
+    fp16(monkeypatch)
+    cfg = TrainConfig(width=4, batch_size=16, optimizer=optimizer, lr=0.01)
+    data = doctor.synthetic_fold(64, torch.device("cpu"))
+    x, y = data.train_images[:16].permute(0, 3, 1, 2).contiguous(), data.train_targets[:16]
+    said = []
+    verdicts = doctor.check_eager(doctor.Probe(cfg, torch.device("cpu"), data, x, y, steps=1), said.append)
+    assert all(v.problem is None for v in verdicts), verdicts
+    assert f"host syncs: {syncs} per training step, 0 per predict batch" in said
+
+
 def test_doctor_passes_here_and_names_what_fails(tmp_path):
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
     proc = run_script("doctor.py", "--input", str(competition))

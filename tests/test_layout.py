@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import re
 
-from conftest import ROOT
+from conftest import ROOT, TORCH_FIRST
 
 
 def test_modules_import_only_modules_above_them_in_the_readme():
@@ -34,3 +34,18 @@ def test_the_unpacking_script_does_not_load_torch():
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_torch_loaded_before_the_package_is_named_since_openmp_then_keeps_spinning():
+    """The scripts' and benchmarks' own imports are checked by every test that runs them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    late = subprocess.run([sys.executable, "-c", "import torch, kaggle_cifar"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, check=True)
+    assert TORCH_FIRST in late.stderr
+    first = subprocess.run([sys.executable, "-c", "import kaggle_cifar, torch, os; print(os.environ['OMP_WAIT_POLICY'])"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert TORCH_FIRST not in first.stderr and first.stdout.strip() == "PASSIVE"
