@@ -9,7 +9,8 @@ import warnings
 # on 2 cores training ran 1.6-1.7x slower than with passive waiting, which costs 12-26% on an idle
 # machine (bench/RESULTS.md; OMP_WAIT_POLICY=ACTIVE for a machine of your own). It must be set
 # before torch loads OpenMP; a value already set wins.
+TORCH_LOADED_FIRST = "torch was imported before kaggle_cifar"
 if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
-    warnings.warn("torch was imported before kaggle_cifar, so OpenMP keeps its spinning wait policy: "
-                  "import kaggle_cifar first, or set OMP_WAIT_POLICY", stacklevel=2)
+    warnings.warn(f"{TORCH_LOADED_FIRST}, so OpenMP keeps its spinning wait policy: import kaggle_cifar first, "
+                  "or set OMP_WAIT_POLICY", stacklevel=2)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

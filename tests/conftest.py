@@ -15,7 +15,7 @@ from PIL import Image
 # tiny, so a second thread buys nothing, and beside a busy process (a training run) its barriers
 # made a test 6x slower (bench/RESULTS.md). Set before torch starts OpenMP; a value already set wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import kaggle_cifar  # noqa: E402,F401  before any test module loads torch: the package sets the wait policy
+import kaggle_cifar  # noqa: E402  before any test module loads torch: the package sets the wait policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
@@ -54,10 +54,6 @@ def competition(tmp_path) -> Path:
 TINY = ["--folds", "2", "--epochs", "4", "--width", "8", "--batch-size", "16", "--lr", "0.05"]
 
 
-# What the package says when torch loaded OpenMP before it could set the wait policy.
-TORCH_FIRST = "torch was imported before kaggle_cifar"
-
-
 def run_python(script: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """A script run as from a user's shell: without this process's OMP_WAIT_POLICY, which the
     package sets only if it loads before torch (a script importing torch first is caught here)."""
@@ -65,7 +61,7 @@ def run_python(script: Path, *args: str, check: bool = True) -> subprocess.Compl
     env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
-    assert TORCH_FIRST not in proc.stderr, f"{script.name} imports torch before kaggle_cifar"
+    assert kaggle_cifar.TORCH_LOADED_FIRST not in proc.stderr, f"{script.name} imports torch before kaggle_cifar"
     if check and proc.returncode != 0:
         raise AssertionError(f"{script.name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 import re
 
-from conftest import ROOT, TORCH_FIRST
+from conftest import ROOT
+
+from kaggle_cifar import TORCH_LOADED_FIRST
 
 
 def test_modules_import_only_modules_above_them_in_the_readme():
@@ -45,7 +47,7 @@ def test_torch_loaded_before_the_package_is_named_since_openmp_then_keeps_spinni
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     late = subprocess.run([sys.executable, "-c", "import torch, kaggle_cifar"], capture_output=True, text=True,
                           cwd=ROOT, env=env, check=True)
-    assert TORCH_FIRST in late.stderr
+    assert TORCH_LOADED_FIRST in late.stderr
     first = subprocess.run([sys.executable, "-c", "import kaggle_cifar, torch, os; print(os.environ['OMP_WAIT_POLICY'])"],
                            capture_output=True, text=True, cwd=ROOT, env=env, check=True)
-    assert TORCH_FIRST not in first.stderr and first.stdout.strip() == "PASSIVE"
+    assert TORCH_LOADED_FIRST not in first.stderr and first.stdout.strip() == "PASSIVE"
