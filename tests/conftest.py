@@ -54,11 +54,15 @@ def competition(tmp_path) -> Path:
 TINY = ["--folds", "2", "--epochs", "4", "--width", "8", "--batch-size", "16", "--lr", "0.05"]
 
 
+def shell_env() -> dict[str, str]:
+    """A user's shell's environment: without this process's OMP_WAIT_POLICY, which the package sets
+    only if it loads before torch."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+
 def run_python(script: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """A script run as from a user's shell: without this process's OMP_WAIT_POLICY, which the
-    package sets only if it loads before torch (a script importing torch first is caught here)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    """A script run as from a user's shell (one importing torch before the package is caught here)."""
+    env = dict(shell_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
     assert kaggle_cifar.TORCH_LOADED_FIRST not in proc.stderr, f"{script.name} imports torch before kaggle_cifar"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import re
 
-from conftest import ROOT
+from conftest import ROOT, shell_env
 
 from kaggle_cifar import TORCH_LOADED_FIRST
 
@@ -40,11 +40,10 @@ def test_the_unpacking_script_does_not_load_torch():
 
 def test_torch_loaded_before_the_package_is_named_since_openmp_then_keeps_spinning():
     """The scripts' and benchmarks' own imports are checked by every test that runs them."""
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = shell_env()
     late = subprocess.run([sys.executable, "-c", "import torch, kaggle_cifar"], capture_output=True, text=True,
                           cwd=ROOT, env=env, check=True)
     assert TORCH_LOADED_FIRST in late.stderr
