@@ -28,10 +28,14 @@ class TrainConfig:
                                        "resnext101_32x8d_cifar (timm's with the CIFAR stem), or any timm model name")
     width: int = _opt(64, "base width of resnet18_cifar and fast_cifar (64 is the standard ResNet18; 16 for quick "
                           "CPU runs); other architectures have their own")
+    whiten_stem: bool = _opt(False, "resnet18_cifar's first conv starts whitening the training images' 3x3 patches "
+                                    "(fast_cifar's first layer, airbench's), instead of random")
     image_size: int = _opt(0, "side the images are resized to on the device (bilinear, batched) before the model, in "
                               "training, evaluation, TTA and predict alike, e.g. 224 for ImageNet weights (0: as "
                               "they are, 32x32)")
-    folds: int = _opt(5, "number of stratified folds (K)")
+    folds: int = _opt(5, "number of stratified folds (K); 1: a full fit, one model on every image but the "
+                         "--holdout, which is its held-out set (no cross-validation; the most accuracy per "
+                         "unit of compute, for a short --time-budget or the final submission)")
     holdout: int = _opt(0, "training images kept out of every fold (stratified), on which the fold ensemble and "
                            "the TTA views are measured against single folds; 0 for a submission run")
     seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
@@ -96,10 +100,11 @@ class TrainConfig:
             raise ConfigError("invalid config: " + "; ".join(wrong_types))
         problems = [f"{name} must be {rule}" for name, ok, rule in [
 
-            ("folds", self.folds >= 2, "at least 2"),
+            ("folds", self.folds >= 1, "at least 1"),
             ("holdout", self.holdout >= 0, "0 or more"),
             ("epochs", self.epochs >= 1, "at least 1"),
             ("width", self.width >= 1, "at least 1"),
+            ("whiten_stem", not self.whiten_stem or self.arch == "resnet18_cifar", "off for " + self.arch),
             ("image_size", self.image_size >= 0, "0 (as they are) or a side in pixels"),
             ("width", self.width == 64 or self.arch in SCALABLE_ARCHS,
              f"64 for {self.arch}, which has its own widths (--width scales {' and '.join(SCALABLE_ARCHS)})"),

@@ -1,6 +1,6 @@
 """Cross-validation: every fold of a run (fold k on rank k mod N under torchrun), then the OOF
-report: CV accuracy, per-fold and per-class accuracy, and the holdout's single folds against
-their ensemble."""
+report: CV accuracy (a full fit's: its holdout accuracy), per-fold and per-class accuracy, and the
+holdout's single folds against their ensemble."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kaggle_cifar import budget, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import Labels, load_test, load_train
-from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, fold_split
+from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, fold_split, held_out_by
 from kaggle_cifar.pseudo import open_teacher, with_pseudo_labels
 from kaggle_cifar.report import holdout_summary, oof_summary
 from kaggle_cifar.rundir import RunDir, folds_table
@@ -78,25 +78,30 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
 def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,
                      time_left: budget.Budget | None = None) -> dict:
     """oof.csv and report.json from the finished folds' files (and, with a time budget, what of it
-    was used and each fold's plan)."""
+    was used and each fold's plan). A full fit's OOF is its holdout; without one it has none."""
     folds = run.folds(cfg)
-    in_folds = fold_of != HOLDOUT
-    targets = labels.targets[in_folds]
-    probs = np.zeros((in_folds.sum(), len(labels.classes)), dtype=np.float32)
+    scored_by = np.full(len(fold_of), -1)  # the fold whose model scored each image: the OOF
     for fold_dir in folds:
-        probs[fold_of[in_folds] == fold_dir.fold] = fold_dir.read_oof()
-    summary = oof_summary(probs, targets, fold_of[in_folds], labels.classes)
+        scored_by[held_out_by(fold_of, fold_dir.fold)] = fold_dir.fold
+    scored = scored_by >= 0
+    targets = labels.targets[scored]
+    probs = np.zeros((scored.sum(), len(labels.classes)), dtype=np.float32)
+    for fold_dir in folds:
+        if (scored_by == fold_dir.fold).any():
+            probs[scored_by[scored] == fold_dir.fold] = fold_dir.read_oof()
+    summary = oof_summary(probs, targets, scored_by[scored], labels.classes, full_fit=cfg.folds == 1)
     results = [fold_dir.read_result() for fold_dir in folds]
-    summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS}
+    summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS} \
+        if scored.any() else {}
     if time_left is not None:
         summary["time_budget"] = {"budget_s": time_left.seconds, "used_s": budget.clock() - time_left.start,
                                   "epochs_per_fold": [r["epochs"] for r in results],
                                   "plans": [r.get("plan") for r in results]}
-    if not in_folds.all():
-        summary["holdout"] = holdout_summary([fold_dir.read_holdout() for fold_dir in folds],
-                                             labels.targets[~in_folds])
+    holdout = (fold_of == HOLDOUT) & ~scored
+    if holdout.any():
+        summary["holdout"] = holdout_summary([fold_dir.read_holdout() for fold_dir in folds], labels.targets[holdout])
     classes = np.asarray(labels.classes)
-    oof = pd.DataFrame({"id": labels.ids[in_folds], "fold": fold_of[in_folds], "label": classes[targets],
+    oof = pd.DataFrame({"id": labels.ids[scored], "fold": scored_by[scored], "label": classes[targets],
                         "prediction": classes[probs.argmax(1)]})
     run.write_oof_csv(pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in labels.classes])], axis=1))
     run.write_report(summary)

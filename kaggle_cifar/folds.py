@@ -1,5 +1,8 @@
 """The fold split (stratified k-fold, optionally with a stratified holdout that no fold trains on),
-and what one fold trains on: its images on the device, with the classes and the normalisation."""
+and what one fold trains on: its images on the device, with the classes and the normalisation.
+
+One fold (`--folds 1`) is a full fit: one model on every image but the holdout, which is then its
+held-out set (a competitor's final model when the budget has no room for K of them)."""
 
 from __future__ import annotations
 
@@ -84,11 +87,18 @@ class DeviceTrainSet:
                    pixels.mean(0), pixels.std(0))
 
     def fold(self, fold_of: np.ndarray, fold: int) -> FoldData:
-        """Fold `fold` holds its images out: they are its validation set and never in its training
-        set; the holdout images are in neither."""
+        """Fold `fold` trains on every image but those it is scored on (`held_out_by`) and the holdout."""
         def rows(mask: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(mask).to(self.images.device)
 
-        trained, held_out = rows((fold_of != fold) & (fold_of != HOLDOUT)), rows(fold_of == fold)
+        scored = held_out_by(fold_of, fold)
+        trained, held_out = rows(~scored & (fold_of != HOLDOUT)), rows(scored)
+        holdout = rows((fold_of == HOLDOUT) & ~scored)
         return FoldData(fold, self.classes, self.mean, self.std, self.images[trained], self.targets[trained],
-                        self.images[held_out], self.targets[held_out], self.images[rows(fold_of == HOLDOUT)])
+                        self.images[held_out], self.targets[held_out], self.images[holdout])
+
+
+def held_out_by(fold_of: np.ndarray, fold: int) -> np.ndarray:
+    """Which images fold `fold` is validated and scored on (its OOF predictions): its own fold's, or
+    in a one-fold run (a full fit) the holdout, if there is one."""
+    return fold_of == (HOLDOUT if fold_of.max() <= 0 else fold)

@@ -71,6 +71,14 @@ class ResNet18Cifar(nn.Module):
             if isinstance(block, BasicBlock):
                 nn.init.zeros_(block.bn2.weight)  # each residual block starts as identity
 
+    def whiten_stem(self, images: torch.Tensor) -> None:
+        """The first conv starts as fast_cifar's does, whitening the training images' 3x3 patches:
+        up to 27 eigenvector pairs, the filters beyond them (width > 54) as they were."""
+        conv = self.stem[0]
+        filters = whitening_filters(images, conv.kernel_size[0], min(conv.out_channels, 2 * CHANNELS * 9) // 2 * 2)
+        with torch.no_grad():
+            conv.weight[:len(filters)] = filters
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
 
@@ -104,18 +112,10 @@ class FastCifar(nn.Module):
                 # each group's second conv starts close to the identity on half its channels
                 nn.init.dirac_(m.weight[: m.in_channels // 2])
 
-    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Whitening: the first conv's filters are the eigenvectors of the covariance of the
-        training images' 2x2 patches (uint8 NHWC, normalised as the model sees them), scaled by
-        the inverse square root of their eigenvalues, and their negatives."""
-        x = images[:5000].permute(0, 3, 1, 2).float()
-        x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
-        patches = x.unfold(2, self.PATCH, 1).unfold(3, self.PATCH, 1)  # N, C, H', W', p, p
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, CHANNELS * self.PATCH ** 2).double()
-        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
-        filters = (eigenvectors.T / (eigenvalues + eps).sqrt()[:, None]).reshape(-1, CHANNELS, self.PATCH, self.PATCH)
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Whitening: the first conv's filters are set from the training images' 2x2 patches."""
         with torch.no_grad():
-            self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
+            self.whiten.weight.copy_(whitening_filters(images, self.PATCH, self.whiten.out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.groups(self.whiten(x))
@@ -123,6 +123,21 @@ class FastCifar(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+
+def whitening_filters(images: torch.Tensor, patch: int, count: int, eps: float = 5e-4) -> torch.Tensor:
+    """`count` conv filters (count/2 pairs) that whiten the images' `patch` x `patch` patches:
+    the eigenvectors of the patches' covariance with the largest eigenvalues, each scaled by the
+    inverse square root of its eigenvalue, and their negatives (airbench's first layer). The
+    images are uint8 NHWC, standardised per channel as the model sees them; 5,000 of them suffice."""
+    x = images[:5000].permute(0, 3, 1, 2).float()
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    patches = x.unfold(2, patch, 1).unfold(3, patch, 1)  # N, C, H', W', p, p
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, CHANNELS * patch ** 2).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))  # ascending
+    top = slice(len(eigenvalues) - count // 2, None)
+    filters = (eigenvectors.T[top] / (eigenvalues[top] + eps).sqrt()[:, None]).reshape(-1, CHANNELS, patch, patch)
+    return torch.cat([filters, -filters]).float()
 
 
 def _bn(planes: int) -> nn.BatchNorm2d:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_cifar.atomic import atomic_path
+from kaggle_cifar.report import headline
 from kaggle_cifar.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def confusion(summary: dict):
     ax.set_yticks(range(len(classes)), [f"{c} ({summary['per_class_accuracy'][c]:.1%})" for c in classes])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (per-class accuracy)")
-    ax.set_title(f"OOF confusion matrix, CV accuracy {summary['cv_accuracy']:.2%}")
+    name, what, value = headline(summary)
+    ax.set_title(f"OOF confusion matrix ({what}), {name} accuracy {value:.2%}")
     return fig
 
 
@@ -75,7 +77,8 @@ def per_class(summary: dict):
     acc = [summary["per_class_accuracy"][c] for c in classes]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(classes, acc, color="tab:blue")
-    ax.axhline(summary["cv_accuracy"], color="tab:red", linestyle="--", label="CV accuracy")
+    name, _, value = headline(summary)
+    ax.axhline(value, color="tab:red", linestyle="--", label=f"{name} accuracy")
     ax.set_ylim(0, 1)
     ax.set_ylabel("OOF accuracy")
     ax.tick_params(axis="x", rotation=45)
@@ -111,14 +114,11 @@ def write_report(run: RunDir, train_ids: np.ndarray, train_images: np.ndarray) -
     matplotlib.use("Agg")
     summary = run.read_report()
     oof = run.read_oof_csv()
-    folds = int(oof["fold"].max()) + 1
     out = run.report_pictures
-    figures = {
-        "curves.png": learning_curves(run, folds),
-        "confusion.png": confusion(summary),
-        "per_class.png": per_class(summary),
-        "mistakes.png": confident_mistakes(oof, train_ids, train_images),
-    }
+    figures = {"curves.png": learning_curves(run, run.read()[0].folds)}
+    if headline(summary) is not None:  # a full fit without a holdout has no held-out predictions to draw
+        figures |= {"confusion.png": confusion(summary), "per_class.png": per_class(summary),
+                    "mistakes.png": confident_mistakes(oof, train_ids, train_images)}
     for name, fig in figures.items():
         _save(fig, out / name)
     log.info("report pictures: %s", out)

@@ -1,5 +1,6 @@
-"""The run's report: OOF CV accuracy, per-fold accuracy with each TTA view set, per-class accuracy,
-confusion matrix; with a holdout, single-fold against fold-ensemble accuracy; and its text table."""
+"""The run's report: OOF CV accuracy (a full fit's: its holdout accuracy), per-fold accuracy with
+each TTA view set, per-class accuracy, confusion matrix; with a holdout, single-fold against
+fold-ensemble accuracy; and its text table."""
 
 from __future__ import annotations
 
@@ -20,16 +21,29 @@ def confusion_matrix(targets: np.ndarray, preds: np.ndarray, num_classes: int) -
     return np.bincount(targets * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def oof_summary(probs: np.ndarray, targets: np.ndarray, fold_of: np.ndarray, classes: list[str]) -> dict:
-    """Every image is scored by the model of the fold that held it out, never by one that trained on it."""
+def oof_summary(probs: np.ndarray, targets: np.ndarray, scored_by: np.ndarray, classes: list[str],
+                full_fit: bool = False) -> dict:
+    """Every image is scored by the model of the fold that held it out, never by one that trained on
+    it: the CV accuracy. A full fit's one model is scored on the holdout (nothing without one)."""
+    summary = {"classes": list(classes)}
+    if not len(targets):
+        return summary
     confusion = confusion_matrix(targets, probs.argmax(1), len(classes))
-    return {
-        "cv_accuracy": accuracy(probs, targets),
-        "fold_accuracy": [accuracy(probs[fold_of == k], targets[fold_of == k]) for k in range(int(fold_of.max()) + 1)],
+    return summary | {
+        "holdout_accuracy" if full_fit else "cv_accuracy": accuracy(probs, targets),
+        "fold_accuracy": [accuracy(probs[scored_by == k], targets[scored_by == k]) for k in range(int(scored_by.max()) + 1)],
         "per_class_accuracy": {c: float(confusion[i, i] / confusion[i].sum()) for i, c in enumerate(classes)},
         "confusion": confusion.tolist(),
-        "classes": list(classes),
     }
+
+
+ESTIMATES = {"cv_accuracy": ("CV", "out-of-fold"), "holdout_accuracy": ("holdout", "full fit")}
+
+
+def headline(summary: dict) -> tuple[str, str, float] | None:
+    """The run's accuracy estimate: its short name, what it is, its value. The CV accuracy, or a
+    full fit's holdout accuracy; None for a full fit without a holdout."""
+    return next(((*ESTIMATES[key], summary[key]) for key in ESTIMATES if key in summary), None)
 
 
 def holdout_summary(fold_probs: list[dict[str, np.ndarray]], targets: np.ndarray) -> dict:
@@ -47,10 +61,15 @@ def describe(summary: dict, tta: str) -> str:
     """The report as a short text table: the TTA gain per fold, and the ensemble gain on the holdout."""
     by_tta = summary["fold_accuracy_by_tta"]
     names = list(by_tta)
-    lines = [f"CV accuracy (out-of-fold, TTA {tta}): {summary['cv_accuracy']:.4f}",
-             f"{'held-out accuracy, TTA:':<34}" + "".join(f"{n:>16}" for n in names)]
-    for fold in range(len(summary["fold_accuracy"])):
-        lines.append(f"{f'  fold {fold}':<34}" + "".join(f"{by_tta[n][fold]:>16.4f}" for n in names))
+    estimate = headline(summary)
+    if estimate is None:
+        lines = ["no accuracy estimate: a full fit (--folds 1) without --holdout holds no image out"]
+    else:
+        name, what, value = estimate
+        lines = [f"{name} accuracy ({what}, TTA {tta}): {value:.4f}",
+                 f"{'held-out accuracy, TTA:':<34}" + "".join(f"{n:>16}" for n in names)]
+        for fold in range(len(summary["fold_accuracy"])):
+            lines.append(f"{f'  fold {fold}':<34}" + "".join(f"{by_tta[n][fold]:>16.4f}" for n in names))
     if "time_budget" in summary:
         spent = summary["time_budget"]
         lines.append(f"time budget {spent['budget_s']:.0f} s, used {spent['used_s']:.0f} s "

@@ -30,6 +30,8 @@ from kaggle_cifar.train import train_fold
 log = logging.getLogger(__name__)
 
 SEARCH_FOLD = 0
+FULL_FIT_REFUSED = ("a search scores each trial on fold 0's held-out images; a full fit (--folds 1) would be scored "
+                    "on the holdout, which would then be chosen on and estimate nothing: use --folds 2 or more")
 # A trial must be an ordinary run of fixed epochs on the competition's own images.
 NOT_SEARCHABLE = ("time_budget", "pseudo_labels", "pseudo_threshold", "pseudo_max")
 STUDY_NAME = "search"
@@ -119,9 +121,12 @@ def check_space(base: TrainConfig, space: list[Dimension]) -> None:
     for dim in space:
         for value in dim.values_to_check():
             try:
-                dataclasses.replace(base, **{dim.name: value})
+                if dataclasses.replace(base, **{dim.name: value}).folds < 2:
+                    raise ConfigError(FULL_FIT_REFUSED)
             except ConfigError as e:
                 raise ConfigError(f"search space {dim.name}={value!r}: {e}") from None
+    if base.folds < 2:
+        raise ConfigError(FULL_FIT_REFUSED)
     if base.time_budget or base.pseudo_labels:
         raise ConfigError("a search trains fixed --epochs on the competition's images: "
                           "--time-budget and --pseudo-labels are not for it")

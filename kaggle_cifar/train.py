@@ -52,11 +52,13 @@ def run_seed(cfg: TrainConfig, fold: int, epoch: int | None = None) -> int:
 def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor | None = None,
                   std: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.nn.Module:
     """Fold `fold`'s starting weights: seeded by (seed, fold), set from the fold's training images
-    where the network asks for it (fast_cifar's whitening), or the --pretrained file's."""
+    where the network or --whiten-stem asks for it (whitening), or the --pretrained file's."""
     torch.manual_seed(run_seed(cfg, fold))
     model = cfg.build_model(num_classes, mean, std)
     if images is not None and hasattr(model[1], "init_from_data"):
         model[1].init_from_data(images)
+    if images is not None and cfg.whiten_stem:
+        model[1].whiten_stem(images)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model
@@ -269,7 +271,10 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Loss and accuracy on held-out images, without test-time views."""
+    """Loss and accuracy on held-out images, without test-time views (NaN without any: a full fit
+    with no holdout)."""
+    if not len(images):
+        return {"val_loss": math.nan, "val_acc": math.nan}
     model.eval()
     probs = stream_probs([model], images, TTA_VIEWS["none"], images.device).cpu().numpy()
     targets = targets.cpu().numpy()
@@ -293,25 +298,29 @@ def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, h
 def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict],
            plan: dict) -> dict:
     """The final model, the fold's OOF probabilities (the run's TTA), the holdout's (every view
-    set), and result.json last: from then on the fold counts as finished."""
+    set), and result.json last: from then on the fold counts as finished. A full fit without a
+    holdout has no held-out image: its accuracy is None."""
     model, device = t.eval_model.eval(), data.val_images.device
     fold_dir.save_model(meta, model.state_dict())
     forwards = len(DISTINCT_VIEWS) * (len(data.val_images) + len(data.holdout_images))
     models = for_inference([model], device, forwards, PREDICT_BATCH)
-    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(models, data.val_images, device).items()}
-    fold_dir.write_oof(oof_by_tta[cfg.tta])
+    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(models, data.val_images, device).items()} \
+        if len(data.val_images) else {}
+    if oof_by_tta:
+        fold_dir.write_oof(oof_by_tta[cfg.tta])
     if len(data.holdout_images):
         fold_dir.write_holdout({name: p.cpu().numpy()
                                 for name, p in view_set_probs(models, data.holdout_images, device).items()})
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
-    result = {"fold": data.fold, "accuracy": accuracy_by_tta[cfg.tta], "accuracy_by_tta": accuracy_by_tta,
+    result = {"fold": data.fold, "accuracy": accuracy_by_tta.get(cfg.tta), "accuracy_by_tta": accuracy_by_tta,
               "train_images": len(data.train_targets), "epochs": plan["epochs"],
               "seconds": sum(h["seconds"] for h in history)}
     if cfg.time_budget:
         result["plan"] = plan
     fold_dir.write_result(result)
-    log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, result["accuracy"], cfg.tta)
+    if result["accuracy"] is not None:
+        log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, result["accuracy"], cfg.tta)
     return result
 
 
@@ -338,7 +347,7 @@ def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: b
         step(2 + i)
     devices.synchronize(device)
     seconds_per_step = (budget.clock() - t0) / steps
-    held_out = data.val_images[:images or 4 * t.batch_size]
+    held_out = (data.val_images if len(data.val_images) else data.train_images)[:images or 4 * t.batch_size]
     models = for_inference([t.model.eval()], device, 0, PREDICT_BATCH, compile=forward_compiled)
     return seconds_per_step, forward_seconds(models, held_out, device, PREDICT_BATCH)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from kaggle_cifar import cli
+from kaggle_cifar.report import headline
 from kaggle_cifar.rundir import RunDir
 from kaggle_cifar.submission import check_file
 
@@ -31,9 +32,11 @@ HINTS += [(needle, NO_CREDENTIALS) for needle in ("kaggle.json", "access_token",
 
 def message_for(run: RunDir) -> str:
     cfg, _ = run.read()
-    parts = [f"{cfg.folds}-fold {cfg.arch} w{cfg.width}", f"{cfg.epochs} ep", f"tta {cfg.tta}"]
-    if run.report_json.exists():
-        parts.append(f"CV {run.read_report()['cv_accuracy']:.4f}")
+    parts = [f"{cfg.folds}-fold {cfg.arch} w{cfg.width}" if cfg.folds > 1 else f"full fit {cfg.arch} w{cfg.width}",
+             f"{cfg.epochs} ep", f"tta {cfg.tta}"]
+    estimate = headline(run.read_report()) if run.report_json.exists() else None
+    if estimate is not None:
+        parts.append(f"{estimate[0]} {estimate[2]:.4f}")
     return ", ".join(parts)
 
 

@@ -65,3 +65,19 @@ def test_holdout_images_are_in_no_fold_training_or_validation_set():
         assert set(data.holdout_images[:, 0, 0, 0].tolist()) == holdout
         seen = set(data.train_images[:, 0, 0, 0].tolist()) | set(data.val_images[:, 0, 0, 0].tolist())
         assert not seen & holdout and len(seen) == 24
+
+
+def test_a_full_fit_trains_on_every_image_but_the_holdout_and_is_scored_on_the_holdout():
+    from kaggle_cifar.folds import HOLDOUT
+
+    images = torch.arange(30, dtype=torch.uint8).reshape(30, 1, 1, 1).expand(30, 2, 2, 3)
+    targets = torch.arange(30) % 3
+    fold_of = stratified_folds(targets.numpy(), 1, seed=0, holdout=6)
+    data = on_device(images, targets).fold(fold_of, 0)
+    holdout = set(np.flatnonzero(fold_of == HOLDOUT).tolist())
+    assert set(data.val_images[:, 0, 0, 0].tolist()) == holdout  # its held-out (OOF) set: once, not twice
+    assert len(data.holdout_images) == 0
+    assert set(data.train_images[:, 0, 0, 0].tolist()) == set(range(30)) - holdout
+
+    everything = on_device(images, targets).fold(stratified_folds(targets.numpy(), 1, seed=0), 0)
+    assert len(everything.train_images) == 30 and len(everything.val_images) == len(everything.holdout_images) == 0

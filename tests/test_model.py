@@ -21,21 +21,32 @@ def test_autocast_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
     assert device.autocast_dtype(torch.device("cuda")) == torch.float16
 
 
-def test_fast_cifar_whitens_the_patches_of_its_training_images():
-    from kaggle_cifar.model import FastCifar
+@pytest.mark.parametrize("arch, width, pairs", [("fast_cifar", 4, 12), ("resnet18_cifar", 16, 8), ("resnet18_cifar", 64, 27)])
+def test_the_first_conv_whitens_the_patches_of_its_training_images(arch, width, pairs):
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.errors import ConfigError
+    from kaggle_cifar.train import initial_model
 
     g = torch.Generator().manual_seed(0)
     base = torch.randint(0, 256, (600, 16, 16, 3), generator=g, dtype=torch.uint8)
     images = base.repeat_interleave(2, 1).repeat_interleave(2, 2)  # neighbouring pixels correlate strongly
-    net = FastCifar(num_classes=3, width=4)
-    net.init_from_data(images)
+    cfg = TrainConfig(arch=arch, width=width, whiten_stem=arch == "resnet18_cifar")
+    net = initial_model(cfg, 3, 0, images=images)[1]
+    conv = net.whiten if arch == "fast_cifar" else net.stem[0]
     x = images.permute(0, 3, 1, 2).float()
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
     with torch.no_grad():
-        out = torch.nn.functional.conv2d(x, net.whiten.weight[:12])  # the first half: the other is its negative
-    covariance = torch.cov(out.permute(1, 0, 2, 3).reshape(12, -1))
-    torch.testing.assert_close(covariance, torch.eye(12), atol=0.05, rtol=0)
-    assert not net.whiten.weight.requires_grad
+        out = torch.nn.functional.conv2d(x, conv.weight[:pairs])  # the first half: the other is its negative
+    covariance = torch.cov(out.permute(1, 0, 2, 3).reshape(pairs, -1))
+    torch.testing.assert_close(covariance, torch.eye(pairs), atol=0.05, rtol=0)
+    torch.testing.assert_close(conv.weight[pairs:2 * pairs], -conv.weight[:pairs])
+    if arch == "fast_cifar":
+        assert not conv.weight.requires_grad  # fixed, as airbench's
+        with pytest.raises(ConfigError, match="whiten_stem must be off for fast_cifar"):
+            TrainConfig(arch=arch, whiten_stem=True)
+    else:  # without the flag the stem stays random
+        plain = initial_model(TrainConfig(arch=arch, width=width), 3, 0, images=images)[1].stem[0].weight
+        assert not torch.allclose(plain[:pairs], conv.weight[:pairs], atol=0.1)
 
 
 def test_fast_cifar_trains_and_predicts_through_the_pipeline(tmp_path):

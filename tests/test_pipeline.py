@@ -132,6 +132,50 @@ def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(co
     np.testing.assert_allclose(report["fold_accuracy_by_tta"][cfg.tta], report["fold_accuracy"])
 
 
+def test_a_full_fit_trains_one_model_on_all_but_the_holdout_and_is_scored_there(competition, tmp_path):
+    from kaggle_cifar.folds import HOLDOUT
+
+    run = tmp_path / "run"
+    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
+                      "--folds", "1", "--holdout", "12")
+    report = json.loads((run / "report.json").read_text())
+    cfg = TrainConfig.from_json(run / "config.json")
+    classes = json.loads((run / "classes.json").read_text())
+    folds = pd.read_csv(run / "folds.csv")
+    held = (folds["fold"] == HOLDOUT).to_numpy()
+    assert held.sum() == 12 and (folds["fold"][~held] == 0).all()
+    assert json.loads((run / "fold0" / "result.json").read_text())["train_images"] == 48
+    oof = pd.read_csv(run / "oof.csv")
+    assert oof["id"].tolist() == folds["id"][held].tolist()  # its OOF is the holdout, scored by its one model
+    assert "cv_accuracy" not in report and "holdout" not in report  # no cross-validation; the holdout once
+    images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")[held]
+    labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][held], "label"]
+    truth = np.searchsorted(classes, labels.to_numpy())
+    model = load_fold_models(RunDir(run), cfg, classes, torch.device("cpu"))
+    for name, views in TTA_VIEWS.items():
+        probs = stream_probs(model, images, views, torch.device("cpu")).numpy()
+        assert report["fold_accuracy_by_tta"][name] == [(probs.argmax(1) == truth).mean()]
+    assert report["holdout_accuracy"] == report["fold_accuracy_by_tta"][cfg.tta][0] > 0.8
+    assert f"holdout accuracy (full fit, TTA {cfg.tta}): {report['holdout_accuracy']:.4f}" in proc.stderr
+    assert sorted(p.name for p in (run / "report").glob("*.png")) == \
+        ["confusion.png", "curves.png", "mistakes.png", "per_class.png"]
+
+
+def test_a_full_fit_without_a_holdout_trains_on_every_image_and_predicts(competition, tmp_path):
+    from kaggle_cifar.cv import train_folds
+
+    cfg = TrainConfig(folds=1, epochs=4, width=8, batch_size=16, lr=0.05)  # TINY's, one fold
+    summary = train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    assert summary == {"classes": sorted(CLASSES), "fold_accuracy_by_tta": {}}
+    log = pd.read_csv(tmp_path / "run" / "fold0" / "log.csv")
+    assert log["val_acc"].isna().all() and (log["val_images"] == 0).all()
+    assert json.loads((tmp_path / "run" / "fold0" / "result.json").read_text())["train_images"] == 60
+    assert [p.name for p in (tmp_path / "run" / "report").glob("*.png")] == ["curves.png"]
+    ids, probs, classes = ensemble_probs(competition, [tmp_path / "run"], competition / ".cache", distributed.setup("cpu"))
+    truth = np.asarray(sorted(CLASSES))[np.load(tmp_path / "input_test_targets.npy")]
+    assert (np.asarray(classes)[probs.argmax(1)] == truth).mean() > 0.8
+
+
 def test_compiled_training_step_computes_what_the_eager_one_does(competition, tmp_path):
     """torch.compile is on by default on GPUs; tracing it here catches graph breaks and wrong results on CPU."""
     flags = ["--input", str(competition), "--folds", "2", "--epochs", "1", "--width", "4", "--batch-size", "16"]

@@ -113,3 +113,10 @@ def test_a_study_is_refused_to_another_base_config_or_space(tmp_path):
         open_study(dataclasses.replace(BASE, epochs=4), space, SearchDir(tmp_path), None, prune=True)
     with pytest.raises(RunDirError, match="this study was made with another space"):
         open_study(BASE, parse_space(["lr=0.01:0.5:log"]), SearchDir(tmp_path), None, prune=True)
+
+
+@pytest.mark.parametrize("base, space", [(dataclasses.replace(BASE, folds=1), ["lr=0.01:0.3:log"]),
+                                         (BASE, ["folds=1,3"])])
+def test_a_search_refuses_a_full_fit_which_has_no_fold_to_score_trials_on(base, space):
+    with pytest.raises(ConfigError, match=r"a full fit \(--folds 1\) would be scored on the holdout"):
+        check_space(base, parse_space(space))

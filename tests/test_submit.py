@@ -50,6 +50,12 @@ def test_valid_submission_is_uploaded_with_a_message_from_the_run(setup):
     assert called.startswith(f"competitions submit -c cifar-10 -f {sub} -m 2-fold resnet18_cifar w8")
     assert "CV 0.9123" in called
 
+    (run_dir / "config.json").write_text('{"folds": 1, "width": 8}')
+    (run_dir / "report.json").write_text('{"holdout_accuracy": 0.8765}')
+    assert submit(competition, sub, bin_dir, run_dir).returncode == 0
+    called = (bin_dir / "called").read_text()
+    assert "-m full fit resnet18_cifar w8" in called and "holdout 0.8765" in called
+
 
 def test_invalid_submission_never_reaches_kaggle(setup):
     competition, run_dir, sub, tmp = setup

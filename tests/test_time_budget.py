@@ -4,6 +4,7 @@ that a training step advances, so the tests are exact whatever the machine's loa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -101,3 +102,14 @@ def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
     summary = train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
     assert summary["time_budget"]["epochs_per_fold"][1] == planned
     assert clock.steps - steps_before == (planned - 3) * 2  # no calibration again, the remaining epochs only
+
+
+def test_a_full_fit_keeps_time_back_only_for_predicting_its_holdout_once(small, tmp_path, monkeypatch):
+    from kaggle_cifar.inference import DISTINCT_VIEWS
+
+    StepClock(monkeypatch)
+    monkeypatch.setattr(train, "forward_seconds", lambda *args, **kwargs: 0.25)  # per image predicted
+    summary = train_folds(dataclasses.replace(CFG, folds=1, holdout=6), small, tmp_path / "run", small / ".cache", CPU)
+    plan = summary["time_budget"]["plans"][0]
+    assert plan["reserve_s"] == pytest.approx(len(DISTINCT_VIEWS) * 6 * 0.25)  # its 6 held-out images, each view once
+    assert summary["time_budget"]["used_s"] <= 60 and summary["time_budget"]["epochs_per_fold"][0] >= 8
