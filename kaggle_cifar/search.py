@@ -125,8 +125,6 @@ def check_space(base: TrainConfig, space: list[Dimension]) -> None:
                     raise ConfigError(FULL_FIT_REFUSED)
             except ConfigError as e:
                 raise ConfigError(f"search space {dim.name}={value!r}: {e}") from None
-    if base.folds < 2:
-        raise ConfigError(FULL_FIT_REFUSED)
     if base.time_budget or base.pseudo_labels:
         raise ConfigError("a search trains fixed --epochs on the competition's images: "
                           "--time-budget and --pseudo-labels are not for it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,8 @@ from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import load_fold_models, stream_probs
 from kaggle_cifar.predict import ensemble_probs
 from kaggle_cifar.rundir import RunDir
+
+CPU = torch.device("cpu")
 
 
 def test_train_then_predict_writes_a_valid_submission(competition, tmp_path):
@@ -101,62 +104,57 @@ def test_config_round_trips_and_flags_override_it(competition, tmp_path):
     assert TrainConfig.from_json(second / "config.json") == dataclasses.replace(saved, seed=7)
 
 
-def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(competition, tmp_path):
+def train_with_holdout(competition, run, *flags) -> SimpleNamespace:
+    """train_folds.py with TINY, a 12-image holdout and `flags`; what the run wrote, its fold models,
+    and the holdout's images and true classes."""
     from kaggle_cifar.folds import HOLDOUT
 
-    run = tmp_path / "run"
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY, "--holdout", "12")
-    report = json.loads((run / "report.json").read_text())
+    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY, "--holdout", "12",
+                      *flags)
     cfg = TrainConfig.from_json(run / "config.json")
     classes = json.loads((run / "classes.json").read_text())
     folds = pd.read_csv(run / "folds.csv")
     held = (folds["fold"] == HOLDOUT).to_numpy()
-    assert held.sum() == 12 and report["holdout"]["images"] == 12
-    assert not set(pd.read_csv(run / "oof.csv")["id"]) & set(folds["id"][held])  # holdout is not OOF
-    assert "fold ensemble" in proc.stderr
+    labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][held], "label"]
+    return SimpleNamespace(
+        stderr=proc.stderr, report=json.loads((run / "report.json").read_text()), cfg=cfg, folds=folds, held=held,
+        images=cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")[held],
+        truth=np.searchsorted(classes, labels.to_numpy()), models=load_fold_models(RunDir(run), cfg, classes, CPU))
+
+
+def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(competition, tmp_path):
+    run = tmp_path / "run"
+    r = train_with_holdout(competition, run)
+    assert r.held.sum() == 12 and r.report["holdout"]["images"] == 12
+    assert not set(pd.read_csv(run / "oof.csv")["id"]) & set(r.folds["id"][r.held])  # holdout is not OOF
+    assert "fold ensemble" in r.stderr
 
     # The ensemble figure is the mean of the fold models' probabilities on exactly the holdout images.
-    images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")[held]
-    labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][held], "label"]
-    truth = np.searchsorted(classes, labels.to_numpy())
-    models = load_fold_models(RunDir(run), cfg, classes, torch.device("cpu"))
     for name, views in TTA_VIEWS.items():
-        ensemble = stream_probs(models, images, views, torch.device("cpu")).numpy()
-        assert report["holdout"]["ensemble_accuracy"][name] == (ensemble.argmax(1) == truth).mean()
-        singles = [stream_probs([m], images, views, torch.device("cpu")).numpy() for m in models]
+        ensemble = stream_probs(r.models, r.images, views, CPU).numpy()
+        assert r.report["holdout"]["ensemble_accuracy"][name] == (ensemble.argmax(1) == r.truth).mean()
+        singles = [stream_probs([m], r.images, views, CPU).numpy() for m in r.models]
         for k, single in enumerate(singles):
             np.testing.assert_allclose(np.load(run / f"fold{k}" / "holdout.npz")[name], single, atol=1e-5)
-        np.testing.assert_allclose(report["holdout"]["single_fold_accuracy"][name],
-                                   [(single.argmax(1) == truth).mean() for single in singles])
-    assert set(report["fold_accuracy_by_tta"]) == set(TTA_VIEWS)
-    np.testing.assert_allclose(report["fold_accuracy_by_tta"][cfg.tta], report["fold_accuracy"])
+        np.testing.assert_allclose(r.report["holdout"]["single_fold_accuracy"][name],
+                                   [(single.argmax(1) == r.truth).mean() for single in singles])
+    assert set(r.report["fold_accuracy_by_tta"]) == set(TTA_VIEWS)
+    np.testing.assert_allclose(r.report["fold_accuracy_by_tta"][r.cfg.tta], r.report["fold_accuracy"])
 
 
 def test_a_full_fit_trains_one_model_on_all_but_the_holdout_and_is_scored_there(competition, tmp_path):
-    from kaggle_cifar.folds import HOLDOUT
-
     run = tmp_path / "run"
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
-                      "--folds", "1", "--holdout", "12")
-    report = json.loads((run / "report.json").read_text())
-    cfg = TrainConfig.from_json(run / "config.json")
-    classes = json.loads((run / "classes.json").read_text())
-    folds = pd.read_csv(run / "folds.csv")
-    held = (folds["fold"] == HOLDOUT).to_numpy()
-    assert held.sum() == 12 and (folds["fold"][~held] == 0).all()
+    r = train_with_holdout(competition, run, "--folds", "1")
+    assert r.held.sum() == 12 and (r.folds["fold"][~r.held] == 0).all() and len(r.models) == 1
     assert json.loads((run / "fold0" / "result.json").read_text())["train_images"] == 48
     oof = pd.read_csv(run / "oof.csv")
-    assert oof["id"].tolist() == folds["id"][held].tolist()  # its OOF is the holdout, scored by its one model
-    assert "cv_accuracy" not in report and "holdout" not in report  # no cross-validation; the holdout once
-    images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")[held]
-    labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][held], "label"]
-    truth = np.searchsorted(classes, labels.to_numpy())
-    model = load_fold_models(RunDir(run), cfg, classes, torch.device("cpu"))
+    assert oof["id"].tolist() == r.folds["id"][r.held].tolist()  # its OOF is the holdout, scored by its one model
+    assert "cv_accuracy" not in r.report and "holdout" not in r.report  # no cross-validation; the holdout once
     for name, views in TTA_VIEWS.items():
-        probs = stream_probs(model, images, views, torch.device("cpu")).numpy()
-        assert report["fold_accuracy_by_tta"][name] == [(probs.argmax(1) == truth).mean()]
-    assert report["holdout_accuracy"] == report["fold_accuracy_by_tta"][cfg.tta][0] > 0.8
-    assert f"holdout accuracy (full fit, TTA {cfg.tta}): {report['holdout_accuracy']:.4f}" in proc.stderr
+        probs = stream_probs(r.models, r.images, views, CPU).numpy()
+        assert r.report["fold_accuracy_by_tta"][name] == [(probs.argmax(1) == r.truth).mean()]
+    assert r.report["holdout_accuracy"] == r.report["fold_accuracy_by_tta"][r.cfg.tta][0] > 0.8
+    assert f"holdout accuracy (full fit, TTA {r.cfg.tta}): {r.report['holdout_accuracy']:.4f}" in r.stderr
     assert sorted(p.name for p in (run / "report").glob("*.png")) == \
         ["confusion.png", "curves.png", "mistakes.png", "per_class.png"]
 
