@@ -74,8 +74,8 @@ class ResNet18Cifar(nn.Module):
     def whiten_stem(self, images: torch.Tensor) -> None:
         """The first conv starts as fast_cifar's does, whitening the training images' 3x3 patches:
         up to 27 eigenvector pairs, the filters beyond them (width > 54) as they were."""
-        conv = self.stem[0]
-        filters = whitening_filters(images, conv.kernel_size[0], min(conv.out_channels, 2 * CHANNELS * 9) // 2 * 2)
+        conv, side = self.stem[0], self.stem[0].kernel_size[0]
+        filters = whitening_filters(images, side, min(conv.out_channels, 2 * CHANNELS * side ** 2) // 2 * 2)
         with torch.no_grad():
             conv.weight[:len(filters)] = filters
 
