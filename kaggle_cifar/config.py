@@ -138,6 +138,11 @@ class TrainConfig:
         if problems:
             raise ConfigError("invalid config: " + "; ".join(problems))
 
+    @property
+    def full_fit(self) -> bool:
+        """One fold: one model on every image but the holdout, scored on the holdout."""
+        return self.folds == 1
+
     def build_model(self, num_classes: int, data_mean: "torch.Tensor | None" = None,
                     data_std: "torch.Tensor | None" = None) -> "torch.nn.Sequential":
         """The network this config names, behind its input layer. A fresh model standardises with the

@@ -89,7 +89,7 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
     for fold_dir in folds:
         if (scored_by == fold_dir.fold).any():
             probs[scored_by[scored] == fold_dir.fold] = fold_dir.read_oof()
-    summary = oof_summary(probs, targets, scored_by[scored], labels.classes, full_fit=cfg.folds == 1)
+    summary = oof_summary(probs, targets, scored_by[scored], labels.classes, full_fit=cfg.full_fit)
     results = [fold_dir.read_result() for fold_dir in folds]
     summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS} \
         if scored.any() else {}

@@ -121,7 +121,7 @@ def check_space(base: TrainConfig, space: list[Dimension]) -> None:
     for dim in space:
         for value in dim.values_to_check():
             try:
-                if dataclasses.replace(base, **{dim.name: value}).folds < 2:
+                if dataclasses.replace(base, **{dim.name: value}).full_fit:
                     raise ConfigError(FULL_FIT_REFUSED)
             except ConfigError as e:
                 raise ConfigError(f"search space {dim.name}={value!r}: {e}") from None
