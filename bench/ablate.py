@@ -39,6 +39,7 @@ VARIANTS = {
     "no_label_smoothing": {"label_smoothing": 0.0},
     "label_smoothing_0.2": {"label_smoothing": 0.2},
     "ema_0.999": {"ema_decay": 0.999},
+    "lookahead": {"optimizer": "lookahead_muon"},
     "cutout_8": {"cutout": 8},
     "randaugment": {"auto_augment": "randaugment"},
     "trivialaugment": {"auto_augment": "trivialaugment"},

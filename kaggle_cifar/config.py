@@ -48,7 +48,9 @@ class TrainConfig:
     # (bench/RESULTS.md). The lr, momentum and decay below are on Muon's scale, not SGD's.
     optimizer: str = _opt("muon", "any timm optimizer name: muon (orthogonalised momentum on conv and linear "
                                   "weights, AdamW on the rest), sgd (Nesterov; with --lr 0.2 --momentum 0.9 "
-                                  "--weight-decay 5e-4), lamb, adamw, ...")
+                                  "--weight-decay 5e-4), lamb, adamw, ...; lookahead_NAME wraps NAME in timm's "
+                                  "Lookahead (slow weights pulled halfway to the fast ones every 6 steps; each epoch "
+                                  "ends on the slow weights, which are evaluated and saved)")
     lr: float = _opt(0.02, "peak learning rate of the one-cycle schedule")
     momentum: float = _opt(0.95, "momentum of Muon and the SGD-family optimizers")
     weight_decay: float = _opt(0.01, "weight decay (on conv and linear weights; see --decay-norm-and-bias)")
@@ -109,7 +111,8 @@ class TrainConfig:
             ("width", self.width == 64 or self.arch in SCALABLE_ARCHS,
              f"64 for {self.arch}, which has its own widths (--width scales {' and '.join(SCALABLE_ARCHS)})"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("optimizer", self.optimizer in list_optimizers(), "a timm optimizer name (timm.optim.list_optimizers())"),
+            ("optimizer", self.base_optimizer in list_optimizers(),
+             "a timm optimizer name (timm.optim.list_optimizers()), or lookahead_ and one"),
             ("lr", self.lr > 0, "positive"),
             ("warmup", 0 < self.warmup < 1, "between 0 and 1"),
             ("anneal", self.anneal in ("linear", "cos"), "linear or cos"),
@@ -142,6 +145,11 @@ class TrainConfig:
     def full_fit(self) -> bool:
         """One fold: one model on every image but the holdout, scored on the holdout."""
         return self.folds == 1
+
+    @property
+    def base_optimizer(self) -> str:
+        """The optimizer's timm name without the Lookahead wrapper's prefix (timm's spelling)."""
+        return self.optimizer.removeprefix(LOOKAHEAD)
 
     def build_model(self, num_classes: int, data_mean: "torch.Tensor | None" = None,
                     data_std: "torch.Tensor | None" = None) -> "torch.nn.Sequential":
@@ -201,6 +209,7 @@ class TrainConfig:
 
 
 NORMALIZATIONS = ("auto", "data", "imagenet")
+LOOKAHEAD = "lookahead_"  # timm's prefix of an optimizer name that wraps it in Lookahead
 
 
 def _is_timm_model(name: str) -> bool:

@@ -112,7 +112,8 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
         model(x)
     params = sum(p.numel() for p in model.parameters())
     # Muon keeps one momentum per conv and linear weight; its AdamW's two are on BatchNorm and biases (<1%)
-    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 1, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.optimizer, 2)
+    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 1, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.base_optimizer, 2)
+    optimizer_slots += cfg.optimizer != cfg.base_optimizer  # Lookahead's slow weights
     copies = 2 + optimizer_slots + (cfg.ema_decay > 0)  # weights, gradients, optimizer state, EMA
     image_bytes = CHANNELS * image_shape[0] * image_shape[1]
     return MemoryEstimate(images=2 * train_images * image_bytes, weights=4 * params * copies,

@@ -255,6 +255,8 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
         correct += torch.where(step_skipped, 0, (logits.argmax(1) == targets).sum())
         skipped += step_skipped
         bar.update(t.batch_size)
+    if hasattr(t.optimizer, "sync_lookahead"):  # Lookahead's slow weights end the epoch: evaluated, saved, resumed from
+        t.optimizer.sync_lookahead()
     loss_sum, correct, skipped = torch.stack([loss_sum, correct.float(), skipped.float()]).tolist()  # the one sync of the epoch
     stepped = (t.steps_per_epoch - int(skipped)) * t.batch_size  # no step taken: NaN, and the fold stops
     seconds = time.perf_counter() - t0

@@ -235,6 +235,7 @@ def test_the_default_run_fits_a_16_gb_t4():
     full = probe.estimate_memory(TrainConfig(), train_images=50_000)
     assert full.total < 14 * 2**30  # of the T4's 15 GiB, leaving the CUDA context and workspaces room
     assert full.weights == 3 * 4 * 11_173_962  # ResNet18: weights, gradients, momentum, 4 bytes each
+    assert probe.estimate_memory(TrainConfig(optimizer="lookahead_muon"), 50_000).weights == 4 * 4 * 11_173_962  # + slow
     double = probe.estimate_memory(TrainConfig(batch_size=256), train_images=50_000)
     assert 1.9 < double.activations / full.activations < 2.1  # activations scale with the batch
     assert 400 * 2**20 < full.activations < 2 * 2**30

@@ -31,8 +31,11 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch):
-    cfg = dataclasses.replace(CFG, auto_augment="randaugment")  # its per-image draws must replay too
+@pytest.mark.parametrize("changes", [{"auto_augment": "randaugment"},  # its per-image draws must replay too
+                                     {"optimizer": "lookahead_muon"}],  # its slow weights and step count too
+                         ids=["randaugment", "lookahead"])
+def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch, changes):
+    cfg = dataclasses.replace(CFG, **changes)
     run(cfg, small, tmp_path / "straight")
 
     calls = {"n": 0}
@@ -205,6 +208,18 @@ def test_ema_weights_are_the_ones_saved_for_predict(small, tmp_path):
     name = "1.head.2.weight"  # the classifier
     torch.testing.assert_close(final[name], last["ema"][f"module.{name}"], rtol=0, atol=0)
     assert not torch.equal(final[name], last["model"][name])
+
+
+def test_lookahead_slow_weights_are_the_ones_evaluated_and_saved(small, tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=2)  # 4 steps: fewer than Lookahead's 6, so only the epochs' ends sync
+    run(dataclasses.replace(cfg, optimizer="lookahead_muon"), small, tmp_path / "lookahead")
+    run(cfg, small, tmp_path / "plain")
+    last = torch.load(tmp_path / "lookahead" / "fold0" / "last.pt", weights_only=True)
+    slow = [s["lookahead_slow_buff"] for s in last["optimizer"]["state"].values() if "lookahead_slow_buff" in s]
+    name = "1.head.2.weight"  # the classifier
+    final = weights(tmp_path / "lookahead" / "fold0" / "model.pt")[name]
+    assert any(torch.equal(final, w) for w in slow)
+    assert not torch.allclose(final, weights(tmp_path / "plain" / "fold0" / "model.pt")[name])
 
 
 def test_ema_warm_up_follows_the_weights_in_a_short_run(small, tmp_path):
