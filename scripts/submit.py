@@ -32,7 +32,7 @@ HINTS += [(needle, NO_CREDENTIALS) for needle in ("kaggle.json", "access_token",
 
 def message_for(run: RunDir) -> str:
     cfg, _ = run.read()
-    parts = [f"{cfg.folds}-fold {cfg.arch} w{cfg.width}" if not cfg.full_fit else f"full fit {cfg.arch} w{cfg.width}",
+    parts = [f"full fit {cfg.arch} w{cfg.width}" if cfg.full_fit else f"{cfg.folds}-fold {cfg.arch} w{cfg.width}",
              f"{cfg.epochs} ep", f"tta {cfg.tta}"]
     estimate = headline(run.read_report()) if run.report_json.exists() else None
     if estimate is not None:
