@@ -76,7 +76,9 @@ class TrainConfig:
                                       "imagenet with --pretrained, data otherwise (a run's model.pt brings its own)")
     freeze_epochs: int = _opt(0, "the first E epochs train only the classifier head, the rest of the network frozen "
                                  "(BatchNorm statistics too), as feature extraction does; then everything trains")
-    tta: str = _opt("flip", "test-time views for OOF and predict: none, flip or flip_translate")
+    # flip_translate: ahead of flip in every full-data measurement, at every length (bench/RESULTS.md),
+    # for 6 forward passes an image instead of 2; on a CPU, predict --tta flip is the cheaper choice.
+    tta: str = _opt("flip_translate", "test-time views for OOF and predict: none, flip or flip_translate")
     pseudo_labels: str = _opt("", "a finished run with the same fold split: fold k adds to its training set the test "
                                   "images that run's fold k predicts with probability >= --pseudo-threshold "
                                   "(empty: off); an epoch is then a pass over the enlarged set")

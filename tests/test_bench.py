@@ -12,7 +12,7 @@ def bench(name: str, *args: str) -> str:
 def test_bench_prints_the_pipeline_table_and_the_accuracy_report(competition):
     out = bench("bench.py", "--input", str(competition), *TINY, "--holdout", "12")
     for line in ("| decode train (cold cache) |", "| train fold 1 (after epoch 1) |", "| whole pipeline",
-                 "| training FLOPs per image |", "| checkpoint save per epoch", "CV accuracy (out-of-fold, TTA flip):", "fold ensemble"):
+                 "| training FLOPs per image |", "| checkpoint save per epoch", "CV accuracy (out-of-fold, TTA flip_translate):", "fold ensemble"):
         assert line in out, f"{line!r} missing from:\n{out}"
 
 
