@@ -25,7 +25,6 @@ import torch
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.device import set_precision, use_compile
 from kaggle_cifar.data import load_train
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.rundir import RunDir, folds_table
@@ -64,16 +63,14 @@ VARIANTS = {
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser, run_dir=None)  # a given --run-dir keeps each variant's run (and resumes it)
-    cli.add_compile_flag(parser)
+    cli.add_device_flags(parser)
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT",
                         help=f"variants to run (default: all): {', '.join(VARIANTS)}")
     parser.add_argument("--fold", type=int, default=0, help="the fold every variant trains and is measured on")
     add_config_flags(parser)
     args = parser.parse_args()
     base = config_from_args(args)
-    set_precision(args.precision)
-    ctx = distributed.setup(args.device)
-    compile = use_compile(args.compile, ctx.device)
+    ctx = distributed.setup(args.device, args.precision, args.compile)
     cli.resolve_paths(args, ctx)
     train = load_train(args.input, args.cache_dir, base.folds)
     on_device = DeviceTrainSet.of(train, ctx.device)
@@ -87,13 +84,13 @@ def main() -> int:
             fold_of = fold_split(cfg, train.labels)
             run = RunDir(out / name)
             run.create(cfg, train.labels.classes, folds_table(train.labels.ids, fold_of))
-            result = train_fold(cfg, on_device.fold(fold_of, args.fold), run.fold(args.fold), ctx.device, compile)
+            result = train_fold(cfg, on_device.fold(fold_of, args.fold), run.fold(args.fold), ctx.policy)
             table.add(variant=name, changes=", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "-",
                       **{f"acc {tta}": f"{result['accuracy_by_tta'][tta]:.4f}" for tta in TTA_VIEWS},
                       **{"train s": f"{result['seconds']:.1f}",
                          "images/s": f"{warm_epochs(run.fold(args.fold))['train_images_per_s'].median():,.0f}"})
     print(f"\nablation on fold {args.fold} of {base.folds}, {len(train.labels.ids):,} training images; "
-          f"every variant changes this base:\n{setting(ctx.device, compile, base)}")
+          f"every variant changes this base:\n{setting(ctx.policy, base)}")
     print(table)
     return 0
 

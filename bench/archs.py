@@ -16,7 +16,7 @@ import torch
 
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.device import autocast_dtype, synchronize
+from kaggle_cifar.device import Policy, synchronize
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.model import ARCHS, build_model, training_flops_per_image
 from kaggle_cifar.train import build_training, train_step
@@ -28,7 +28,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=cli.positive_int, default=64)
     parser.add_argument("--steps", type=cli.positive_int, default=4, help="timed training steps per architecture")
     args = parser.parse_args()
-    device = torch.device("cpu")
+    policy = Policy.of(torch.device("cpu"))
+    device = policy.device
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 32, 32, 3), dtype=torch.uint8, generator=g)
     targets = torch.randint(0, 10, (args.batch_size,), generator=g)
@@ -39,7 +40,7 @@ def main() -> int:
         model = build_model(arch, 10, 64)
         params = sum(p.numel() for p in model.parameters())
         flops = training_flops_per_image(model, (3, 32, 32))
-        t = build_training(TrainConfig(arch=arch, batch_size=args.batch_size), data, device)
+        t = build_training(TrainConfig(arch=arch, batch_size=args.batch_size), data, policy)
         x = images.permute(0, 3, 1, 2)
         train_step(t, x, targets, 1)  # warm-up
         synchronize(device)
@@ -50,7 +51,7 @@ def main() -> int:
         rate = args.steps * args.batch_size / (time.perf_counter() - t0)
         table.add(arch=arch, parameters=f"{params / 1e6:.1f} M", **{"training GFLOP per image": f"{flops / 1e9:.2f}",
                                                                     "CPU training images/s": f"{rate:,.0f}"})
-    print(f"\nwidth 64, batch {args.batch_size}, {autocast_dtype(device) or 'float32'} on the CPU, eager, "
+    print(f"\nwidth 64, batch {args.batch_size}, {policy.describe()}, eager, "
           f"torch {torch.__version__}\n")
     print(table)
     return 0

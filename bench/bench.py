@@ -32,13 +32,14 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import add_config_flags, config_from_args
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.data import cached_images, image_ids, load_train, read_labels
-from kaggle_cifar.device import autocast_dtype, set_precision, use_compile
+from kaggle_cifar.budget import calibrate
+from kaggle_cifar.device import Policy
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.model import training_flops_per_image
 from kaggle_cifar.predict import submission_csv
 from kaggle_cifar.report import describe
+from kaggle_cifar.model import for_config
 from kaggle_cifar.rundir import RunDir
-from kaggle_cifar.train import calibrate
 
 
 def timed(fn):
@@ -51,24 +52,23 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def autocast_name(device: torch.device) -> str:
-    dtype = autocast_dtype(device)
+def autocast_name(policy: Policy) -> str:
+    dtype = policy.autocast_dtype
     return "no autocast" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
 
 def main() -> None:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_input_flag(parser)
-    cli.add_compile_flag(parser)
+    cli.add_device_flags(parser)
     parser.add_argument("--speed-only", action="store_true",
                         help="only the side-by-side speed rows (float32 eager against the chosen setting), no pipeline")
     add_config_flags(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = config_from_args(args)
-    set_precision(args.precision)
-    ctx = distributed.setup()
-    compile = use_compile(args.compile, ctx.device)
+    ctx = distributed.setup(args.device, args.precision, args.compile)
+    chosen = ctx.policy
     table = Table()
 
     def measured(what: str, rate: str, seconds: str) -> None:
@@ -82,29 +82,28 @@ def main() -> None:
             measured(f"decode {folder} (cold cache)", f"{len(ids) / seconds:,.0f} images/s", f"{seconds:.1f} s")
         train = load_train(args.input, cache, cfg.folds)
         fold = DeviceTrainSet.of(train, ctx.device).fold(fold_split(cfg, train.labels), 0)
-        settings = [("float32", False), (args.precision, compile)]
+        settings = [Policy.of(ctx.device, "float32", compile=False),
+                    Policy.of(ctx.device, args.precision, compile=chosen.compile_training)]
         rates = {}
-        for precision, compiled in dict.fromkeys(settings):
-            set_precision(precision)
-            name = f"{precision} ({autocast_name(ctx.device)}), {'compiled' if compiled else 'eager'}"
-            step_seconds, image_seconds = calibrate(cfg, fold, ctx.device, compiled, steps=24, images=8192)
-            rates[precision, compiled] = min(cfg.batch_size, len(fold.train_targets)) / step_seconds, 1 / image_seconds
-            train_rate, predict_rate = rates[precision, compiled]
+        for policy in dict.fromkeys(settings):
+            name = f"{autocast_name(policy)}, {'compiled' if policy.compile_training else 'eager'}"
+            step_seconds, image_seconds = calibrate(cfg, fold, policy, steps=24, images=8192)
+            rates[policy] = min(cfg.batch_size, len(fold.train_targets)) / step_seconds, 1 / image_seconds
+            train_rate, predict_rate = rates[policy]
             base_train, base_predict = rates[settings[0]]
             measured(f"training step, {name}", f"{train_rate:,.0f} images/s ({train_rate / base_train:.2f}x)", "")
             measured(f"forward pass, {name}", f"{predict_rate:,.0f} images/s per view ({predict_rate / base_predict:.2f}x; "
                                               f"{predict_rate / train_rate:.1f}x its training rate)", "")
-        set_precision(args.precision)
         # predict's default on the CPU for a large set: the model compiled for inference, weights frozen
-        _, image_seconds = calibrate(cfg, fold, ctx.device, compile, steps=1, images=8192, forward_compiled=True)
+        _, image_seconds = calibrate(cfg, fold, settings[-1], steps=1, images=8192, forward_compiled=True)
         train_rate, predict_rate = rates[settings[-1]][0], 1 / image_seconds
-        measured(f"forward pass, {autocast_name(ctx.device)}, compiled for inference (weights frozen)",
+        measured(f"forward pass, {autocast_name(chosen)}, compiled for inference (weights frozen)",
                  f"{predict_rate:,.0f} images/s per view ({predict_rate / rates[settings[0]][1]:.2f}x; "
                  f"{predict_rate / train_rate:.1f}x the training rate above)", "")
         if args.speed_only:
-            print("\n" + setting(ctx.device, compile, cfg) + "\n\n" + str(table))
+            print("\n" + setting(chosen, cfg) + "\n\n" + str(table))
             return
-        summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx, compile))
+        summary, seconds = timed(lambda: train_folds(cfg, args.input, run_dir, cache, ctx))
         measured(f"train {cfg.folds} folds x {cfg.epochs} epochs", "", f"{seconds:.1f} s")
         print(describe(summary, cfg.tta), flush=True)
         warm_rates, epoch_times, checkpoint_times = [], [], []
@@ -124,11 +123,11 @@ def main() -> None:
         measured("predict, per model forward pass", f"{n_test * views * cfg.folds / seconds:,.0f} images/s per view and fold", "")
         measured("whole pipeline (decode + train + predict + CSV)", "", f"{time.perf_counter() - t_start:.1f} s")
 
-    model = cfg.build_model(10).to(ctx.device)
+    model = for_config(cfg, 10).to(ctx.device)
     flops = training_flops_per_image(model, (3, 32, 32))
     rate = statistics.median(warm_rates)
     measured("training FLOPs per image", f"{flops / 1e9:.2f} GFLOP", f"{flops * rate / 1e12:.1f} TFLOP/s achieved")
-    print("\n" + setting(ctx.device, compile, cfg))
+    print("\n" + setting(chosen, cfg))
     print(describe(summary, cfg.tta) + "\n")
     print(str(table))
 

@@ -10,13 +10,13 @@ import pandas as pd
 import torch
 
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.device import Policy
 from kaggle_cifar.rundir import FoldDir
 
 
-def setting(device: torch.device, compile: bool, cfg: TrainConfig) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return (f"device: {name}; torch {torch.__version__}; compile={compile}; "
-            f"OpenMP wait {os.environ['OMP_WAIT_POLICY']}, {torch.get_num_threads()} threads; config: {cfg.describe()}")
+def setting(policy: Policy, cfg: TrainConfig) -> str:
+    return (f"{policy.describe()}; torch {torch.__version__}; OpenMP wait {os.environ['OMP_WAIT_POLICY']}; "
+            f"config: {cfg.describe()}")
 
 
 def markdown_table(rows: list[dict], header: bool = True) -> str:

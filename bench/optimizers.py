@@ -14,16 +14,16 @@ import time
 
 from common import Table  # bench/common.py, beside this script; first, before torch loads
 import torch
-from timm.optim import create_optimizer_v2
 
 from kaggle_cifar import cli
+from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.model import ARCHS, build_model
-from kaggle_cifar.train import orthogonalise_updates_in
+from kaggle_cifar.optim import build_optimizer
 
-SETTINGS = {  # name: (timm optimizer, its keyword arguments, Muon's Newton-Schulz dtype)
-    "sgd (fused)": ("sgd", {"lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "fused": True}, torch.float32),
-    "muon, Newton-Schulz in bf16": ("muon", {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.01}, torch.bfloat16),
-    "muon, Newton-Schulz in float32": ("muon", {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.01}, torch.float32),
+SETTINGS = {  # name: (the config's optimizer settings, Muon's Newton-Schulz dtype)
+    "sgd (fused)": ({"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4}, torch.float32),
+    "muon, Newton-Schulz in bf16": ({"optimizer": "muon"}, torch.bfloat16),
+    "muon, Newton-Schulz in float32": ({"optimizer": "muon"}, torch.float32),
 }
 
 
@@ -38,9 +38,8 @@ def main() -> int:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     table = Table()
-    for name, (optimizer_name, kwargs, dtype) in SETTINGS.items():
-        orthogonalise_updates_in(dtype)
-        optimizer = create_optimizer_v2(model, optimizer_name, **kwargs)
+    for name, (settings, dtype) in SETTINGS.items():
+        optimizer = build_optimizer(TrainConfig(**settings), model, dtype)
         for _ in range(2):
             optimizer.step()
         t0 = time.perf_counter()

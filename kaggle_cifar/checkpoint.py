@@ -12,11 +12,6 @@ from kaggle_cifar.atomic import atomic_path, free_space
 from kaggle_cifar.errors import CheckpointError, first_line
 
 
-def run_meta(cfg, classes: list[str]) -> dict:
-    """What a checkpoint must agree on with the run (a TrainConfig and its classes) that loads it."""
-    return {"arch": cfg.arch, "width": cfg.width, "classes": list(classes)}
-
-
 def save(path: Path, state: dict) -> None:
     """Write `state` atomically: on any failure (a full disk among them) the previous file stays."""
     try:

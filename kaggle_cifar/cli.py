@@ -17,6 +17,7 @@ from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.prepare import prepare
 
 DEFAULT_RUN_DIR = Path("runs/default")
+DEFAULT_INPUT = Path("input")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,17 +38,29 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_input_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", type=Path, default=Path("input"),
-                        help="competition folder: trainLabels.csv, train/, test/, or the raw download (default: input)")
+def add_input_flag(parser: argparse.ArgumentParser, of_the_run: bool = False) -> None:
+    """--input; for a script that reads a finished run (`of_the_run`), its default is the folder the
+    run was trained from (`inputs_of_the_run`)."""
+    default = "the one --run-dir was trained from, else input" if of_the_run else DEFAULT_INPUT
+    parser.add_argument("--input", type=Path, default=None if of_the_run else DEFAULT_INPUT,
+                        help=f"competition folder: trainLabels.csv, train/, test/, or the raw download (default: {default})")
 
 
-def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = DEFAULT_RUN_DIR) -> None:
-    add_input_flag(parser)
+def inputs_of_the_run(args: argparse.Namespace, source: dict[str, Path]) -> None:
+    """Without --input, the input folder (and, without --cache-dir, the image cache) a run was
+    trained from (`source`: RunDir.source()); `input` for a run that did not record them."""
+    if args.input is None:
+        args.input = source.get("input", DEFAULT_INPUT)
+        if vars(args).get("cache_dir", False) is None and "cache_dir" in source:
+            args.cache_dir = source["cache_dir"]
+
+
+def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = DEFAULT_RUN_DIR,
+                 of_the_run: bool = False) -> None:
+    add_input_flag(parser, of_the_run)
     parser.add_argument("--run-dir", type=Path, default=run_dir,
                         help=f"where checkpoints, OOF predictions and reports go (default: {run_dir or 'a temporary folder'})")
     add_cache_flag(parser)
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
 
 
 def add_cache_flag(parser: argparse.ArgumentParser) -> None:
@@ -55,18 +68,21 @@ def add_cache_flag(parser: argparse.ArgumentParser) -> None:
                         help="where decoded images are cached (default: INPUT/.cache, or ./cache if INPUT is read-only)")
 
 
-def add_compile_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the training step (default: on for GPUs of compute capability 7.0 and up, "
-                             "off on older GPUs and the CPU)")
-    add_precision_flag(parser)
-
-
-def add_precision_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("auto", "float32"), default="auto",
-                        help="auto: bf16 autocast where the device computes bf16 natively (Ampere and later GPUs, "
-                             "CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older GPUs; float32: none "
-                             "(default: auto)")
+def add_device_flags(parser: argparse.ArgumentParser, compiles: bool = True) -> None:
+    """--device and --precision, and where the script runs a model (`compiles`), --compile: the
+    flags device.Policy is made from (distributed.setup)."""
+    group = parser.add_argument_group("device (how this process computes: one line at start says it)")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
+    group.add_argument("--precision", choices=("auto", "float32"), default="auto",
+                       help="auto: bf16 autocast where the device computes bf16 natively (Ampere and later GPUs, "
+                            "CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older GPUs; float32: none, "
+                            "Muon's orthogonalisation included (default: auto)")
+    if compiles:
+        group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                           help="torch.compile every model this script runs, for training and for predictions "
+                                "(default: the training step on GPUs of compute capability 7.0 and up; on a CPU, "
+                                "the predictions of large image sets such as the test set, where the compilation "
+                                "pays for itself)")
 
 
 def resolve_paths(args: argparse.Namespace, ctx=None) -> None:

@@ -9,11 +9,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaggle_cifar.budget import parse_duration
 from kaggle_cifar.errors import ConfigError, first_line
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "900", "900s", "15m", "2h", "1h30m" or "1h30m20s" (--time-budget). A number
+    without its unit after hours or minutes ("1h30") is refused: 30 minutes or 30 seconds?"""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*(s?))?\s*",
+                         text)
+    if not text.strip() or parts is None or not any(parts.groups()[:3]):
+        raise ConfigError(f"time_budget {text!r}: give seconds, or a duration such as 15m, 2h or 1h30m")
+    hours, minutes, seconds, unit = parts.groups()
+    if seconds and not unit and (hours or minutes):
+        raise ConfigError(f"time_budget {text!r}: {seconds} of what? Give its unit, e.g. "
+                          f"{text.strip()}{'m' if not minutes else 's'}")
+    return sum(float(p) * scale for p, scale in ((hours, 3600), (minutes, 60), (seconds, 1)) if p)
 
 
 def _opt(default, help):
@@ -87,11 +102,14 @@ class TrainConfig:
                                    "an equal share per class (0: no limit)")
 
     def __post_init__(self):
-        from timm.optim import list_optimizers
+        self._check_types()
+        problems = self._value_problems()
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
 
-        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, FLIPS, TTA_VIEWS
-        from kaggle_cifar.model import ARCHS, SCALABLE_ARCHS
-
+    def _check_types(self) -> None:
+        """Every field of its default's type (an int where a float goes is taken as that float);
+        no float is infinite or NaN."""
         wrong_types = []
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), type(f.default)
@@ -100,8 +118,20 @@ class TrainConfig:
             elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 wrong_types.append(f"{f.name} must be {'a whole number' if kind is int else kind.__name__}, "
                                    f"not {value!r}")
+            elif kind is float and not math.isfinite(value):
+                wrong_types.append(f"{f.name} must be a finite number, not {value!r}")
         if wrong_types:
             raise ConfigError("invalid config: " + "; ".join(wrong_types))
+
+    def _value_problems(self) -> list[str]:
+        """What is wrong with the values, each named; the names a flag takes are asked of their
+        owners (the architectures of model.py, the views and policies of augment.py, timm's
+        optimizers)."""
+        from timm.optim import list_optimizers
+
+        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, FLIPS, TTA_VIEWS
+        from kaggle_cifar.model import ARCHS, SCALABLE_ARCHS
+
         problems = [f"{name} must be {rule}" for name, ok, rule in [
 
             ("folds", self.folds >= 1, "at least 1"),
@@ -140,8 +170,11 @@ class TrainConfig:
                 problems.append(str(e))
         if self.arch not in ARCHS and not _is_timm_model(self.arch):
             problems.insert(0, f"arch must be {' or '.join(ARCHS)} or a timm model name" + _did_you_mean(self.arch))
-        if problems:
-            raise ConfigError("invalid config: " + "; ".join(problems))
+        return problems
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return parse_duration(self.time_budget) if self.time_budget else None
 
     @property
     def full_fit(self) -> bool:
@@ -152,35 +185,6 @@ class TrainConfig:
     def base_optimizer(self) -> str:
         """The optimizer's timm name without the Lookahead wrapper's prefix (timm's spelling)."""
         return self.optimizer.removeprefix(LOOKAHEAD)
-
-    def build_model(self, num_classes: int, data_mean: "torch.Tensor | None" = None,
-                    data_std: "torch.Tensor | None" = None) -> "torch.nn.Sequential":
-        """The network this config names, behind its input layer. A fresh model standardises with the
-        training images' mean and std (`data_*`) or ImageNet's, as --normalization says; a model
-        about to load a checkpoint needs neither."""
-        import torch
-
-        from kaggle_cifar import model
-
-        if self.normalization == "imagenet" or (self.normalization == "auto" and self.pretrained):
-            data_mean, data_std = torch.tensor(model.IMAGENET_MEAN), torch.tensor(model.IMAGENET_STD)
-        return model.build_model(self.arch, num_classes, self.width, self.image_size, data_mean, data_std)
-
-    def check_files(self) -> None:
-        """The files the config names exist: checked before a run writes anything."""
-        problems = []
-        if self.pretrained and not Path(self.pretrained).is_file():
-            problems.append(f"--pretrained {self.pretrained}: no such file")
-        if self.pseudo_labels and not Path(self.pseudo_labels).is_dir():
-            problems.append(f"--pseudo-labels {self.pseudo_labels}: no such run dir")
-        if self.albumentations and not Path(self.albumentations).is_file():
-            problems.append(f"--albumentations {self.albumentations}: no such file")
-        elif self.albumentations:
-            from kaggle_cifar.host_augment import load_pipeline
-
-            load_pipeline(self.albumentations)
-        if problems:
-            raise ConfigError("; ".join(problems))
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":

@@ -14,7 +14,9 @@ from kaggle_cifar import budget, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import Labels, load_test, load_train
+from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, fold_split, held_out_by
+from kaggle_cifar.host_augment import load_pipeline
 from kaggle_cifar.pseudo import open_teacher, with_pseudo_labels
 from kaggle_cifar.report import holdout_summary, oof_summary
 from kaggle_cifar.rundir import RunDir, folds_table
@@ -31,18 +33,34 @@ def check_input(input_dir: Path, cache_dir: Path, folds: int) -> str:
             f"({', '.join(train.labels.classes)}), {len(ids)} test images, {train.images.shape[1:]} uint8 each")
 
 
-def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path, ctx: distributed.Context,
-                compile: bool = False) -> dict | None:
+def check_named_files(cfg: TrainConfig) -> None:
+    """The files the config names exist (and an albumentations pipeline loads): checked before a
+    run writes anything."""
+    problems = []
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        problems.append(f"--pretrained {cfg.pretrained}: no such file")
+    if cfg.pseudo_labels and not Path(cfg.pseudo_labels).is_dir():
+        problems.append(f"--pseudo-labels {cfg.pseudo_labels}: no such run dir")
+    if cfg.albumentations and not Path(cfg.albumentations).is_file():
+        problems.append(f"--albumentations {cfg.albumentations}: no such file")
+    elif cfg.albumentations:
+        load_pipeline(cfg.albumentations)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path,
+                ctx: distributed.Context) -> dict | None:
     """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
     started = budget.clock()
-    cfg.check_files()
+    check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
     labels, run = train.labels, RunDir(run_dir)
     fold_of = fold_split(cfg, labels)
     folds_csv = folds_table(labels.ids, fold_of)
     teacher = open_teacher(Path(cfg.pseudo_labels), folds_csv, labels.classes) if cfg.pseudo_labels else None
     if ctx.is_main:
-        run.create(cfg, labels.classes, folds_csv)
+        run.create(cfg, labels.classes, folds_csv, {"input": input_dir, "cache_dir": cache_dir})
     ctx.barrier()
 
     if teacher is not None:
@@ -51,19 +69,20 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
     time_left = None
     if cfg.time_budget:  # counted from this call, less what earlier sessions of the run spent
-        time_left = budget.Budget(budget.parse_duration(cfg.time_budget),
-                                  start=started - sum(f.seconds_spent() for f in mine),
+        time_left = budget.Budget(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
                                   folds_left=sum(not f.finished() for f in mine))
     for fold_dir in mine:
         if fold_dir.finished():
             continue
         data = on_device.fold(fold_of, fold_dir.fold)
         if teacher is not None:
-            data = with_pseudo_labels(data, cfg, teacher, test_images)
-        deadline = time_left.next_fold_deadline() if time_left else None
-        if fold_dir.started():
-            deadline = None  # a resumed fold keeps the plan its checkpoint holds
-        train_fold(cfg, data, fold_dir, ctx.device, compile, deadline)
+            data = with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy)
+        plan = None
+        if time_left is not None:  # a resumed fold keeps the plan its checkpoint holds
+            deadline = time_left.next_fold_deadline()
+            plan = budget.FoldPlan.resuming() if fold_dir.started() else \
+                budget.plan_fold(cfg, data, ctx.policy, deadline)
+        train_fold(cfg, data, fold_dir, ctx.policy, plan)
     ctx.barrier()
     if not ctx.is_main:
         return None

@@ -1,9 +1,12 @@
 """What depends on the device: which one this process uses, what the installed torch can run on it,
-mixed precision, compilation, and moving host rows onto it."""
+and how this process computes on it (`Policy`: mixed precision, compilation, layout), and moving
+host rows onto it."""
 
 from __future__ import annotations
 
+import platform
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -63,27 +66,11 @@ def kernel_problem(capability: tuple[int, int], arch_list: list[str]) -> str | N
             f"(see README, 'Which GPUs')")
 
 
-def compile_default(device: torch.device) -> bool:
-    """torch.compile by default where its backend runs: GPUs that Triton supports. On the CPU it
-    costs minutes of C++ compilation for a short run, so it is opt-in there."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
-
-
-def use_compile(requested: bool | None, device: torch.device) -> bool:
-    """--compile / --no-compile, or the device's default."""
-    return requested if requested is not None else compile_default(device)
-
-
+# On a 2-core CPU compiling a model for inference took 10-17 s and its forward pass then ran about
+# 1.4x eager's (bench/RESULTS.md): that repays itself after some tens of thousands of images, so sets
+# this large (a test set, a full-data fold's OOF and holdout views) are compiled, smaller ones not.
+COMPILE_MIN_FORWARDS = 100_000
 PRECISIONS = ("auto", "float32")
-_precision = "auto"
-
-
-def set_precision(name: str) -> None:
-    """auto: the device's mixed precision (autocast_dtype); float32: none, to measure against."""
-    global _precision
-    if name not in PRECISIONS:
-        raise ConfigError(f"--precision {name}: use one of {', '.join(PRECISIONS)}")
-    _precision = name
 
 
 def cpu_has_native_bf16() -> bool:
@@ -100,38 +87,101 @@ def computes_bf16_natively(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision for training and predict: bf16 where the device computes it natively, fp16
-    with loss scaling on older GPUs such as Kaggle's T4 and P100, none (float32) on other CPUs or
-    when set_precision("float32")."""
-    if _precision == "float32" or device.type not in ("cpu", "cuda"):
-        return None
-    if computes_bf16_natively(device):
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else None
+def triton_runs_on(device: torch.device) -> bool:
+    """torch.compile's GPU backend (Triton) supports this GPU."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= TRITON_MIN_CAPABILITY
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+@dataclass(frozen=True)
+class Policy:
+    """How this process computes, chosen once from the flags (`Policy.of`) and passed down to
+    whatever runs a model: the device, mixed precision and loss scaling, torch.compile for training
+    and for inference, Muon's Newton-Schulz dtype, the memory layout. Nothing here is global."""
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: float32 throughout
+    newton_schulz_dtype: torch.dtype    # Muon's orthogonalisation of its updates
+    compile: bool | None = None         # --compile / --no-compile; None: compile_training/compiles_inference decide
+
+    @classmethod
+    def of(cls, device: torch.device, precision: str = "auto", compile: bool | None = None) -> "Policy":
+        """auto: bf16 where the device computes it natively, fp16 with loss scaling on older GPUs
+        (Kaggle's T4 and P100), float32 on other CPUs; float32: none, the reference to measure against."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+        native = precision == "auto" and computes_bf16_natively(device)
+        dtype = torch.bfloat16 if native else torch.float16 if precision == "auto" and device.type == "cuda" else None
+        return cls(device, dtype, torch.bfloat16 if native else torch.float32, compile)
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16's range is small: its gradients need GradScaler; bf16's and float32's do not."""
+        return self.autocast_dtype == torch.float16
+
+    @property
+    def compile_training(self) -> bool:
+        """The training step is compiled where Triton runs; on the CPU it costs minutes of C++
+        compilation for a short run, so it is opt-in there."""
+        return self.compile if self.compile is not None else triton_runs_on(self.device)
+
+    def compiles_inference(self, forwards: int) -> bool:
+        """A model that predicts `forwards` image views is compiled on the CPU when that repays the
+        compilation; GPUs predict eagerly by default (not measured there)."""
+        if self.compile is not None:
+            return self.compile
+        return self.device.type == "cpu" and forwards >= COMPILE_MIN_FORWARDS
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` (an InputLayer's network) on the device in channels_last, the layout of cuDNN's
+        and oneDNN's fast convolutions (on a CPU too: 1.1-1.4x the NCHW training and 1.6-4.8x its
+        forward images/s, bench/RESULTS.md). Except where oneDNN fails in it: on a CPU without
+        AVX-512, the backward pass of a strided 1x1 convolution with fewer than 8 input channels
+        (resnet18_cifar narrower than --width 8) segfaults or hangs (torch 2.14.1), so such a model
+        runs NCHW throughout, from its input layer on (and compiled so: see `compiled`)."""
+        if not channels_last_is_safe(self.device, model):
+            model.input.channels_last = False
+            return model.to(self.device)
+        return model.to(self.device, memory_format=torch.channels_last)
+
+    def compiled(self, model: torch.nn.Module, backend: str = "inductor", **kwargs) -> torch.nn.Module:
+        """torch.compile of a placed model; a model kept NCHW keeps inductor from choosing
+        channels_last for it (an option of this one compilation, not of the process)."""
+        if backend == "inductor" and not model.input.channels_last:
+            kwargs["options"] = {**kwargs.get("options", {}), "layout_optimization": False}
+        return torch.compile(model, backend=backend, **kwargs)
+
+    def describe(self) -> str:
+        """One line for the start of every script: `device cpu (AMD EPYC, 2 threads), bf16 autocast, eager`."""
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            where = f"{self.device} ({torch.cuda.get_device_name(self.device)}, {major}.{minor})"
+        else:
+            threads = torch.get_num_threads()
+            where = f"{self.device} ({cpu_name()}, {threads} thread{'s' if threads > 1 else ''})"
+        precision = {None: "float32", torch.bfloat16: "bf16 autocast",
+                     torch.float16: "fp16 + loss scaling"}[self.autocast_dtype]
+        inference = {True: "compiled", False: "eager"}.get(
+            self.compile, "compiled for large sets" if self.device.type == "cpu" else "eager")
+        return (f"device {where}, {precision}, training {'compiled' if self.compile_training else 'eager'}, "
+                f"inference {inference}")
 
 
-def place(model: torch.nn.Sequential, device: torch.device) -> torch.nn.Sequential:
-    """`model` (an input layer, then the network) on `device` in channels_last, the layout of cuDNN's
-    and oneDNN's fast convolutions (on a CPU too: 1.1-1.4x the NCHW training and 1.6-4.8x its
-    forward images/s, bench/RESULTS.md). Except where oneDNN fails in it: on a CPU without AVX-512,
-    the backward pass of a strided 1x1 convolution with fewer than 8 input channels (resnet18_cifar
-    narrower than --width 8) segfaults or hangs (torch 2.14.1), so such a model runs NCHW
-    throughout, from its input layer on, and compiled too: inductor's own layout choice is off."""
-    if device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability() and any(
-            isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
-            for m in model.modules()):
-        from torch._inductor import config as inductor
+def channels_last_is_safe(device: torch.device, model: torch.nn.Module) -> bool:
+    """False where oneDNN fails in channels_last (see Policy.place)."""
+    return not (device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability() and any(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+        for m in model.modules()))
 
-        inductor.layout_optimization = False
-        model[0].channels_last = False
-        return model.to(device)
-    return model.to(device, memory_format=torch.channels_last)
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu gives it (the figures in bench/RESULTS.md name it too)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return platform.processor() or "cpu"
 
 
 def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:

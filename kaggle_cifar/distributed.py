@@ -5,6 +5,7 @@ set; no gradient is ever all-reduced. NCCL on GPUs, gloo on CPU (so tests run 2 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from kaggle_cifar import device as devices
+
+log = logging.getLogger(__name__)
 
 # Ranks wait on each other's host work: rank 0 unpacking 350,000 files or decoding the cache, and,
 # when the folds do not divide evenly over the ranks, a whole fold at the final barrier. Those waits
@@ -26,8 +29,12 @@ TENSOR_TIMEOUT = timedelta(hours=1)
 class Context:
     rank: int
     world_size: int
-    device: torch.device
+    policy: devices.Policy  # this process's device and how it computes there
     wait_group: object = None  # the process group barriers use (None: the default group)
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
 
     @property
     def is_main(self) -> bool:
@@ -46,8 +53,9 @@ class Context:
         return result if self.is_main else fn()
 
 
-def setup(device: str | None = None) -> Context:
-    """Join the torchrun group if launched by torchrun; pick this process's device (see device.select)."""
+def setup(device: str | None = None, precision: str = "auto", compile: bool | None = None) -> Context:
+    """Join the torchrun group if launched by torchrun; pick this process's device (see
+    device.select) and how it computes there (device.Policy)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = devices.select(device, local_rank, world_size)
@@ -64,7 +72,9 @@ def setup(device: str | None = None) -> Context:
             dist.init_process_group("nccl" if gpu else "gloo", timeout=TENSOR_TIMEOUT if gpu else WAIT_TIMEOUT)
         if dist.get_backend() != "gloo":
             wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    return Context(rank, world_size, device, wait_group)
+    policy = devices.Policy.of(device, precision, compile)
+    log.info("%s%s", f"rank {rank}: " if world_size > 1 else "", policy.describe())
+    return Context(rank, world_size, policy, wait_group)
 
 
 def teardown(ctx: Context) -> None:

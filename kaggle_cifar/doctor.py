@@ -4,6 +4,7 @@ it, then a short training and predict probe on synthetic data that measures what
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kaggle_cifar import device as devices
-from kaggle_cifar import probe
+from kaggle_cifar import distributed, probe
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import check_input
@@ -59,12 +60,6 @@ def describe_device(device: torch.device) -> str:
     return f"{device} {props.name}, compute capability {major}.{minor}, {props.total_memory / GiB:.1f} GiB"
 
 
-def precision(device: torch.device) -> str:
-    dtype = devices.autocast_dtype(device)
-    return {None: "float32", torch.bfloat16: "bf16 autocast",
-            torch.float16: "fp16 autocast with loss scaling (no native bf16)"}[dtype]
-
-
 def timed(fn, device: torch.device) -> float:
     devices.synchronize(device)
     t0 = time.perf_counter()
@@ -77,40 +72,48 @@ def timed(fn, device: torch.device) -> float:
 class Probe:
     """Synthetic training data and one batch of it, at the sizes this device is probed with."""
     cfg: TrainConfig
-    device: torch.device
+    policy: devices.Policy
     data: FoldData
     x: torch.Tensor
     y: torch.Tensor
     steps: int  # timed steps
 
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
     @classmethod
-    def on(cls, device: torch.device) -> "Probe":
+    def on(cls, policy: devices.Policy) -> "Probe":
         # The CPU takes minutes at full size: the same checks, smaller.
-        cfg = TrainConfig() if device.type == "cuda" else TrainConfig(width=16, batch_size=64)
-        data = synthetic_fold(8 * cfg.batch_size, device)
-        return cls(cfg, device, data, data.train_images[:cfg.batch_size].permute(0, 3, 1, 2).contiguous(),
-                   data.train_targets[:cfg.batch_size], 10 if device.type == "cuda" else 4)
+        on_gpu = policy.device.type == "cuda"
+        cfg = TrainConfig() if on_gpu else TrainConfig(width=16, batch_size=64)
+        data = synthetic_fold(8 * cfg.batch_size, policy.device)
+        return cls(cfg, policy, data, data.train_images[:cfg.batch_size].permute(0, 3, 1, 2).contiguous(),
+                   data.train_targets[:cfg.batch_size], 10 if on_gpu else 4)
 
     def images_per_s(self, t) -> float:
         return self.steps * self.cfg.batch_size / timed(
             lambda: [train_step(t, self.x, self.y, 100 + s) for s in range(self.steps)], self.device)
 
 
-def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | None, say=print) -> list[Verdict]:
+def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | None, say=print,
+        precision: str = "auto") -> list[Verdict]:
+    """The checks, on the device and with the settings a training run of this process would use
+    (distributed.setup: cuDNN's autotuning and TF32 on a GPU)."""
     say(versions())
     try:
-        device = devices.select(requested_device)
+        ctx = distributed.setup(requested_device, precision)
     except EXPECTED_ERRORS as e:
         return [Verdict("device and torch build", str(e))]
+    device = ctx.device
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
+    say(ctx.policy.describe())
     say(f"device: {describe_device(device)}" + (f"; this torch has kernels for {', '.join(torch.cuda.get_arch_list())}"
                                                   if device.type == "cuda" else ""))
-    say(f"precision: {precision(device)}; torch.compile by default: {'on' if devices.compile_default(device) else 'off'}"
-        + (" (Triton needs compute capability 7.0)" if device.type == "cuda" and not devices.compile_default(device)
-           else ""))
-    p = Probe.on(device)
+    if device.type == "cuda" and not ctx.policy.compile_training:
+        say("torch.compile is off by default here: Triton needs compute capability 7.0")
+    p = Probe.on(ctx.policy)
     verdicts = [Verdict("device and torch build"), check_compiled(p, say), *check_eager(p, say), check_memory(device, say)]
     if input_dir is not None:
         verdicts.append(check_files(input_dir, cache_dir, say))
@@ -127,13 +130,14 @@ def check_compiled(p: Probe, say) -> Verdict:
         + f"; compile backend {backend}" + ("" if on_gpu else " (graph breaks and recompiles do not depend on it)"))
     probe.reset_compile_counts()
     t0 = time.perf_counter()
+    compiled = dataclasses.replace(p.policy, compile=True)
     for fold in range(2):
-        t = build_training(p.cfg, p.data, p.device, compile=True, backend=backend)
+        t = build_training(p.cfg, p.data, compiled, backend=backend)
         for epoch in range(2 if fold == 0 else 1):
             t.model.train()
             for step in range(3):
                 train_step(t, p.x, p.y, epoch * 3 + step + 1)
-            evaluate(t.eval_model, p.data.val_images, p.data.val_targets)
+            evaluate(t.eval_model, p.data.val_images, p.data.val_targets, p.policy)
     devices.synchronize(p.device)
     counts = probe.compile_counts()
     say(f"compiled step: {counts.graphs} graph(s), {sum(counts.graph_breaks.values())} graph break(s), "
@@ -148,7 +152,7 @@ def check_compiled(p: Probe, say) -> Verdict:
 def check_eager(p: Probe, say) -> list[Verdict]:
     """Host syncs per training step and per predict batch, the fp16 overflow skip, images/s."""
     verdicts = []
-    eager = build_training(p.cfg, p.data, p.device)
+    eager = build_training(p.cfg, p.data, dataclasses.replace(p.policy, compile=False))
     train_step(eager, p.x, p.y, 1)
     with probe.HostSyncs(on_host=probe.host_step_counters(eager.optimizer)) as step_syncs:
         for s in range(3):
@@ -163,13 +167,13 @@ def check_eager(p: Probe, say) -> list[Verdict]:
                                 "report it, and train with --optimizer lamb until it is fixed"))
     model = eager.model.eval()
     with probe.HostSyncs() as predict_syncs, torch.no_grad():
-        batch_probs([model], p.x, TTA_VIEWS["flip"])
+        batch_probs([model], p.x, TTA_VIEWS["flip"], p.policy)
     say(f"host syncs: {step_syncs.count / 3:g} per training step, {predict_syncs.count} per predict batch")
     verdicts.append(Verdict("no host sync in a training step (but fp16's with an unfused optimizer) or a predict batch",
                             None if step_syncs.count == expected and predict_syncs.count == 0 else
                             f"syncs {step_syncs.ops} per 3 steps, {predict_syncs.ops} per batch: report it"))
     images = p.data.train_images.repeat(4, 1, 1, 1)
-    seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], p.device), p.device)
+    seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], p.policy), p.device)
     say(f"predict: {len(images) / seconds:,.0f} images/s per view and fold")
     return verdicts
 

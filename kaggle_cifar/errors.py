@@ -28,6 +28,10 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ToolError(Exception):
+    """A program or package outside this project (the Kaggle CLI, matplotlib) is missing or failed."""
+
+
 def first_line(e: BaseException, typed: bool = False, limit: int = 200) -> str:
     """Another library's exception as the one line our message quotes: its first non-blank line (a
     parser's or compiler's may run to pages), cut at `limit` characters; prefixed by its type when
@@ -37,4 +41,4 @@ def first_line(e: BaseException, typed: bool = False, limit: int = 200) -> str:
     return (f"{name}: {line}" if typed else line) if line else name
 
 
-EXPECTED_ERRORS = (InputError, ConfigError, RunDirError, CheckpointError, SubmissionError, TrainingDiverged)
+EXPECTED_ERRORS = (InputError, ConfigError, RunDirError, CheckpointError, SubmissionError, TrainingDiverged, ToolError)

@@ -2,7 +2,7 @@
 the order they compose: one device batch (`batch_probs`) -> a whole image set streamed to the device
 in chunks (`stream_probs`) -> every TTA view set at once (`view_set_probs`). Ensembles over runs and
 the submission are built on these in predict.py; a finished fold's model is loaded here, and
-compiled for a large image set (`for_inference`)."""
+compiled where the device policy says (`for_inference`)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kaggle_cifar import budget, checkpoint
 from kaggle_cifar.augment import TTA_VIEWS, tta_view
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.device import autocast, place, synchronize, to_device
+from kaggle_cifar.device import Policy, to_device
 from kaggle_cifar.errors import first_line
-from kaggle_cifar.rundir import RunDir
+from kaggle_cifar.model import Classifier, for_config
+from kaggle_cifar.rundir import RunDir, run_meta
 
 log = logging.getLogger(__name__)
 
 CHUNK = 65_536  # images moved to the device at once (200 MB of 32x32 uint8)
 PREDICT_BATCH = 2048  # images per forward pass, predict's --batch-size default
-# On a 2-core CPU compiling a model for inference took 10-17 s and its forward pass then ran about
-# 1.4x eager's (bench/RESULTS.md): that repays itself after some tens of thousands of images, so sets
-# this large (a test set, a full-data fold's OOF and holdout views) are compiled, smaller ones not.
-COMPILE_MIN_FORWARDS = 100_000
 
 
 class FrozenForward(torch.nn.Module):
@@ -38,10 +34,10 @@ class FrozenForward(torch.nn.Module):
     fails (no C++ compiler on the machine, a GPU Triton does not support), it says so and runs the
     model as it is."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int):
+    def __init__(self, model: Classifier, batch_size: int, policy: Policy):
         super().__init__()
         self.model, self.batch_size = model, batch_size
-        self.compiled = torch.compile(model, options={"freezing": True}, dynamic=False)
+        self.compiled = policy.compiled(model, options={"freezing": True}, dynamic=False)
         self.proven = False  # compiled and run once: from then on its errors are real ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,43 +57,41 @@ class FrozenForward(torch.nn.Module):
         return out
 
 
-def for_inference(models: list[torch.nn.Module], device: torch.device, forwards: int, batch_size: int,
-                  compile: bool | None = None) -> list[torch.nn.Module]:
+def for_inference(models: list[Classifier], policy: Policy, forwards: int, batch_size: int) -> list[torch.nn.Module]:
     """The models (in eval mode) to predict `forwards` image views each with, at `batch_size`:
-    compiled (FrozenForward) when `compile` says so, or by default on the CPU when the set is large
-    enough to repay the compilation; as they are otherwise. GPUs predict eagerly by default: not
-    measured there."""
-    if compile is None:
-        compile = device.type == "cpu" and forwards >= COMPILE_MIN_FORWARDS
-    return [FrozenForward(model, batch_size).eval() for model in models] if compile else models
+    compiled (FrozenForward) where the policy compiles a set that large, as they are otherwise."""
+    if not policy.compiles_inference(forwards):
+        return models
+    return [FrozenForward(model, batch_size, policy).eval() for model in models]
 
 
-def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list) -> torch.Tensor:
+def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list, policy: Policy) -> torch.Tensor:
     """Mean softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32."""
     probs = 0
     for model in models:
         for view in views:
-            with autocast(batch.device):
+            with policy.autocast():
                 logits = model(tta_view(batch, view))
             probs = probs + logits.float().softmax(1)
     return probs / (len(models) * len(views))
 
 
 @torch.no_grad()
-def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, device: torch.device,
+def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, policy: Policy,
                  batch_size: int = PREDICT_BATCH, desc: str | None = None) -> torch.Tensor:
-    """batch_probs of every image of a host array or device tensor, streamed in chunks: (N, C) on `device`.
+    """batch_probs of every image of a host array or device tensor, streamed in chunks: (N, C) on
+    the policy's device.
     The models must be in eval mode (BatchNorm's running statistics, no dropout)."""
     training = [type(m).__name__ for m in models if m.training]
     if training:
         raise ValueError(f"stream_probs needs models in eval mode; call .eval() on {', '.join(training)} first")
-    out = None
+    out, device = None, policy.device
     with tqdm(total=len(images), desc=desc, unit="img", unit_scale=True, disable=desc is None) as bar:
         for start in range(0, len(images), CHUNK):
             chunk = images[start:start + CHUNK]
             chunk = (to_device(chunk, device) if isinstance(chunk, np.ndarray) else chunk.to(device)).permute(0, 3, 1, 2)
             for b in range(0, len(chunk), batch_size):
-                probs = batch_probs(models, chunk[b:b + batch_size], views)
+                probs = batch_probs(models, chunk[b:b + batch_size], views, policy)
                 if out is None:
                     out = torch.empty((len(images), probs.shape[1]), dtype=torch.float32, device=device)
                 out[start + b:start + b + len(probs)] = probs
@@ -105,35 +99,22 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
     return out
 
 
-def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, device: torch.device,
-                    batch_size: int = PREDICT_BATCH) -> float:
-    """Seconds per image of stream_probs over `images` (one view), after a warm-up batch that pays
-    for any compilation; timed on budget.clock, as the time budget's plans are."""
-    stream_probs(models, images[:batch_size], TTA_VIEWS["none"], device, batch_size)
-    synchronize(device)
-    t0 = budget.clock()
-    stream_probs(models, images, TTA_VIEWS["none"], device, batch_size)
-    synchronize(device)
-    return (budget.clock() - t0) / max(1, len(images))
-
-
 DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for view in view_set))
 
 
-def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, device: torch.device,
+def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,
                    batch_size: int = PREDICT_BATCH) -> dict[str, torch.Tensor]:
     """stream_probs for every view set in TTA_VIEWS, each distinct view predicted once."""
-    per_view = {view: stream_probs(models, images, [view], device, batch_size) for view in DISTINCT_VIEWS}
+    per_view = {view: stream_probs(models, images, [view], policy, batch_size) for view in DISTINCT_VIEWS}
     return {name: torch.stack([per_view[view] for view in view_set]).mean(0) for name, view_set in TTA_VIEWS.items()}
 
 
-def load_fold_model(run: RunDir, cfg: TrainConfig, classes: list[str], fold: int,
-                    device: torch.device) -> torch.nn.Module:
-    """A finished fold's model on `device`, in eval mode (read on the CPU, moved once)."""
-    model = cfg.build_model(len(classes))
-    model.load_state_dict(run.fold(fold).load_model(checkpoint.run_meta(cfg, classes)))
-    return place(model, device).eval()
+def load_fold_model(run: RunDir, cfg: TrainConfig, classes: list[str], fold: int, policy: Policy) -> Classifier:
+    """A finished fold's model on the policy's device, in eval mode (read on the CPU, moved once)."""
+    model = for_config(cfg, len(classes))
+    model.load_state_dict(run.fold(fold).load_model(run_meta(cfg, classes)))
+    return policy.place(model).eval()
 
 
-def load_fold_models(run: RunDir, cfg: TrainConfig, classes: list[str], device: torch.device) -> list[torch.nn.Module]:
-    return [load_fold_model(run, cfg, classes, fold, device) for fold in range(cfg.folds)]
+def load_fold_models(run: RunDir, cfg: TrainConfig, classes: list[str], policy: Policy) -> list[Classifier]:
+    return [load_fold_model(run, cfg, classes, fold, policy) for fold in range(cfg.folds)]

@@ -34,7 +34,7 @@ class InputLayer(nn.Module):
         self.register_buffer("mean", (torch.zeros(CHANNELS) if mean is None else mean).reshape(1, -1, 1, 1).float())
         self.register_buffer("std", (torch.ones(CHANNELS) if std is None else std).reshape(1, -1, 1, 1).float())
         self.image_size = image_size
-        self.channels_last = True  # the layout of the uint8 batches it is given; device.place may say otherwise
+        self.channels_last = True  # the layout of the uint8 batches it is given; Policy.place may say otherwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
@@ -165,8 +165,26 @@ ARCHS = {"resnet18_cifar": ResNet18Cifar, "fast_cifar": FastCifar,
 SCALABLE_ARCHS = ("resnet18_cifar", "fast_cifar")
 
 
+class Classifier(nn.Sequential):
+    """An InputLayer, then the network, whose classifier head is its last layer. A Sequential, so
+    that the state dict's names (`0.mean`, `1.stem.0.weight`, ...) are those of every checkpoint
+    this project has written; its parts are reached by name."""
+
+    @property
+    def input(self) -> InputLayer:
+        return self[0]
+
+    @property
+    def network(self) -> nn.Module:
+        return self[1]
+
+    @property
+    def head(self) -> nn.Module:
+        return self[1].get_classifier()
+
+
 def build_model(arch: str, num_classes: int, width: int, image_size: int = 0, mean: torch.Tensor | None = None,
-                std: torch.Tensor | None = None) -> nn.Sequential:
+                std: torch.Tensor | None = None) -> Classifier:
     """The network behind an InputLayer. A fresh model takes the per-channel mean and std it is to
     standardise with; a model about to load a checkpoint needs neither (its buffers come with it)."""
     if arch in ARCHS:
@@ -175,7 +193,17 @@ def build_model(arch: str, num_classes: int, width: int, image_size: int = 0, me
         import timm
 
         net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    return nn.Sequential(InputLayer(mean, std, image_size), net)
+    return Classifier(InputLayer(mean, std, image_size), net)
+
+
+def for_config(cfg, num_classes: int, data_mean: torch.Tensor | None = None,
+               data_std: torch.Tensor | None = None) -> Classifier:
+    """The network a TrainConfig names. A fresh model standardises with the training images' mean
+    and std (`data_*`) or ImageNet's, as --normalization says; a model about to load a checkpoint
+    needs neither."""
+    if cfg.normalization == "imagenet" or (cfg.normalization == "auto" and cfg.pretrained):
+        data_mean, data_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return build_model(cfg.arch, num_classes, cfg.width, cfg.image_size, data_mean, data_std)
 
 
 def load_pretrained(model: nn.Sequential, path: Path) -> None:

@@ -23,22 +23,21 @@ log = logging.getLogger(__name__)
 
 
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int = PREDICT_BATCH,
-                   compile: bool | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   tta: str | None = None, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
-    `run_dirs`, with the `tta` views (default: the first run's), the models compiled for
-    inference as `compile` says (None: inference.for_inference's default); on every rank."""
+    `run_dirs`, with the `tta` views (default: the first run's), computed as the context's device
+    policy says; on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
     ids, images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
-    models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.device)]
+    models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.policy)]
     views = TTA_VIEWS[tta or configs[0][0].tta]
 
     rows = distributed.shard(len(images), ctx)
-    models = for_inference(models, ctx.device, (rows.stop - rows.start) * len(views), batch_size, compile)
+    models = for_inference(models, ctx.policy, (rows.stop - rows.start) * len(views), batch_size)
     t0 = time.perf_counter()
-    local = stream_probs(models, images[rows], views, ctx.device, batch_size, desc=f"predict rank {ctx.rank}")
+    local = stream_probs(models, images[rows], views, ctx.policy, batch_size, desc=f"predict rank {ctx.rank}")
     synchronize(ctx.device)
     seconds, n_local = time.perf_counter() - t0, rows.stop - rows.start
     log.info("rank %d: %d images x %d views x %d folds in %.1fs (%.0f images/s per view and fold)",
@@ -47,9 +46,9 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
 
 
 def submission_csv(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int = PREDICT_BATCH, compile: bool | None = None) -> str | None:
+                   tta: str | None = None, batch_size: int = PREDICT_BATCH) -> str | None:
     """The ensemble's submission CSV, validated (on rank 0; None elsewhere)."""
-    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, compile)
+    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size)
     if not ctx.is_main:
         return None
     return render(submission_frame(ids, probs, classes), ids, classes)

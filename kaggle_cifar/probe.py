@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.inference import CHUNK
-from kaggle_cifar.model import CHANNELS
+from kaggle_cifar.model import CHANNELS, for_config
 from kaggle_cifar.train import Training, train_step
 
 # Ops whose result the host must read before it can go on: a scalar (.item(), bool(t), int(t)), or
@@ -100,7 +100,7 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     """Peak device memory of a run of `cfg` on `train_images` images, from the model built on the
     meta device: tensors there have shapes and dtypes but no storage, so nothing is computed or
     allocated. The allocator's rounding, cuDNN's workspaces and the CUDA context come on top."""
-    model = cfg.build_model(num_classes).to("meta").to(torch.bfloat16)
+    model = for_config(cfg, num_classes).to("meta").to(torch.bfloat16)
     saved: dict[tuple, int] = {}
 
     def keep(t: torch.Tensor):

@@ -16,7 +16,7 @@ import torch
 
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.device import to_device
+from kaggle_cifar.device import Policy, to_device
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import load_fold_model, stream_probs
@@ -40,7 +40,7 @@ def open_teacher(path: Path, folds_csv: str, classes: list[str]) -> Teacher:
     if not (run.path / "config.json").is_file():
         raise ConfigError(f"--pseudo-labels {path}: not a training run (no config.json)")
     cfg, teacher_classes = run.read()
-    if run.folds_csv() != folds_csv:
+    if not run.split_is(folds_csv):
         raise ConfigError(f"--pseudo-labels {path}: its fold split differs from this run's, so its fold k "
                           f"has trained on fold k's held-out images; use a run with the same --folds, --seed, "
                           f"--holdout and training set")
@@ -49,18 +49,18 @@ def open_teacher(path: Path, folds_csv: str, classes: list[str]) -> Teacher:
 
 
 def pseudo_labelled(cfg: TrainConfig, teacher: Teacher, fold: int, test_images: np.ndarray,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images (uint8 NHWC, on `device`) that the teacher run's fold `fold` labels
-    confidently (see most_confident), and the classes it gives them."""
-    model = load_fold_model(teacher.run, teacher.cfg, teacher.classes, fold, device)
-    probs = stream_probs([model], test_images, TTA_VIEWS[teacher.cfg.tta], device,
+                    policy: Policy) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images (uint8 NHWC, on the policy's device) that the teacher run's fold `fold`
+    labels confidently (see most_confident), and the classes it gives them."""
+    model = load_fold_model(teacher.run, teacher.cfg, teacher.classes, fold, policy)
+    probs = stream_probs([model], test_images, TTA_VIEWS[teacher.cfg.tta], policy,
                          desc=f"pseudo-labels for fold {fold}")
     confidence, predicted = probs.max(1)
     chosen = most_confident(confidence, predicted, cfg.pseudo_threshold, cfg.pseudo_max, len(teacher.classes))
     counts = torch.bincount(predicted[chosen], minlength=len(teacher.classes)).tolist()
     log.info("fold %d: %d of %d test images pseudo-labelled at probability >= %.2f (per class: %s)",
              fold, len(chosen), len(test_images), cfg.pseudo_threshold, counts)
-    return to_device(test_images[chosen.cpu().numpy()], device), predicted[chosen]
+    return to_device(test_images[chosen.cpu().numpy()], policy.device), predicted[chosen]
 
 
 def most_confident(confidence: torch.Tensor, predicted: torch.Tensor, threshold: float, limit: int,
@@ -78,8 +78,9 @@ def most_confident(confidence: torch.Tensor, predicted: torch.Tensor, threshold:
     return passed.nonzero().squeeze(1)
 
 
-def with_pseudo_labels(data: FoldData, cfg: TrainConfig, teacher: Teacher, test_images: np.ndarray) -> FoldData:
+def with_pseudo_labels(data: FoldData, cfg: TrainConfig, teacher: Teacher, test_images: np.ndarray,
+                       policy: Policy) -> FoldData:
     """`data` with its fold's pseudo-labelled test images appended to its training set."""
-    images, targets = pseudo_labelled(cfg, teacher, data.fold, test_images, data.train_images.device)
+    images, targets = pseudo_labelled(cfg, teacher, data.fold, test_images, policy)
     return dataclasses.replace(data, train_images=torch.cat([data.train_images, images]),
                                train_targets=torch.cat([data.train_targets, targets]))

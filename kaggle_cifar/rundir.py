@@ -3,6 +3,8 @@
     RUN_DIR/config.json    the resolved TrainConfig: the run's identity (another config is refused)
             classes.json   class names, in the order of the model's outputs
             folds.csv      id,fold of every training image (folds.HOLDOUT for the holdout)
+            input.json     the input folder and image cache the run was trained from, for the
+                           scripts that read a finished run (predict, report, submit)
             fold<k>/       see FoldDir
             oof.csv        id, fold, label, prediction, per-class probabilities (holdout excluded)
             report.json    CV accuracy, per-fold and per-class accuracy, confusion matrix, holdout
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -119,12 +122,31 @@ class FoldDir:
         return dict(np.load(self.path / "holdout.npz"))
 
 
-def _same_config(path: Path, cfg: TrainConfig) -> bool:
-    """Equal field by field: a config.json written before a field was added still matches."""
+def run_meta(cfg: TrainConfig, classes: list[str]) -> dict:
+    """What a checkpoint must agree on with the run (a TrainConfig and its classes) that loads it."""
+    return {"arch": cfg.arch, "width": cfg.width, "classes": list(classes)}
+
+
+def config_change(path: Path, cfg: TrainConfig) -> str | None:
+    """How `cfg` differs from the config saved at `path`, field by field (`epochs: 4 -> 6`, and the
+    flags that give the saved values back), or None if it is the same run. Compared as values,
+    so a config.json written before a field was added still matches."""
     try:
-        return TrainConfig.from_json(path) == cfg
-    except ConfigError:
-        return False
+        saved = TrainConfig.from_json(path)
+    except ConfigError as e:
+        return f"its config is unreadable ({e})"
+    changed = [f.name for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    if not changed:
+        return None
+
+    def flag(name: str) -> str:
+        value, option = getattr(saved, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return option if value else "--no-" + name.replace("_", "-")
+        return f"{option} {value}" if value != "" else f"{option} ''"
+
+    differences = ", ".join(f"{name}: {getattr(saved, name)!r} -> {getattr(cfg, name)!r}" for name in changed)
+    return f"{differences}; use another --run-dir, or this run's own {' '.join(flag(n) for n in changed)}"
 
 
 def folds_table(ids: np.ndarray, fold_of: np.ndarray) -> str:
@@ -157,9 +179,11 @@ class RunDir:
         """Has any fold written a checkpoint? Until then the run dir holds no work to protect."""
         return any(self.path.glob("fold*/last.pt")) or any(self.path.glob("fold*/result.json"))
 
-    def create(self, cfg: TrainConfig, classes: list[str], folds_csv: str) -> None:
-        """Record the run's identity; refuse a run dir that holds another run's work. One whose
-        folds never started (a typo stopped it) takes the new identity."""
+    def create(self, cfg: TrainConfig, classes: list[str], folds_csv: str, source: dict | None = None) -> None:
+        """Record the run's identity; refuse a run dir that holds another run's work, naming what
+        differs. One whose folds never started (a typo stopped it) takes the new identity.
+        `source` (input and cache_dir) records where the images came from: not identity, the
+        latest is kept."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -168,14 +192,33 @@ class RunDir:
                                     ("classes.json", json.dumps(classes) + "\n", "set of classes"),
                                     ("folds.csv", folds_csv, "training set or fold split")]:
             path = self.path / name
-            if path.exists() and (path.read_text() == content or (name == "config.json" and _same_config(path, cfg))):
+            if not path.exists() or path.read_text() == content:
+                change = None if path.exists() else "new"
+            elif name == "config.json":
+                change = config_change(path, cfg)
+            else:
+                change = f"use another --run-dir, or delete {self.path} to start over"
+            if change is None:
                 continue
-            if path.exists() and started:
-                raise RunDirError(f"{path}: this run dir was made with a different {what}; "
-                                  f"use another --run-dir, or delete it to start over")
-            if path.exists():
+            if change != "new" and started:
+                raise RunDirError(f"{path}: this run dir was made with a different {what}: {change}")
+            if change != "new":
                 log.info("%s: replaced (no fold of this run dir had started)", path)
             write_text(path, content)
+        if source is not None:
+            write_text(self.path / "input.json", json.dumps({k: str(Path(v).resolve()) for k, v in source.items()}) + "\n")
+
+    def source(self) -> dict[str, Path]:
+        """The input folder and cache the run was trained from (empty for a run made before they
+        were recorded)."""
+        path = self.path / "input.json"
+        if not path.is_file():
+            return {}
+        try:
+            return {k: Path(v) for k, v in json.loads(path.read_text()).items()}
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise RunDirError(f"{path}: unreadable ({first_line(e, typed=True)}); train_folds.py writes it again, "
+                              f"or give --input") from None
 
     def read(self) -> tuple[TrainConfig, list[str]]:
         """The run's config and classes."""
@@ -191,6 +234,10 @@ class RunDir:
 
     def folds_csv(self) -> str:
         return (self.path / "folds.csv").read_text()
+
+    def split_is(self, folds_csv: str) -> bool:
+        """Was this run trained on the same images in the same folds (folds.csv's text)?"""
+        return self.folds_csv() == folds_csv
 
     def read_folds(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "folds.csv")

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from kaggle_cifar import plots
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import check_named_files
 from kaggle_cifar.data import load_train
+from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged, first_line
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.rundir import SearchDir, folds_table
@@ -177,15 +178,15 @@ def _json_like(value):
 
 
 def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, search_dir: SearchDir, cache_dir: Path,
-               device: torch.device, compile: bool, trials: int, timeout: float | None, storage_url: str | None = None,
+               policy: Policy, trials: int, timeout: float | None, storage_url: str | None = None,
                prune: bool = True) -> optuna.Study:
     """Run trials until the study holds `trials` finished ones (complete or pruned) or `timeout`
     seconds have passed, then write trials.csv, the pictures and best_config.json."""
     check_space(base, space)
-    base.check_files()
+    check_named_files(base)
     study = open_study(base, space, search_dir, storage_url, prune)
     train = load_train(input_dir, cache_dir, base.folds)
-    labels, on_device = train.labels, DeviceTrainSet.of(train, device)
+    labels, on_device = train.labels, DeviceTrainSet.of(train, policy.device)
 
     def objective(trial: optuna.Trial) -> float:
         params = {dim.name: dim.suggest(trial) for dim in space}
@@ -211,7 +212,7 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
 
         fold_dir = run.fold(SEARCH_FOLD)
         try:
-            result = train_fold(cfg, on_device.fold(fold_of, SEARCH_FOLD), fold_dir, device, compile, epoch_end=epoch_end)
+            result = train_fold(cfg, on_device.fold(fold_of, SEARCH_FOLD), fold_dir, policy, epoch_end=epoch_end)
         except (optuna.TrialPruned, TrainingDiverged) as e:
             trial.set_user_attr("stopped", str(e))
             fold_dir.last.unlink(missing_ok=True)  # a pruned trial never resumes: its checkpoint is dead weight

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_cifar.cli import ArgumentParser, add_input_flag
+from kaggle_cifar import cli
 from kaggle_cifar.data import listing, read_labels, test_ids
-from kaggle_cifar.errors import InputError, SubmissionError, first_line
+from kaggle_cifar.errors import SubmissionError, first_line
 
 
 def submission_frame(ids: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -62,21 +62,17 @@ def check_file(path: Path, input_dir: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m kaggle_cifar.submission",
-                                     description="Validate a submission CSV before uploading it.")
+    parser = cli.ArgumentParser(prog="python -m kaggle_cifar.submission",
+                                description="Validate a submission CSV before uploading it.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate FILE against the competition input")
     check.add_argument("file", type=Path)
-    add_input_flag(check)
+    cli.add_input_flag(check)
     args = parser.parse_args(argv)
-    try:
-        frame = check_file(args.file, args.input)
-    except (SubmissionError, InputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    frame = check_file(args.file, args.input)
     print(f"{args.file}: valid submission, {len(frame)} rows", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

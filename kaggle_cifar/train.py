@@ -5,36 +5,30 @@ probabilities and its result. The fold's files are described in rundir.FoldDir."
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
-from timm.optim import muon as timm_muon
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from kaggle_cifar import budget, checkpoint
-from kaggle_cifar import device as devices
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import TrainingDiverged
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.host_augment import HostAugmenter, workers
-from kaggle_cifar.inference import (DISTINCT_VIEWS, PREDICT_BATCH, for_inference, forward_seconds, stream_probs,
-                                    view_set_probs)
-from kaggle_cifar.model import load_pretrained
+from kaggle_cifar.inference import DISTINCT_VIEWS, PREDICT_BATCH, for_inference, stream_probs, view_set_probs
+from kaggle_cifar.model import Classifier, for_config, load_pretrained
+from kaggle_cifar.optim import build_optimizer
 from kaggle_cifar.report import accuracy, nll
-from kaggle_cifar.rundir import FoldDir
+from kaggle_cifar.rundir import FoldDir, run_meta
 
 log = logging.getLogger(__name__)
 
-FUSED_OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # timm names of torch optimizers with fused kernels
-NEWTON_SCHULZ = timm_muon.zeropower_via_newtonschulz  # timm's; computes in bf16 unless told otherwise
 # Held-out images evaluated after each epoch, for the curves and the log; the last epoch (and the
 # OOF predictions) take them all. On the CPU a full 25,000-image fold took 16 s of a 57 s epoch.
 EPOCH_EVAL_IMAGES = 5_000
@@ -50,15 +44,15 @@ def run_seed(cfg: TrainConfig, fold: int, epoch: int | None = None) -> int:
 
 
 def initial_model(cfg: TrainConfig, num_classes: int, fold: int, mean: torch.Tensor | None = None,
-                  std: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.nn.Module:
+                  std: torch.Tensor | None = None, images: torch.Tensor | None = None) -> Classifier:
     """Fold `fold`'s starting weights: seeded by (seed, fold), set from the fold's training images
     where the network or --whiten-stem asks for it (whitening), or the --pretrained file's."""
     torch.manual_seed(run_seed(cfg, fold))
-    model = cfg.build_model(num_classes, mean, std)
-    if images is not None and hasattr(model[1], "init_from_data"):
-        model[1].init_from_data(images)
+    model = for_config(cfg, num_classes, mean, std)
+    if images is not None and hasattr(model.network, "init_from_data"):
+        model.network.init_from_data(images)
     if images is not None and cfg.whiten_stem:
-        model[1].whiten_stem(images)
+        model.network.whiten_stem(images)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model
@@ -85,16 +79,12 @@ def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
-def head_parameter_ids(model: torch.nn.Module) -> set[int]:
-    """The classifier head's parameters (by id) of a model as build_model makes it."""
-    return {id(p) for p in model[1].get_classifier().parameters()}
-
-
 @dataclass
 class Training:
     """Everything a training step changes, and what last.pt saves of it."""
-    model: torch.nn.Module
+    model: Classifier
     step_model: torch.nn.Module  # the model, or its torch.compile wrapper (same parameters)
+    policy: Policy
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -113,12 +103,12 @@ class Training:
         """Training mode for an epoch. With `features_frozen` only the classifier head trains, as in
         feature extraction: every other weight gets no gradient (so the optimizer leaves it as it is)
         and its BatchNorm layers keep their statistics (eval mode)."""
-        in_head = head_parameter_ids(self.model)
+        in_head = {id(p) for p in self.model.head.parameters()}
         for group in self.optimizer.param_groups:  # the trainable weights; frozen-by-design ones are not here
             for p in group["params"]:
                 p.requires_grad_(id(p) in in_head or not features_frozen)
         self.model.train(not features_frozen)
-        self.model[1].get_classifier().train()
+        self.model.head.train()
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -151,54 +141,22 @@ def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     return scheduler
 
 
-def head_apart(cfg: TrainConfig):
-    """timm's weight-decay parameter groups, each split into the classifier head and the rest, for a
-    run whose head trains alone first: fused SGD starts the momentum of a whole group at once, so
-    the weights that join later need groups of their own."""
-    def groups(model: torch.nn.Module) -> list[dict]:
-        head = head_parameter_ids(model)
-        split = []
-        for group in param_groups_weight_decay(model, cfg.weight_decay, not cfg.decay_norm_and_bias):
-            for part in ([p for p in group["params"] if id(p) in head], [p for p in group["params"] if id(p) not in head]):
-                if part:
-                    split.append({**group, "params": part})
-        return split
-
-    return groups
-
-
-def orthogonalise_updates_in(dtype: torch.dtype) -> None:
-    """timm's Muon orthogonalises every conv and linear update (Newton-Schulz) in bf16, a default no
-    optimizer option reaches. Where bf16 is emulated that is most of the step (width 16 on the AVX2
-    CPU: 607 ms a step against 29 ms in float32, SGD's whole update 2 ms): there it runs in float32.
-    A process trains on one device, so the choice is the process's."""
-    timm_muon.zeropower_via_newtonschulz = functools.partial(NEWTON_SCHULZ, dtype=dtype)
-
-
-def build_training(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool = False,
-                   backend: str = "inductor", epochs: int | None = None) -> Training:
-    """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA."""
-    model = initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images)
-    model = devices.place(model, device)
-    # timm's factory ("sgd" is Nesterov SGD); it keeps BatchNorm weights and biases out of the decay.
-    # The fused kernels take the fp16 loss scaler's inf check on the device; with any other
-    # optimizer GradScaler.step reads it on the host, one sync per step.
-    fused = {"fused": True} if cfg.optimizer in FUSED_OPTIMIZERS else {}
-    orthogonalise_updates_in(torch.bfloat16 if devices.computes_bf16_natively(device) else torch.float32)
-    optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=not cfg.decay_norm_and_bias,
-                                    param_group_fn=head_apart(cfg) if cfg.freeze_epochs else None, **fused)
+def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: int | None = None,
+                   backend: str = "inductor") -> Training:
+    """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA,
+    computed as `policy` says (compiled with `backend` when it compiles training)."""
+    model = policy.place(initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images))
+    optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = one_cycle(optimizer, cfg, (epochs or cfg.epochs) * steps_per_epoch)
-    # fp16 needs loss scaling (its range is small); bf16 and float32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=devices.autocast_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.loss_scaling)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
     # run is not an average dominated by the initial weights.
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return Training(model, torch.compile(model, backend=backend) if compile else model, optimizer, scheduler, scaler, ema, criterion,
-                    batch_size, steps_per_epoch)
+    step_model = policy.compiled(model, backend) if policy.compile_training else model
+    return Training(model, step_model, policy, optimizer, scheduler, scaler, ema, criterion, batch_size, steps_per_epoch)
 
 
 def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
@@ -206,7 +164,7 @@ def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
     """One optimisation step (`step` counts from 1 over the fold). Returns the loss, the logits and
     whether the fp16 loss scaler skipped the step (inf/NaN gradients), all detached and on the
     device: nothing here waits for the device."""
-    with devices.autocast(inputs.device):
+    with t.policy.autocast():
         logits = t.step_model(inputs)
         loss = t.criterion(logits, targets)
     t.optimizer.zero_grad(set_to_none=True)
@@ -221,34 +179,42 @@ def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
     return loss.detach(), logits.detach(), skipped
 
 
+def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, generator: torch.Generator,
+                  host: HostAugmenter | None, waited: list[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's augmented batches (inputs, targets) in an order drawn from its generator: the
+    fold's device images, or with --albumentations the workers' batches (made while the device trains
+    on earlier ones), then the device's augmentation. `waited` gets the seconds spent waiting for
+    the workers after their first batch (their start-up)."""
+    device = data.train_images.device
+    order = torch.randperm(len(data.train_targets), device=device, generator=generator)
+    batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)
+    flips = epoch_flips(cfg, data, epoch)
+    host_batches = host.epoch(list(batches.cpu().numpy()), run_seed(cfg, data.fold, epoch)) if host else None
+    for step, idx in enumerate(batches):
+        if host_batches is None:
+            images = data.train_images[idx]
+        else:
+            t_wait = time.perf_counter()
+            images = next(host_batches).to(device, non_blocking=True)
+            waited[0] += (time.perf_counter() - t_wait) if step else 0.0
+        yield augment(images, cfg, generator, None if flips is None else flips[idx]), data.train_targets[idx]
+
+
 def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm,
                     host: HostAugmenter | None = None) -> dict:
-    """One pass over the fold's training images in an order and with augmentations drawn from the
-    epoch's own generator (first through `host`'s albumentations pipeline, with --albumentations)."""
+    """One pass over the fold's training images, its randomness drawn from the epoch's own
+    generator (seeded by (seed, fold, epoch): a resumed run replays it)."""
     t0 = time.perf_counter()
     t.train_mode(features_frozen=epoch < cfg.freeze_epochs)
     device = data.train_images.device
     generator = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold, epoch))
-    order = torch.randperm(len(data.train_targets), device=device, generator=generator)
-    flips = epoch_flips(cfg, data, epoch)
     # Summed on the device, no host sync per step. A step the loss scaler skipped (one overflow in
     # fp16) changed no weight, so its loss is left out of the epoch's mean rather than making it inf.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
-    batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)
-    if host is not None:  # made by worker processes while the device trains on earlier ones
-        host_batches = host.epoch(list(batches.cpu().numpy()), run_seed(cfg, data.fold, epoch))
-    waited = 0.0
-    for step, idx in enumerate(batches):
-        if host is not None:
-            t_wait = time.perf_counter()
-            images = next(host_batches).to(device, non_blocking=True)
-            waited += (time.perf_counter() - t_wait) if step else 0.0  # the first: the workers' start-up
-        else:
-            images = data.train_images[idx]
-        inputs = augment(images, cfg, generator, None if flips is None else flips[idx])
-        targets = data.train_targets[idx]
+    waited = [0.0]
+    for step, (inputs, targets) in enumerate(epoch_batches(t, cfg, data, epoch, generator, host, waited)):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
         loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
         loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
@@ -264,31 +230,32 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
                "train_acc": correct / stepped if stepped else math.nan, "lr": lr,
                "train_images_per_s": t.steps_per_epoch * t.batch_size / seconds, "skipped_steps": int(skipped)}
     if host is not None:
-        metrics["augment_wait_s"] = waited
-        if waited > 0.2 * seconds:
+        metrics["augment_wait_s"] = waited[0]
+        if waited[0] > 0.2 * seconds:
             log.warning("fold %d, epoch %d: training waited %.1f s of %.1f s for albumentations' %d worker processes: "
                         "augmentation, not the model, is the bottleneck (a lighter pipeline or more CPU cores)",
-                        data.fold, epoch + 1, waited, seconds, workers())
+                        data.fold, epoch + 1, waited[0], seconds, workers())
     return metrics
 
 
-def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict:
+def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, policy: Policy) -> dict:
     """Loss and accuracy on held-out images, without test-time views (NaN without any: a full fit
     with no holdout)."""
     if not len(images):
         return {"val_loss": math.nan, "val_acc": math.nan}
     model.eval()
-    probs = stream_probs([model], images, TTA_VIEWS["none"], images.device).cpu().numpy()
+    probs = stream_probs([model], images, TTA_VIEWS["none"], policy).cpu().numpy()
     targets = targets.cpu().numpy()
     return {"val_loss": nll(probs, targets), "val_acc": accuracy(probs, targets)}
 
 
 def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, history: list[dict], board,
-                       plan: dict) -> None:
+                       plan) -> None:
     """The epoch's resume state (atomically: a kill leaves the previous one), its log row with the
     time that save took (outside the epoch's "seconds"), its TensorBoard scalars."""
     t0 = time.perf_counter()
-    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, "plan": plan, **t.state_dict()})
+    planned = {"plan": plan.state_dict()} if plan is not None else {}
+    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, **planned, **t.state_dict()})
     history[-1]["checkpoint_seconds"] = time.perf_counter() - t0  # in last.pt from the next epoch's save on
     fold_dir.write_log(history)
     if board is not None:
@@ -298,137 +265,97 @@ def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, h
 
 
 def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict],
-           plan: dict) -> dict:
+           plan) -> dict:
     """The final model, the fold's OOF probabilities (the run's TTA), the holdout's (every view
     set), and result.json last: from then on the fold counts as finished. A full fit without a
     holdout has no held-out image: its accuracy is None."""
-    model, device = t.eval_model.eval(), data.val_images.device
+    model, policy = t.eval_model.eval(), t.policy
     fold_dir.save_model(meta, model.state_dict())
     forwards = len(DISTINCT_VIEWS) * (len(data.val_images) + len(data.holdout_images))
-    models = for_inference([model], device, forwards, PREDICT_BATCH)
-    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(models, data.val_images, device).items()} \
+    models = for_inference([model], policy, forwards, PREDICT_BATCH)
+    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(models, data.val_images, policy).items()} \
         if len(data.val_images) else {}
     if oof_by_tta:
         fold_dir.write_oof(oof_by_tta[cfg.tta])
     if len(data.holdout_images):
         fold_dir.write_holdout({name: p.cpu().numpy()
-                                for name, p in view_set_probs(models, data.holdout_images, device).items()})
+                                for name, p in view_set_probs(models, data.holdout_images, policy).items()})
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
     result = {"fold": data.fold, "accuracy": accuracy_by_tta.get(cfg.tta), "accuracy_by_tta": accuracy_by_tta,
-              "train_images": len(data.train_targets), "epochs": plan["epochs"],
+              "train_images": len(data.train_targets), "epochs": len(history),
               "seconds": sum(h["seconds"] for h in history)}
-    if cfg.time_budget:
-        result["plan"] = plan
+    if plan is not None:
+        result["plan"] = plan.state_dict()
     fold_dir.write_result(result)
     if result["accuracy"] is not None:
         log.info("fold %d: held-out accuracy %.4f (TTA %s)", data.fold, result["accuracy"], cfg.tta)
     return result
 
 
-def calibrate(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, steps: int = 5,
-              images: int | None = None, forward_compiled: bool = False) -> tuple[float, float]:
-    """Seconds per training step (augmentation included) and per held-out image predicted (by the
-    model compiled for inference with `forward_compiled`), measured on a throwaway copy of the
-    fold's training after a warm-up that pays for any compilation: `steps` steps, and `images`
-    held-out images (default: four training batches)."""
-    t = build_training(cfg, data, device, compile)
-    t.scheduler = one_cycle(t.optimizer, cfg, 2 + steps)  # as long as the calibration, whatever the data
-    generator, flips = torch.Generator(device).manual_seed(0), epoch_flips(cfg, data, 0)
-
-    def step(i: int) -> None:
-        idx = torch.randint(len(data.train_targets), (t.batch_size,), generator=generator, device=device)
-        flipped = None if flips is None else flips[idx]
-        train_step(t, augment(data.train_images[idx], cfg, generator, flipped), data.train_targets[idx], i + 1)
-
-    step(0)
-    step(1)
-    devices.synchronize(device)
-    t0 = budget.clock()
-    for i in range(steps):
-        step(2 + i)
-    devices.synchronize(device)
-    seconds_per_step = (budget.clock() - t0) / steps
-    held_out = (data.val_images if len(data.val_images) else data.train_images)[:images or 4 * t.batch_size]
-    models = for_inference([t.model.eval()], device, 0, PREDICT_BATCH, compile=forward_compiled)
-    return seconds_per_step, forward_seconds(models, held_out, device, PREDICT_BATCH)
+def resume(t: Training, fold_dir: FoldDir, meta: dict, plan, fold: int) -> list[dict]:
+    """The fold's log rows so far, with `t` (and the plan) as its last checkpoint left them;
+    nothing for a fold that has not started."""
+    if not fold_dir.last.exists():
+        return []
+    state = fold_dir.load_last(meta, t.policy.device)
+    if plan is not None and "plan" in state:
+        plan.load_state_dict(state["plan"])
+    t.load_state_dict(state)  # the schedule too, as last planned
+    log.info("fold %d: resuming after epoch %d from %s", fold, state["epoch"] + 1, fold_dir.last)
+    return state["history"][:state["epoch"] + 1]
 
 
-def plan_epochs(cfg: TrainConfig, data: FoldData, device: torch.device, compile: bool, deadline: float) -> dict:
-    """The fold's first plan under a time budget: its epochs, and what they were planned from."""
-    step_seconds, image_seconds = calibrate(cfg, data, device, compile)
-    steps = len(data.train_targets) // min(cfg.batch_size, len(data.train_targets))
-    epoch_seconds = steps * step_seconds + min(EPOCH_EVAL_IMAGES, len(data.val_targets)) * image_seconds
-    reserve = len(DISTINCT_VIEWS) * (len(data.val_targets) + len(data.holdout_images)) * image_seconds
-    epochs = budget.epochs_that_fit(deadline, epoch_seconds, reserve, 0)
-    return {"epochs": epochs, "deadline_in_s": deadline - budget.clock(), "step_seconds": step_seconds,
-            "epoch_seconds": epoch_seconds, "reserve_s": reserve, "replans": []}
+def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, epoch: int, last: bool, bar: tqdm,
+              host: HostAugmenter | None) -> dict:
+    """Train epoch `epoch` and evaluate it (on EPOCH_EVAL_IMAGES held-out images, all of them on
+    the `last` epoch): its log row. A non-finite loss stops the fold."""
+    t0 = time.perf_counter()
+    metrics = train_one_epoch(t, cfg, data, epoch, bar, host)
+    if not math.isfinite(metrics["train_loss"]):
+        kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
+        raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
+                               f"{kept} (try a lower --lr)")
+    evaluated = len(data.val_targets) if last else EPOCH_EVAL_IMAGES
+    metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated], t.policy)
+    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
+    return {"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
+            "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
+            "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
+            "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
+            "skipped_steps": metrics["skipped_steps"], **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}}
 
 
-def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, device: torch.device,
-               compile: bool = False, deadline: float | None = None,
+def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Policy, plan=None,
                epoch_end: Callable[[list[dict]], None] | None = None) -> dict:
-    """Train (or resume, or skip if finished) one fold; return its result. With a `deadline` (on
-    budget.clock) its epochs are planned to end by then (see budget.py) instead of cfg.epochs.
-    `epoch_end` sees the log rows after each epoch's checkpoint (a resumed fold's first) and may
-    stop the fold by raising, as a search's pruner does."""
+    """Train (or resume, or skip if finished) one fold; return its result. With a `plan` (a
+    budget.FoldPlan) the fold trains the plan's epochs, which it may change at an epoch end (the
+    schedule is then stretched or compressed to the new end, never cut short), instead of
+    cfg.epochs. `epoch_end` sees the log rows after each epoch's checkpoint (a resumed fold's
+    first) and may stop the fold by raising, as a search's pruner does."""
     if fold_dir.finished():
         return fold_dir.read_result()
-    meta = checkpoint.run_meta(cfg, data.classes)
-    plan = plan_epochs(cfg, data, device, compile, deadline) if deadline is not None and not fold_dir.last.exists() \
-        else {"epochs": cfg.epochs}
-    t = build_training(cfg, data, device, compile, epochs=plan["epochs"])
-    start_epoch, history = 0, []
-    if fold_dir.last.exists():
-        state = fold_dir.load_last(meta, device)
-        t.load_state_dict(state)  # the schedule too, as last planned
-        start_epoch, history, plan = state["epoch"] + 1, state["history"], state.get("plan", plan)
-        log.info("fold %d: resuming after epoch %d from %s", data.fold, start_epoch, fold_dir.last)
-        if epoch_end is not None:
-            epoch_end(history)
-
-    host = HostAugmenter(cfg.albumentations, data.train_images.cpu(), device.type == "cuda") if cfg.albumentations else None
-    images_per_epoch = t.steps_per_epoch * t.batch_size
-    with tqdm(total=plan["epochs"] * images_per_epoch, initial=start_epoch * images_per_epoch, desc=f"fold {data.fold}",
+    meta = run_meta(cfg, data.classes)
+    t = build_training(cfg, data, policy, epochs=plan.epochs if plan is not None else None)
+    history = resume(t, fold_dir, meta, plan, data.fold)
+    if history and epoch_end is not None:
+        epoch_end(history)
+    host = HostAugmenter(cfg.albumentations, data.train_images.cpu(), policy.device.type == "cuda") \
+        if cfg.albumentations else None
+    epochs, images_per_epoch = plan.epochs if plan is not None else cfg.epochs, t.steps_per_epoch * t.batch_size
+    with tqdm(total=epochs * images_per_epoch, initial=len(history) * images_per_epoch, desc=f"fold {data.fold}",
               unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
-        epoch = start_epoch
-        while epoch < plan["epochs"]:
-            t0 = budget.clock()
-            metrics = train_one_epoch(t, cfg, data, epoch, bar, host)
-            if not math.isfinite(metrics["train_loss"]):
-                kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
-                raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
-                                       f"{kept} (try a lower --lr)")
-            evaluated = len(data.val_targets) if epoch == plan["epochs"] - 1 else EPOCH_EVAL_IMAGES
-            metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated])
-            history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
-                            "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
-                            "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
-                            "seconds": budget.clock() - t0, "train_images_per_s": metrics["train_images_per_s"],
-                            "skipped_steps": metrics["skipped_steps"],
-                            **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}})
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
-            epoch += 1
-            if deadline is not None and epoch < plan["epochs"]:
-                replan(t, cfg, plan, epoch, history, deadline, bar, data.fold)
-            log_and_checkpoint(fold_dir, t, meta, epoch - 1, history, board, plan)
+        while len(history) < epochs:
+            epoch = len(history)
+            history.append(epoch_row(t, cfg, data, fold_dir, epoch, epoch == epochs - 1, bar, host))
+            if plan is not None and epoch + 1 < epochs and plan.after_epoch(epoch + 1, data.fold):
+                epochs = plan.epochs
+                t.scheduler = one_cycle(t.optimizer, cfg, epochs * t.steps_per_epoch, (epoch + 1) * t.steps_per_epoch)
+                bar.total = epochs * images_per_epoch
+            log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan)
             if epoch_end is not None:
                 epoch_end(history)
     return finish(fold_dir, cfg, data, t, meta, history, plan)
-
-
-def replan(t: Training, cfg: TrainConfig, plan: dict, done: int, history: list[dict], deadline: float,
-           bar: tqdm, fold: int) -> None:
-    """Plan the fold's epochs again from the measured time of its epochs; the schedule is stretched
-    or compressed to the new end, from where it is now."""
-    measured = [h["seconds"] + h.get("checkpoint_seconds", 0.0) for h in history[-3:]]
-    epochs = budget.epochs_that_fit(deadline, sum(measured) / len(measured), plan["reserve_s"], done)
-    if epochs != plan["epochs"]:
-        log.info("fold %d: re-planned after epoch %d: %d epochs instead of %d", fold, done, epochs, plan["epochs"])
-        plan["replans"].append({"after_epoch": done, "epochs": epochs})
-        plan["epochs"] = epochs
-        t.scheduler = one_cycle(t.optimizer, cfg, epochs * t.steps_per_epoch, done * t.steps_per_epoch)
-        bar.total = epochs * t.steps_per_epoch * t.batch_size
 
 
 def tensorboard_writer(fold_dir: FoldDir):

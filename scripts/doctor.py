@@ -17,11 +17,11 @@ def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=None, help="competition folder to validate too (default: none)")
     cli.add_cache_flag(parser)
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
+    cli.add_device_flags(parser, compiles=False)
     args = parser.parse_args()
     if args.input is not None:
         cli.resolve_paths(args)
-    verdicts = run(args.device, args.input, args.cache_dir)
+    verdicts = run(args.device, args.input, args.cache_dir, precision=args.precision)
     print("\n".join(str(v) for v in verdicts))
     return 1 if any(v.problem for v in verdicts) else 0
 

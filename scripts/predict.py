@@ -12,24 +12,20 @@ from pathlib import Path
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.atomic import write_text
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.device import set_precision
-from kaggle_cifar.inference import COMPILE_MIN_FORWARDS, PREDICT_BATCH
+from kaggle_cifar.inference import PREDICT_BATCH
 from kaggle_cifar.predict import submission_csv
+from kaggle_cifar.rundir import RunDir
 
 
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_io_flags(parser)
+    cli.add_io_flags(parser, of_the_run=True)
+    cli.add_device_flags(parser)
     parser.add_argument("--tta", choices=sorted(TTA_VIEWS), default=None,
                         help="test-time views: none (1), flip (2), flip_translate (6) (default: the --tta of --run-dir's run)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the fold models for inference, weights frozen into the graph (default: on the "
-                             f"CPU when images x views per model reach {COMPILE_MIN_FORWARDS:,}, where it pays for "
-                             "its compilation; off on GPUs)")
-    cli.add_precision_flag(parser)
     parser.add_argument("--batch-size", type=cli.positive_int, default=PREDICT_BATCH,
                         help=f"inference batch size (default: {PREDICT_BATCH})")
     parser.add_argument("--output", type=Path, default=None,
@@ -37,12 +33,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give the file to write, e.g. {args.output / 'sub.csv'}")
-    set_precision(args.precision)
-    ctx = distributed.setup(args.device)
+    cli.inputs_of_the_run(args, RunDir(args.run_dir).source())
+    ctx = distributed.setup(args.device, args.precision, args.compile)
     try:
         cli.resolve_paths(args, ctx)
         csv = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
-                             args.batch_size, args.compile)
+                             args.batch_size)
     finally:
         distributed.teardown(ctx)
     if csv is not None:

@@ -4,26 +4,27 @@
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from kaggle_cifar import cli, plots
 from kaggle_cifar.data import cached_images, read_labels
+from kaggle_cifar.errors import ToolError
 from kaggle_cifar.rundir import RunDir
 
 
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    cli.add_input_flag(parser)
+    cli.add_input_flag(parser, of_the_run=True)
     cli.add_cache_flag(parser)
     args = parser.parse_args()
     if not plots.available():
-        print("error: the report pictures need matplotlib: pip install matplotlib", file=sys.stderr)
-        return 2
+        raise ToolError("the report pictures need matplotlib: pip install matplotlib")
+    run = RunDir(args.run_dir)
+    cli.inputs_of_the_run(args, run.source())
     ids = read_labels(args.input).ids
     images = cached_images(args.input / "train", ids, cli.cache_dir_of(args))
-    for path in plots.write_report(RunDir(args.run_dir), ids, images):
+    for path in plots.write_report(run, ids, images):
         print(path)
     return 0
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.device import set_precision, use_compile
 from kaggle_cifar.rundir import SearchDir
 from kaggle_cifar.search import parse_space, read_space_file, run_search, summary
 
@@ -27,7 +26,7 @@ log = logging.getLogger("search")
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser, run_dir=Path("runs/search"))
-    cli.add_compile_flag(parser)
+    cli.add_device_flags(parser)
     search = parser.add_argument_group("search")
     search.add_argument("--space", nargs="+", default=[], metavar="NAME=RANGE",
                         help="searched config fields: NAME=LOW:HIGH (uniform), NAME=LOW:HIGH:log, NAME=A,B,C (choices)")
@@ -45,12 +44,14 @@ def main() -> int:
     args = parser.parse_args()
     base = config_from_args(args)
     space = parse_space(args.space + (read_space_file(args.space_file) if args.space_file else []))
-    set_precision(args.precision)
-    ctx = distributed.setup(args.device)
-    cli.resolve_paths(args, ctx)
-    search_dir = SearchDir(args.run_dir)
-    study = run_search(base, space, args.input, search_dir, args.cache_dir, ctx.device,
-                       use_compile(args.compile, ctx.device), args.trials, args.timeout, args.storage, args.prune)
+    ctx = distributed.setup(args.device, args.precision, args.compile)
+    try:
+        cli.resolve_paths(args, ctx)
+        search_dir = SearchDir(args.run_dir)
+        study = run_search(base, space, args.input, search_dir, args.cache_dir, ctx.policy, args.trials, args.timeout,
+                           args.storage, args.prune)
+    finally:
+        distributed.teardown(ctx)
     print(summary(study, search_dir), file=sys.stderr)
     return 0
 

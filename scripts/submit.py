@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from kaggle_cifar import cli
+from kaggle_cifar.errors import ToolError
 from kaggle_cifar.report import headline
 from kaggle_cifar.rundir import RunDir
 from kaggle_cifar.submission import check_file
@@ -47,30 +48,29 @@ def explain(output: str) -> str:
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", type=Path, help="the submission CSV")
-    cli.add_input_flag(parser)
+    cli.add_input_flag(parser, of_the_run=True)
     parser.add_argument("--run-dir", type=Path, default=cli.DEFAULT_RUN_DIR,
                         help=f"run the submission came from (default: {cli.DEFAULT_RUN_DIR})")
     parser.add_argument("-m", "--message", default=None, help="submission message (default: built from the run's config and CV)")
     parser.add_argument("--timeout", type=cli.positive_int, default=600,
                         help="seconds to wait for the Kaggle CLI's upload (default: 600)")
     args = parser.parse_args()
+    if shutil.which("kaggle") is None:  # before the validation, which reads every test file name
+        raise ToolError("the Kaggle CLI is not installed: pip install kaggle (or pip install -e '.[extras]')")
+    run = RunDir(args.run_dir)
+    cli.inputs_of_the_run(args, run.source())
     check_file(args.file, args.input)
-    message = args.message or message_for(RunDir(args.run_dir))
-    if shutil.which("kaggle") is None:
-        print("error: the Kaggle CLI is not installed: pip install kaggle", file=sys.stderr)
-        return 2
+    message = args.message or message_for(run)
     print(f"uploading {args.file} with the Kaggle CLI (waiting up to {args.timeout} s) ...", file=sys.stderr)
     try:
         proc = subprocess.run(["kaggle", "competitions", "submit", "-c", COMPETITION, "-f", str(args.file), "-m", message],
                               capture_output=True, text=True, timeout=args.timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        print(f"error: the Kaggle CLI did not finish in {args.timeout} s (no network, or it waits for input); "
-              f"check `kaggle competitions submissions -c {COMPETITION}` before submitting again, "
-              f"or give --timeout more", file=sys.stderr)
-        return 2
+        raise ToolError(f"the Kaggle CLI did not finish in {args.timeout} s (no network, or it waits for input); "
+                        f"check `kaggle competitions submissions -c {COMPETITION}` before submitting again, "
+                        f"or give --timeout more") from None
     if proc.returncode != 0:
-        print(f"error: kaggle submit failed: {explain(proc.stdout + proc.stderr)}", file=sys.stderr)
-        return 2
+        raise ToolError(f"kaggle submit failed: {explain(proc.stdout + proc.stderr)}")
     print(proc.stdout.strip(), file=sys.stderr)
     print(f"submitted {args.file}: {message}", file=sys.stderr)
     return 0

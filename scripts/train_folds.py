@@ -10,7 +10,6 @@ import sys
 
 from kaggle_cifar import cli, distributed
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.device import set_precision, use_compile
 from kaggle_cifar.cv import check_input, train_folds
 from kaggle_cifar.report import describe
 
@@ -20,21 +19,20 @@ log = logging.getLogger("train_folds")
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser)
-    cli.add_compile_flag(parser)
+    cli.add_device_flags(parser)
     parser.add_argument("--check", action="store_true",
                         help="validate the input (labels, every train and test image) and exit without training")
     add_config_flags(parser)
     args = parser.parse_args()
     cfg = config_from_args(args)
-    set_precision(args.precision)
-    ctx = distributed.setup(args.device)
+    ctx = distributed.setup(args.device, args.precision, args.compile)
     try:
         cli.resolve_paths(args, ctx)
         if args.check:
             if ctx.is_main:  # one decode of the input, not one per process
                 log.info(check_input(args.input, args.cache_dir, cfg.folds))
             return 0
-        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx, use_compile(args.compile, ctx.device))
+        summary = train_folds(cfg, args.input, args.run_dir, args.cache_dir, ctx)
     finally:
         distributed.teardown(ctx)
     if summary is not None:

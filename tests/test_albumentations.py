@@ -11,7 +11,7 @@ A = pytest.importorskip("albumentations")
 from conftest import make_competition, run_script  # noqa: E402
 from kaggle_cifar import distributed, train  # noqa: E402
 from kaggle_cifar.config import TrainConfig  # noqa: E402
-from kaggle_cifar.cv import train_folds  # noqa: E402
+from kaggle_cifar.cv import check_named_files, train_folds  # noqa: E402
 from kaggle_cifar.errors import ConfigError  # noqa: E402
 
 CPU = distributed.setup("cpu")
@@ -66,7 +66,7 @@ def test_a_file_that_is_no_usable_pipeline_is_refused_in_one_sentence(small, tmp
                       ("resize.json", r"turns a uint8 \(32, 32, 3\) image into uint8 \(16, 16, 3\)"),
                       ("missing.json", "no such file")]:
         with pytest.raises(ConfigError, match=why):
-            TrainConfig(albumentations=str(tmp_path / name)).check_files()
+            check_named_files(TrainConfig(albumentations=str(tmp_path / name)))
     proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
                       "--albumentations", str(tmp_path / "resize.json"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --albumentations")
@@ -85,7 +85,7 @@ def test_the_log_says_when_augmentation_is_the_bottleneck(small, tmp_path, caplo
     cfg = TrainConfig(folds=2, epochs=1, width=8, batch_size=4, albumentations="aug.json")
     train_set = load_train(small, small / ".cache", cfg.folds)
     data = DeviceTrainSet.of(train_set, torch.device("cpu")).fold(fold_split(cfg, train_set.labels), 0)
-    t = train.build_training(cfg, data, torch.device("cpu"))
+    t = train.build_training(cfg, data, CPU.policy)
 
     class SlowWorkers:  # stands in for HostAugmenter: batches that take 0.3 s each to arrive
         def epoch(self, batches, seed):

@@ -11,20 +11,20 @@ from kaggle_cifar import distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.errors import ConfigError
-from kaggle_cifar.model import IMAGENET_MEAN, IMAGENET_STD, training_flops_per_image
+from kaggle_cifar.model import IMAGENET_MEAN, IMAGENET_STD, for_config, training_flops_per_image
 
 CFG = TrainConfig(folds=2, epochs=3, width=4, batch_size=4, lr=0.05, freeze_epochs=1)  # 2 steps an epoch
 
 
 def test_image_size_resizes_every_batch_inside_the_model():
     seen = {}
-    model = TrainConfig(width=4, image_size=48).build_model(3).eval()
-    model[1].register_forward_pre_hook(lambda _, args: seen.update(shape=tuple(args[0].shape)))
+    model = for_config(TrainConfig(width=4, image_size=48), 3).eval()
+    model.network.register_forward_pre_hook(lambda _, args: seen.update(shape=tuple(args[0].shape)))
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert model(images).shape == (2, 3)
     assert seen["shape"] == (2, 3, 48, 48)
-    native = TrainConfig(width=4).build_model(3)
-    ratio = training_flops_per_image(TrainConfig(width=4, image_size=64).build_model(3), (3, 32, 32)) \
+    native = for_config(TrainConfig(width=4), 3)
+    ratio = training_flops_per_image(for_config(TrainConfig(width=4, image_size=64), 3), (3, 32, 32)) \
         / training_flops_per_image(native, (3, 32, 32))
     assert 3.5 < ratio < 4.5  # 4x the pixels, 4x the convolutions
 
@@ -33,7 +33,7 @@ def test_normalization_follows_the_weights_it_serves():
     data_mean, data_std = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0])
 
     def stats(**kw):
-        layer = TrainConfig(width=4, **kw).build_model(3, data_mean, data_std)[0]
+        layer = for_config(TrainConfig(width=4, **kw), 3, data_mean, data_std).input
         return layer.mean.flatten().tolist(), layer.std.flatten().tolist()
 
     imagenet = (pytest.approx(IMAGENET_MEAN), pytest.approx(IMAGENET_STD))

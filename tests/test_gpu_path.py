@@ -55,11 +55,13 @@ def test_each_torchrun_rank_takes_its_own_gpu_and_a_pinned_one_is_refused_when_s
 
 
 def test_a_gpu_without_kernels_in_this_torch_is_refused_and_compile_is_off_below_7_0(gpus):
-    assert device.compile_default(torch.device("cuda", 0)) and not device.compile_default(torch.device("cpu"))
+    assert device.Policy.of(torch.device("cuda", 0)).compile_training
+    assert not device.Policy.of(torch.device("cpu")).compile_training
     gpus["capability"] = (8, 9)  # no sm_89 in the list, but sm_86 binaries run on 8.9
     assert device.select("cuda") == torch.device("cuda", 0)
     gpus["capability"] = (6, 0)  # Kaggle's P100
-    assert not device.compile_default(torch.device("cuda", 0))  # Triton needs 7.0
+    assert not device.Policy.of(torch.device("cuda", 0)).compile_training  # Triton needs 7.0
+    assert device.Policy.of(torch.device("cuda", 0)).loss_scaling  # no native bf16: fp16 with loss scaling
     with pytest.raises(ConfigError, match=r"Tesla T4 \(cuda:0\): compute capability 6\.0 has no kernels"):
         device.select("cuda")
     assert device.kernel_problem((6, 0), ["sm_50", "compute_50"]) is None  # PTX runs on later GPUs
@@ -92,14 +94,13 @@ def synthetic_fold(n: int = 64, classes: int = 3) -> FoldData:
                     images, targets, images[:16], targets[:16], images[:0])
 
 
-def fp16(monkeypatch):
-    """The T4's precision on the CPU: fp16 autocast, and so the GradScaler."""
-    monkeypatch.setattr(device, "autocast_dtype", lambda d: torch.float16)
+FLOAT32 = device.Policy.of(torch.device("cpu"), "float32")
+FP16 = device.Policy(torch.device("cpu"), torch.float16, torch.float32)  # the T4's precision: fp16 autocast, GradScaler
 
 
-def syncs_per_step(cfg: TrainConfig, steps: int = 3) -> int:
+def syncs_per_step(cfg: TrainConfig, steps: int = 3, policy: device.Policy = FLOAT32) -> int:
     data = synthetic_fold()
-    t = build_training(cfg, data, torch.device("cpu"))
+    t = build_training(cfg, data, policy)
     x = data.train_images[:cfg.batch_size].permute(0, 3, 1, 2)
     y = data.train_targets[:cfg.batch_size]
     train_step(t, x, y, 1)  # the first step creates the optimizer state
@@ -109,12 +110,10 @@ def syncs_per_step(cfg: TrainConfig, steps: int = 3) -> int:
     return syncs.count / steps
 
 
-@pytest.mark.parametrize("precision, optimizer", [("fp32", "muon"), ("fp32", "sgd"), ("fp16 with loss scaling", "sgd")])
-def test_a_training_step_never_waits_for_the_device(precision, optimizer, monkeypatch):
+@pytest.mark.parametrize("policy, optimizer", [(FLOAT32, "muon"), (FLOAT32, "sgd"), (FP16, "sgd")])
+def test_a_training_step_never_waits_for_the_device(policy, optimizer):
     """fp16 with the default Muon waits once a step: the next test."""
-    if precision != "fp32":
-        fp16(monkeypatch)
-    assert syncs_per_step(TrainConfig(width=4, batch_size=16, ema_decay=0.9, optimizer=optimizer)) == 0
+    assert syncs_per_step(TrainConfig(width=4, batch_size=16, ema_decay=0.9, optimizer=optimizer), policy=policy) == 0
 
 
 def test_muon_reads_only_its_host_side_step_counters():
@@ -123,7 +122,7 @@ def test_muon_reads_only_its_host_side_step_counters():
     muon = TrainConfig(width=4, batch_size=16, optimizer="muon", lr=0.02)
     assert syncs_per_step(muon) == 0
     data = synthetic_fold()
-    t = build_training(muon, data, torch.device("cpu"))
+    t = build_training(muon, data, FLOAT32)
     train_step(t, data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16], 1)
     counters = probe.host_step_counters(t.optimizer)
     assert len(counters) >= 20  # one per BatchNorm weight and bias
@@ -133,13 +132,11 @@ def test_muon_reads_only_its_host_side_step_counters():
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "lamb"])
-def test_without_a_fused_optimizer_the_loss_scaler_syncs_once_per_step(optimizer, monkeypatch):
+def test_without_a_fused_optimizer_the_loss_scaler_syncs_once_per_step(optimizer):
     """What torch's fused SGD and AdamW save on a T4 or P100, seen by the same counter: timm's Muon
     (the default) and LAMB have no fused kernel, so the scaler reads their inf flag on the host."""
     cfg = TrainConfig(width=4, batch_size=16, optimizer=optimizer, lr=0.01)
-    in_fp32 = syncs_per_step(cfg)
-    fp16(monkeypatch)
-    assert syncs_per_step(cfg) == in_fp32 + 1
+    assert syncs_per_step(cfg, policy=FP16) == syncs_per_step(cfg) + 1
 
 
 @pytest.mark.parametrize("policy", ["", "randaugment", "trivialaugment"])
@@ -157,48 +154,85 @@ def test_a_predict_batch_never_waits_for_the_device():
     from kaggle_cifar.augment import TTA_VIEWS
 
     data = synthetic_fold()
-    model = build_training(TrainConfig(width=4), data, torch.device("cpu")).model.eval()
+    model = build_training(TrainConfig(width=4), data, CPU.policy).model.eval()
     batch = data.val_images.permute(0, 3, 1, 2)
     with probe.HostSyncs() as syncs, torch.no_grad():
-        batch_probs([model, model], batch, TTA_VIEWS["flip_translate"])
+        batch_probs([model, model], batch, TTA_VIEWS["flip_translate"], CPU.policy)
     assert syncs.count == 0, syncs.ops
 
 
 @pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("adamw", 1e-3), ("lamb", 0.01), ("muon", 0.02)])
-def test_an_overflowing_fp16_step_leaves_weights_and_optimizer_state_untouched(optimizer, lr, monkeypatch):
-    fp16(monkeypatch)
+def test_an_overflowing_fp16_step_leaves_weights_and_optimizer_state_untouched(optimizer, lr):
     data = synthetic_fold()
-    t = build_training(TrainConfig(width=4, batch_size=16, optimizer=optimizer, lr=lr), data, torch.device("cpu"))
+    t = build_training(TrainConfig(width=4, batch_size=16, optimizer=optimizer, lr=lr), data, FP16)
     x, y = data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16]
     train_step(t, x, y, 1)  # the optimizer state exists: a skipped step must not advance it
     assert probe.overflow_step_changes_nothing(t, x, y, 2)
 
 
-@pytest.mark.parametrize("native, dtype", [(False, torch.float32), (True, torch.bfloat16)])
-def test_muon_orthogonalises_its_updates_in_bf16_only_where_the_device_computes_it(native, dtype, monkeypatch):
-    """timm's default is bf16, which an AVX2 CPU (or a T4) only emulates, at about 20x the time."""
+@pytest.mark.parametrize("native, precision, dtype", [(False, "auto", torch.float32), (True, "auto", torch.bfloat16),
+                                                      (True, "float32", torch.float32)])
+def test_muon_orthogonalises_in_bf16_only_where_the_device_computes_it_and_never_under_float32(
+        native, precision, dtype, monkeypatch):
+    """timm's default is bf16, which an AVX2 CPU (or a T4) only emulates, at about 20x the time;
+    --precision float32 is float32 everywhere, Muon included."""
     from timm.optim import muon as timm_muon
 
-    from kaggle_cifar import train
-
     used = []
-    newton_schulz = train.NEWTON_SCHULZ
+    newton_schulz = timm_muon.zeropower_via_newtonschulz
 
-    def recorded(*args, dtype=torch.bfloat16, **kwargs):
-        used.append(dtype)
-        return newton_schulz(*args, dtype=dtype, **kwargs)
+    def recorded(G, *args, dtype=torch.bfloat16, **kwargs):
+        used.extend([dtype] * (len(G) if G.ndim == 3 else 1))
+        return newton_schulz(G, *args, dtype=dtype, **kwargs)
 
-    monkeypatch.setattr(train, "NEWTON_SCHULZ", recorded)
-    monkeypatch.setattr(timm_muon, "zeropower_via_newtonschulz", timm_muon.zeropower_via_newtonschulz)  # restored after
+    monkeypatch.setattr(timm_muon, "zeropower_via_newtonschulz", recorded)
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
     data = synthetic_fold()
-    t = build_training(TrainConfig(width=4, batch_size=16, optimizer="muon", lr=0.02), data, torch.device("cpu"))
+    policy = device.Policy.of(torch.device("cpu"), precision)
+    t = build_training(TrainConfig(width=4, batch_size=16, optimizer="muon", lr=0.02), data, policy)
     train_step(t, data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16], 1)
     assert len(used) >= 20 and set(used) == {dtype}  # every conv and linear weight of the ResNet18
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "lookahead_muon"])
+def test_muon_batched_by_shape_makes_timms_update(optimizer):
+    """The same weights after three steps as timm's own Muon (Newton-Schulz in float32 for both),
+    and in one orthogonalisation per weight shape instead of one per weight."""
+    from timm.optim import Lookahead, create_optimizer_v2
+
+    from kaggle_cifar.model import build_model
+    from kaggle_cifar.optim import Muon, build_optimizer
+
+    torch.manual_seed(0)
+    ours, theirs = build_model("resnet18_cifar", 10, 8), build_model("resnet18_cifar", 10, 8)
+    theirs.load_state_dict(ours.state_dict())
+    optimizer_ours = build_optimizer(TrainConfig(optimizer=optimizer), ours, torch.float32)
+    optimizer_theirs = create_optimizer_v2(theirs, optimizer, lr=0.02, weight_decay=0.01, momentum=0.95)
+    assert isinstance(optimizer_ours, Lookahead) == (optimizer != "muon")
+    base = optimizer_ours._base_optimizer if isinstance(optimizer_ours, Lookahead) else optimizer_ours
+    assert isinstance(base, Muon)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    calls = []
+    from timm.optim import muon as timm_muon
+    newton_schulz = timm_muon.zeropower_via_newtonschulz
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm_muon, "zeropower_via_newtonschulz",
+                      lambda G, *a, **kw: calls.append(G.shape) or newton_schulz(G, *a, **{**kw, "dtype": torch.float32}))
+        for _ in range(3):
+            for model, opt in ((ours, optimizer_ours), (theirs, optimizer_theirs)):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    per_step = len(calls) // 3
+    weights = sum(1 for p in ours.parameters() if p.ndim >= 2)
+    shapes = len({(p.shape[0], p[0].numel()) for p in ours.parameters() if p.ndim >= 2})
+    assert per_step == weights + shapes  # timm's: one per weight; ours: one per shape
+
+
 def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, monkeypatch):
-    fp16(monkeypatch)
     calls = {"n": 0}
     real_loss = torch.nn.CrossEntropyLoss
 
@@ -211,7 +245,7 @@ def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, mon
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", InfOnce)
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
     cfg = TrainConfig(folds=2, epochs=3, width=4, batch_size=4, lr=0.05)
-    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", CPU)
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.Context(0, 1, FP16))
     log = pd.read_csv(tmp_path / "run" / "fold0" / "log.csv")
     assert log["skipped_steps"].tolist() == [0, 1, 0]
     assert log["train_loss"].notna().all() and (log["train_loss"] < 10).all()
@@ -226,7 +260,7 @@ def test_the_compiled_model_is_one_graph_across_epochs_evaluation_and_folds(tmp_
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
     cfg = TrainConfig(folds=2, epochs=2, width=4, batch_size=4, lr=0.05)
     probe.reset_compile_counts()
-    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", CPU, compile=True)
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu", compile=True))
     counts = probe.compile_counts()
     assert counts.clean, counts
 
@@ -252,22 +286,21 @@ def test_predict_reads_each_checkpoint_on_the_cpu(tmp_path, monkeypatch):
     real_load = checkpoint.load
     monkeypatch.setattr(checkpoint, "load", lambda path, meta, device="cpu": seen.append(str(device)) or
                         real_load(path, meta, device))
-    inference.load_fold_models(RunDir(tmp_path / "run"), cfg, ["cat", "dog", "frog"], torch.device("cpu"))
+    inference.load_fold_models(RunDir(tmp_path / "run"), cfg, ["cat", "dog", "frog"], CPU.policy)
     assert seen == ["cpu", "cpu"]
 
 
 @pytest.mark.parametrize("optimizer, syncs", [("muon", "1"), ("sgd", "0")])
-def test_the_doctor_on_a_t4_expects_the_loss_scalers_sync_only_with_an_unfused_optimizer(optimizer, syncs, monkeypatch):
+def test_the_doctor_on_a_t4_expects_the_loss_scalers_sync_only_with_an_unfused_optimizer(optimizer, syncs):
     """On a T4 (fp16) the default Muon waits once a step by design: the doctor passes it, and it
     would fail the same wait from fused SGD, whose inf check stays on the device."""
     from kaggle_cifar import doctor
 
-    fp16(monkeypatch)
     cfg = TrainConfig(width=4, batch_size=16, optimizer=optimizer, lr=0.01)
     data = doctor.synthetic_fold(64, torch.device("cpu"))
     x, y = data.train_images[:16].permute(0, 3, 1, 2).contiguous(), data.train_targets[:16]
     said = []
-    verdicts = doctor.check_eager(doctor.Probe(cfg, torch.device("cpu"), data, x, y, steps=1), said.append)
+    verdicts = doctor.check_eager(doctor.Probe(cfg, FP16, data, x, y, steps=1), said.append)
     assert all(v.problem is None for v in verdicts), verdicts
     assert f"host syncs: {syncs} per training step, 0 per predict batch" in said
 

@@ -220,7 +220,7 @@ def test_an_empty_label_in_a_submission_is_named_by_row(small, tmp_path):
     sub.write_text("id,label\n1,cat\n2,\n3,dog\n4,cat\n5,cat\n6,frog\n")
     proc = subprocess.run([sys.executable, "-m", "kaggle_cifar.submission", "check", str(sub), "--input", str(small)],
                           capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1 and "empty label on row(s) 3" in proc.stderr
+    assert proc.returncode == 2 and "empty label on row(s) 3" in proc.stderr
 
 
 def test_a_class_far_smaller_than_the_others_is_warned_about(tmp_path, caplog):

@@ -1,5 +1,5 @@
-"""The package's imports run one way: each module imports only modules above it in README's layout
-table, so the table is both the reading order and a fact."""
+"""The package's imports run one way: each module imports only modules above it in the layers table
+of docs/ARCHITECTURE.md, so the table is both the reading order and a fact."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from conftest import ROOT, shell_env
 from kaggle_cifar import TORCH_LOADED_FIRST
 
 
-def test_modules_import_only_modules_above_them_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
-    order = re.findall(r"^\| `kaggle_cifar/(\w+)\.py` \|", readme, flags=re.M)
+def test_modules_import_only_modules_above_them_in_the_architecture_table():
+    layers = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    order = re.findall(r"^\| `kaggle_cifar/(\w+)\.py` \|", layers, flags=re.M)
     on_disk = sorted(p.stem for p in (ROOT / "kaggle_cifar").glob("*.py") if p.stem != "__init__")
-    assert sorted(order) == on_disk, "README's layout table and kaggle_cifar/ list different modules"
+    assert sorted(order) == on_disk, "docs/ARCHITECTURE.md's layers table and kaggle_cifar/ list different modules"
     for position, name in enumerate(order):
         tree = ast.parse((ROOT / "kaggle_cifar" / f"{name}.py").read_text())
         imported = set()
@@ -25,7 +25,7 @@ def test_modules_import_only_modules_above_them_in_the_readme():
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kaggle_cifar."):
                 imported.add(node.module.split(".")[1])
         below = imported - set(order[:position])
-        assert not below, f"kaggle_cifar/{name}.py imports {sorted(below)}, which README lists below it"
+        assert not below, f"kaggle_cifar/{name}.py imports {sorted(below)}, which docs/ARCHITECTURE.md lists below it"
 
 
 def test_the_unpacking_script_does_not_load_torch():

@@ -4,21 +4,18 @@ import torch
 from kaggle_cifar import device
 
 
-def test_autocast_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
+def test_mixed_precision_is_bf16_only_where_the_device_computes_it_and_none_under_float32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
     for native, dtype in ((True, torch.bfloat16), (False, None)):  # AVX-512 BF16 or AMX, or neither
         monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
-        assert device.autocast_dtype(torch.device("cpu")) == dtype
-    device.set_precision("float32")
-    try:
-        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-        assert device.autocast_dtype(torch.device("cpu")) is None  # the reference, on request
-    finally:
-        device.set_precision("auto")
+        assert device.Policy.of(torch.device("cpu")).autocast_dtype == dtype
+        assert device.Policy.of(torch.device("cpu"), "float32").autocast_dtype is None  # the reference, on request
     capability = (8, 0)  # A100
-    assert device.autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    assert device.Policy.of(torch.device("cuda")).autocast_dtype == torch.bfloat16
     capability = (7, 5)  # T4 (P100: 6.0): bf16 only emulated, so fp16 with loss scaling
-    assert device.autocast_dtype(torch.device("cuda")) == torch.float16
+    t4 = device.Policy.of(torch.device("cuda"))
+    assert t4.autocast_dtype == torch.float16 and t4.loss_scaling
+    assert not device.Policy.of(torch.device("cuda"), "float32").loss_scaling
 
 
 @pytest.mark.parametrize("arch, width, pairs", [("fast_cifar", 4, 12), ("resnet18_cifar", 16, 8), ("resnet18_cifar", 64, 27)])
@@ -31,7 +28,7 @@ def test_the_first_conv_whitens_the_patches_of_its_training_images(arch, width, 
     base = torch.randint(0, 256, (600, 16, 16, 3), generator=g, dtype=torch.uint8)
     images = base.repeat_interleave(2, 1).repeat_interleave(2, 2)  # neighbouring pixels correlate strongly
     cfg = TrainConfig(arch=arch, width=width, whiten_stem=arch == "resnet18_cifar")
-    net = initial_model(cfg, 3, 0, images=images)[1]
+    net = initial_model(cfg, 3, 0, images=images).network
     conv = net.whiten if arch == "fast_cifar" else net.stem[0]
     x = images.permute(0, 3, 1, 2).float()
     x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
@@ -45,7 +42,7 @@ def test_the_first_conv_whitens_the_patches_of_its_training_images(arch, width, 
         with pytest.raises(ConfigError, match="whiten_stem must be off for fast_cifar"):
             TrainConfig(arch=arch, whiten_stem=True)
     else:  # without the flag the stem stays random
-        plain = initial_model(TrainConfig(arch=arch, width=width), 3, 0, images=images)[1].stem[0].weight
+        plain = initial_model(TrainConfig(arch=arch, width=width), 3, 0, images=images).network.stem[0].weight
         assert not torch.allclose(plain[:pairs], conv.weight[:pairs], atol=0.1)
 
 
@@ -76,11 +73,11 @@ def test_the_resnet_family_keeps_a_32x32_image_whole_into_its_first_stage(arch):
 
     model = build_model(arch, 10, 64).eval()
     seen = {}
-    model[1].layer1.register_forward_hook(lambda m, i, out: seen.update(shape=out.shape))
+    model.network.layer1.register_forward_hook(lambda m, i, out: seen.update(shape=out.shape))
     with torch.no_grad():
         logits = model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert logits.shape == (2, 10) and seen["shape"][-2:] == (32, 32)  # timm's ImageNet stem would give 8x8
-    assert model[1].conv1.kernel_size == (3, 3) and model[1].conv1.stride == (1, 1)
+    assert model.network.conv1.kernel_size == (3, 3) and model.network.conv1.stride == (1, 1)
 
 
 def test_width_is_refused_where_the_architecture_has_its_own():
@@ -96,17 +93,15 @@ def test_width_is_refused_where_the_architecture_has_its_own():
 def test_narrow_models_run_nchw_on_cpus_where_onednn_fails_in_channels_last(monkeypatch, capability, width,
                                                                              channels_last):
     from kaggle_cifar.config import TrainConfig
-
-    from torch._inductor import config as inductor
+    from kaggle_cifar.model import for_config
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    layout_optimization = inductor.layout_optimization
-    try:
-        inductor.layout_optimization = True  # as torch starts; an earlier narrow model in this process turned it off
-        model = device.place(TrainConfig(width=width).build_model(3), torch.device("cpu"))
-        assert inductor.layout_optimization == channels_last  # inductor may not choose channels_last either
-    finally:
-        inductor.layout_optimization = layout_optimization
+    policy = device.Policy.of(torch.device("cpu"))
+    model = policy.place(for_config(TrainConfig(width=width), 3))
+    options = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: options.update(kwargs.get("options", {})))
+    policy.compiled(model)
+    assert options.get("layout_optimization", True) == channels_last  # inductor may not choose channels_last either
     seen = []
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):

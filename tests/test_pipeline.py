@@ -16,15 +16,16 @@ from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import cached_images
+from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import load_fold_models, stream_probs
 from kaggle_cifar.predict import ensemble_probs
-from kaggle_cifar.rundir import RunDir
+from kaggle_cifar.rundir import RunDir, run_meta
 
-CPU = torch.device("cpu")
+CPU = Policy.of(torch.device("cpu"))
 
 
-def test_train_then_predict_writes_a_valid_submission(competition, tmp_path):
+def test_train_then_predict_from_the_run_dir_alone_writes_a_valid_submission(competition, tmp_path):
     run = tmp_path / "run"
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
     report = json.loads((run / "report.json").read_text())
@@ -32,7 +33,9 @@ def test_train_then_predict_writes_a_valid_submission(competition, tmp_path):
     assert len(report["fold_accuracy"]) == 2
     assert report["cv_accuracy"] > 0.8  # chance is 1/3
 
-    proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(run))
+    assert json.loads((run / "input.json").read_text()) == {"input": str(competition),
+                                                            "cache_dir": str(competition / ".cache")}
+    proc = run_script("predict.py", "--run-dir", str(run))  # the run knows its input (./input is empty)
     sub = pd.read_csv(io.StringIO(proc.stdout), dtype=str)  # stdout holds the CSV and nothing else
     assert list(sub.columns) == ["id", "label"]
     assert sub["id"].tolist() == [str(i) for i in range(1, 25)]
@@ -50,16 +53,16 @@ def test_oof_probabilities_come_from_the_model_that_held_the_image_out(competiti
     oof = pd.read_csv(run / "oof.csv")
     assert oof["id"].tolist() == folds["id"].tolist()
     images = cached_images(competition / "train", folds["id"].to_numpy(), competition / ".cache")
-    models = load_fold_models(RunDir(run), cfg, classes, torch.device("cpu"))
+    models = load_fold_models(RunDir(run), cfg, classes, CPU)
     prob_columns = [f"p_{c}" for c in classes]
     for k, model in enumerate(models):
         held_out = (folds["fold"] == k).to_numpy()
-        expected = stream_probs([model], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
+        expected = stream_probs([model], images[held_out], TTA_VIEWS[cfg.tta], CPU).numpy()
         np.testing.assert_allclose(oof.loc[held_out, prob_columns].to_numpy(), expected, atol=1e-5)
         # and the other fold's model gives different probabilities for these images
-        other = stream_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], torch.device("cpu")).numpy()
+        other = stream_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], CPU).numpy()
         assert not np.allclose(other, expected, atol=1e-3)
-    fold_ckpt = checkpoint.load(run / "fold0" / "model.pt", checkpoint.run_meta(cfg, classes))
+    fold_ckpt = checkpoint.load(run / "fold0" / "model.pt", run_meta(cfg, classes))
     assert fold_ckpt["meta"]["classes"] == classes
 
 
@@ -87,7 +90,7 @@ def test_report_pictures_are_made_by_training_and_by_report_script(competition, 
             assert image.size[0] > 300 and image.size[1] > 150
             assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
         p.unlink()
-    proc = run_script("report.py", str(run), "--input", str(competition))
+    proc = run_script("report.py", str(run))  # the run dir alone: it knows its input
     assert len(proc.stdout.split()) == 4 and all((run / "report" / p.name).exists() for p in pictures)
 
 

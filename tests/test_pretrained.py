@@ -15,11 +15,11 @@ def test_bare_state_dict_loads_all_but_the_mismatched_head(tmp_path):
     source = ResNet18Cifar(num_classes=1000, width=4)  # e.g. a 1000-class pretrained network
     torch.save(source.state_dict(), tmp_path / "weights.pth")
     model = fresh()
-    head_before = model[1].head[2].weight.clone()
+    head_before = model.network.head[2].weight.clone()
     load_pretrained(model, tmp_path / "weights.pth")
-    torch.testing.assert_close(model[1].stem[0].weight, source.stem[0].weight, rtol=0, atol=0)
-    torch.testing.assert_close(model[1].stages[3][1].bn2.weight, source.stages[3][1].bn2.weight, rtol=0, atol=0)
-    assert torch.equal(model[1].head[2].weight, head_before)  # 1000-class head: kept fresh
+    torch.testing.assert_close(model.network.stem[0].weight, source.stem[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.network.stages[3][1].bn2.weight, source.stages[3][1].bn2.weight, rtol=0, atol=0)
+    assert torch.equal(model.network.head[2].weight, head_before)  # 1000-class head: kept fresh
 
 
 def test_earlier_runs_model_pt_loads_whole(tmp_path):

@@ -13,12 +13,13 @@ from conftest import TINY, make_competition, run_script
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import load_test
+from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.inference import load_fold_model, stream_probs
 from kaggle_cifar.pseudo import most_confident, open_teacher, pseudo_labelled
 from kaggle_cifar.rundir import RunDir
 
-CPU = torch.device("cpu")
+CPU = Policy.of(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

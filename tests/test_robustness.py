@@ -13,6 +13,7 @@ from kaggle_cifar import checkpoint, distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError, TrainingDiverged
+from kaggle_cifar.rundir import run_meta
 
 CFG = TrainConfig(folds=2, epochs=4, width=4, batch_size=4, lr=0.05)  # 9 training images: 2 steps an epoch
 CPU = distributed.setup("cpu")
@@ -67,10 +68,14 @@ def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch, ch
     assert not list((tmp_path / "resumed").rglob(".*tmp*"))  # no temp files left behind
 
 
-def test_run_dir_with_other_settings_is_refused(small, tmp_path):
+def test_run_dir_with_other_settings_is_refused_naming_each_change_and_the_ways_on(small, tmp_path):
     run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
-    with pytest.raises(RunDirError, match=r"config\.json: this run dir was made with a different config"):
-        run(dataclasses.replace(CFG, epochs=2), small, tmp_path / "run")
+    with pytest.raises(RunDirError) as refused:
+        run(dataclasses.replace(CFG, epochs=2, crop_pad=0, whiten_stem=True), small, tmp_path / "run")
+    assert str(refused.value) == (
+        f"{tmp_path / 'run' / 'config.json'}: this run dir was made with a different config: "
+        "whiten_stem: False -> True, epochs: 1 -> 2, crop_pad: 4 -> 0; use another --run-dir, or this run's own "
+        "--no-whiten-stem --epochs 1 --crop-pad 4")
 
 
 def test_a_holdout_that_empties_a_fold_of_a_class_is_refused_before_training(small, tmp_path):
@@ -87,6 +92,13 @@ def test_bad_config_values_are_all_named_in_one_error_before_anything_runs(small
     assert "lr must be positive" in proc.stderr and "tta must be one of none, flip, flip_translate" in proc.stderr
     assert "auto_augment must be empty or one of randaugment, trivialaugment" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "pseudo_threshold"])
+def test_an_infinite_or_nan_value_is_refused_by_name(field):
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=rf"{field} must be a finite number, not {value}"):
+            TrainConfig(**{field: value})
 
 
 def test_the_optimizer_is_the_one_configured(small, tmp_path):
@@ -166,9 +178,9 @@ def test_mismatched_checkpoint_is_refused(small, tmp_path):
     run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
     other = dataclasses.replace(CFG, width=8)
     with pytest.raises(CheckpointError, match=r"belongs to another run: width is 4, this run has 8"):
-        checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", checkpoint.run_meta(other, ["cat", "dog", "frog"]))
+        checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", run_meta(other, ["cat", "dog", "frog"]))
     with pytest.raises(CheckpointError, match=r"classes is \['cat', 'dog', 'frog'\], this run has"):
-        checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", checkpoint.run_meta(CFG, ["cat", "dog"]))
+        checkpoint.load(tmp_path / "run" / "fold0" / "model.pt", run_meta(CFG, ["cat", "dog"]))
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):

@@ -13,9 +13,12 @@ import torch
 from conftest import make_competition, run_script
 from kaggle_cifar import train
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError, RunDirError
 from kaggle_cifar.rundir import SearchDir
 from kaggle_cifar.search import Dimension, check_space, open_study, parse_space, run_search
+
+CPU = Policy.of(torch.device("cpu"))
 
 BASE = TrainConfig(folds=2, epochs=3, width=8, batch_size=8)
 
@@ -41,8 +44,8 @@ def tiny(tmp_path):
 
 
 def search(tiny, where, trials, space=("lr=0.01:0.3:log", "label_smoothing=0:0.2"), prune=True):
-    return run_search(BASE, parse_space(list(space)), tiny, SearchDir(where), tiny / ".cache", torch.device("cpu"),
-                      False, trials, None, prune=prune)
+    return run_search(BASE, parse_space(list(space)), tiny, SearchDir(where), tiny / ".cache", CPU, trials,
+                      None, prune=prune)
 
 
 def test_a_stopped_trial_resumes_from_its_last_epoch_when_the_search_goes_on(tiny, tmp_path, monkeypatch, caplog):
@@ -69,7 +72,7 @@ def test_a_stopped_trial_resumes_from_its_last_epoch_when_the_search_goes_on(tin
     assert "fold 0: resuming after epoch 1" in caplog.text
     assert resumed[0].intermediate_values.keys() == {1, 2, 3}
     straight = run_search(BASE, [Dimension(k, choices=(v,)) for k, v in stopped.params.items()], tiny,
-                          SearchDir(tmp_path / "straight"), tiny / ".cache", torch.device("cpu"), False, 1, None)
+                          SearchDir(tmp_path / "straight"), tiny / ".cache", CPU, 1, None)
     assert straight.trials[0].value == resumed[0].value
 
 
@@ -103,7 +106,9 @@ def test_search_writes_trials_pictures_and_a_best_config_and_goes_on(tiny, tmp_p
     run_script("search.py", *args, "3")
     assert len(pd.read_csv(where / "trials.csv")) == 3  # the same study, one trial more
     bad = run_script("search.py", *args, "3", "--storage", "nosuchdb://x", check=False)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: nosuchdb://x: cannot hold the study")
+    first, *_, last = bad.stderr.splitlines()
+    assert bad.returncode == 2 and last.startswith("error: nosuchdb://x: cannot hold the study")
+    assert first.startswith("device cpu (") and "training eager" in first  # how it computes, said first
 
 
 def test_a_study_is_refused_to_another_base_config_or_space(tmp_path):

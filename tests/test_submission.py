@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_competition
+from kaggle_cifar import cli
 from kaggle_cifar.errors import SubmissionError
 from kaggle_cifar.submission import main, render, submission_frame, validate
 
@@ -35,5 +36,8 @@ def test_check_command(tmp_path, capsys):
     good().to_csv(path, index=False)
     assert main(["check", str(path), "--input", str(competition)]) == 0
     pd.concat([good(), good().iloc[:1]]).to_csv(path, index=False)
-    assert main(["check", str(path), "--input", str(competition)]) == 1
-    assert "sub.csv: 6 rows, expected one per test image (5)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as leaving:
+        cli.run(lambda: main(["check", str(path), "--input", str(competition)]))
+    assert leaving.value.code == 2  # one error door for every script: one line, exit 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"error: {path}: 6 rows, expected one per test image (5)"

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_competition
 from kaggle_cifar import budget, distributed, train
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import TrainConfig, parse_duration
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.errors import ConfigError
 
@@ -44,10 +44,12 @@ def small(tmp_path):
 
 
 def test_durations_are_read_as_a_person_writes_them():
-    assert [budget.parse_duration(t) for t in ("900", "90s", "15m", "2h", "1h30m", "0.5h")] == \
+    assert [parse_duration(t) for t in ("900", "90s", "15m", "2h", "1h30m", "0.5h")] == \
         [900, 90, 900, 7200, 5400, 1800]
     with pytest.raises(ConfigError, match=r"time_budget '15 minutes': give seconds, or a duration such as 15m"):
         TrainConfig(time_budget="15 minutes")
+    with pytest.raises(ConfigError, match=r"time_budget '1h30': 30 of what\? Give its unit, e.g. 1h30m"):
+        TrainConfig(time_budget="1h30")  # 30 minutes or 30 seconds: refused, not guessed
 
 
 def test_every_fold_ends_inside_the_budget_with_a_complete_schedule(small, tmp_path, monkeypatch):
@@ -108,7 +110,7 @@ def test_a_full_fit_keeps_time_back_only_for_predicting_its_holdout_once(small, 
     from kaggle_cifar.inference import DISTINCT_VIEWS
 
     StepClock(monkeypatch)
-    monkeypatch.setattr(train, "forward_seconds", lambda *args, **kwargs: 0.25)  # per image predicted
+    monkeypatch.setattr(budget, "forward_seconds", lambda *args, **kwargs: 0.25)  # per image predicted
     summary = train_folds(dataclasses.replace(CFG, folds=1, holdout=6), small, tmp_path / "run", small / ".cache", CPU)
     plan = summary["time_budget"]["plans"][0]
     assert plan["reserve_s"] == pytest.approx(len(DISTINCT_VIEWS) * 6 * 0.25)  # its 6 held-out images, each view once
