@@ -4,6 +4,7 @@ and checked against the run they are loaded into."""
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +28,10 @@ def read(path: Path, device: torch.device | str = "cpu"):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused, it is not a plain weights file ({first_line(e)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        held = f"it holds a {found.group(1)} object, not only tensors" if found else first_line(e)
+        raise CheckpointError(f"{path}: refused, not a plain weights file ({held}; loading it could run code): save "
+                              f"the weights alone, torch.save(model.state_dict(), PATH)") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
     return state

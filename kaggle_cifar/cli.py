@@ -38,6 +38,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive, finite number of seconds")
+    return value
+
+
 def add_input_flag(parser: argparse.ArgumentParser, of_the_run: bool = False) -> None:
     """--input; for a script that reads a finished run (`of_the_run`), its default is the folder the
     run was trained from (`inputs_of_the_run`)."""

@@ -4,6 +4,7 @@ holdout's single folds against their ensemble."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -59,39 +60,41 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     fold_of = fold_split(cfg, labels)
     folds_csv = folds_table(labels.ids, fold_of)
     teacher = open_teacher(Path(cfg.pseudo_labels), folds_csv, labels.classes) if cfg.pseudo_labels else None
-    if ctx.is_main:
-        run.create(cfg, labels.classes, folds_csv, {"input": input_dir, "cache_dir": cache_dir})
-    ctx.barrier()
+    with contextlib.ExitStack() as held:
+        if ctx.is_main:
+            held.enter_context(run.writer())  # one writer per run dir: a second training of it is refused
+            run.create(cfg, labels.classes, folds_csv, {"input": input_dir, "cache_dir": cache_dir})
+        ctx.barrier()
 
-    if teacher is not None:
-        _, test_images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
-    on_device = DeviceTrainSet.of(train, ctx.device)
-    mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
-    time_left = None
-    if cfg.time_budget:  # counted from this call, less what earlier sessions of the run spent
-        time_left = budget.Budget(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
-                                  folds_left=sum(not f.finished() for f in mine))
-    for fold_dir in mine:
-        if fold_dir.finished():
-            continue
-        data = on_device.fold(fold_of, fold_dir.fold)
         if teacher is not None:
-            data = with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy)
-        plan = None
-        if time_left is not None:  # a resumed fold keeps the plan its checkpoint holds
-            deadline = time_left.next_fold_deadline()
-            plan = budget.FoldPlan.resuming() if fold_dir.started() else \
-                budget.plan_fold(cfg, data, ctx.policy, deadline)
-        train_fold(cfg, data, fold_dir, ctx.policy, plan)
-    ctx.barrier()
-    if not ctx.is_main:
-        return None
-    summary = write_oof_report(run, cfg, labels, fold_of, time_left)
-    if plots.available():
-        plots.write_report(run, labels.ids, train.images)
-    else:
-        log.warning("report pictures skipped: matplotlib is not installed (pip install matplotlib)")
-    return summary
+            _, test_images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
+        on_device = DeviceTrainSet.of(train, ctx.device)
+        mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
+        time_left = None
+        if cfg.time_budget:  # counted from this call, less what earlier sessions of the run spent
+            time_left = budget.Budget(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
+                                      folds_left=sum(not f.finished() for f in mine))
+        for fold_dir in mine:
+            if fold_dir.finished():
+                continue
+            data = on_device.fold(fold_of, fold_dir.fold)
+            if teacher is not None:
+                data = with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy)
+            plan = None
+            if time_left is not None:  # a resumed fold keeps the plan its checkpoint holds
+                deadline = time_left.next_fold_deadline()
+                plan = budget.FoldPlan.resuming() if fold_dir.started() else \
+                    budget.plan_fold(cfg, data, ctx.policy, deadline)
+            train_fold(cfg, data, fold_dir, ctx.policy, plan)
+        ctx.barrier()
+        if not ctx.is_main:
+            return None
+        summary = write_oof_report(run, cfg, labels, fold_of, time_left)
+        if plots.available():
+            plots.write_report(run, labels.ids, train.images)
+        else:
+            log.warning("report pictures skipped: matplotlib is not installed (pip install matplotlib)")
+        return summary
 
 
 def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,

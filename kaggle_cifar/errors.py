@@ -1,7 +1,10 @@
 """The errors a user's input, files or settings can cause. Each message names the file or flag and
 the problem; the scripts print it as one `error:` line and exit with code 2, never a traceback.
 
-No imports: every layer raises these, and a script that only unzips must not load torch to catch them."""
+Nothing but the standard library: every layer raises these, and a script that only unzips must not
+load torch to catch them."""
+
+import re
 
 
 class InputError(Exception):
@@ -34,9 +37,10 @@ class ToolError(Exception):
 
 def first_line(e: BaseException, typed: bool = False, limit: int = 200) -> str:
     """Another library's exception as the one line our message quotes: its first non-blank line (a
-    parser's or compiler's may run to pages), cut at `limit` characters; prefixed by its type when
-    `typed`, and its type alone when it says nothing."""
-    line = next((s.strip() for s in str(e).splitlines() if s.strip()), "")[:limit]
+    parser's or compiler's may run to pages) without terminal escape codes, cut at `limit`
+    characters; prefixed by its type when `typed`, and its type alone when it says nothing."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")[:limit]
     name = type(e).__name__
     return (f"{name}: {line}" if typed else line) if line else name
 

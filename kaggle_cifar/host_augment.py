@@ -37,17 +37,25 @@ def load_pipeline(path: Path | str, image_shape: tuple[int, int, int] = (32, 32,
         raise ConfigError(f"--albumentations {path}: not an albumentations pipeline saved with A.save as {fmt} "
                           f"({first_line(e, typed=True)})") from None
     probe = np.zeros(image_shape, dtype=np.uint8)
+    pipeline.set_random_seed(0)  # the check draws the same way every time
     try:
         out = pipeline(image=probe)["image"]
     except Exception as e:
         raise ConfigError(f"--albumentations {path}: fails on a {'x'.join(map(str, image_shape))} uint8 image "
                           f"({first_line(e, typed=True)})") from None
-    if not isinstance(out, np.ndarray) or out.shape != probe.shape or out.dtype != np.uint8:
-        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ConfigError(f"--albumentations {path}: turns a uint8 {probe.shape} image into {got}; the pipeline must "
-                          f"keep the images' size and uint8 type (resizing is --image-size's job, normalising the "
-                          f"model's; leave out ToTensorV2 and Normalize)")
+    problem = changed_image(probe, out)
+    if problem:
+        raise ConfigError(f"--albumentations {path}: {problem}")
     return pipeline
+
+
+def changed_image(image: np.ndarray, out) -> str | None:
+    """Why the pipeline's output `out` for `image` cannot be trained on, or None."""
+    if isinstance(out, np.ndarray) and out.shape == image.shape and out.dtype == np.uint8:
+        return None
+    got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+    return (f"turns a uint8 {image.shape} image into {got}; the pipeline must keep the images' size and uint8 "
+            f"type (resizing is --image-size's job, normalising the model's; leave out ToTensorV2 and Normalize)")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -66,7 +74,15 @@ class _Images(torch.utils.data.Dataset):
             self.pipeline = load_pipeline(self.path, tuple(self.images.shape[1:]))
         seed, indices = item
         self.pipeline.set_random_seed(seed)
-        return torch.from_numpy(np.stack([self.pipeline(image=self.images[i].numpy())["image"] for i in indices]))
+        out = []
+        for i in indices:  # a transform drawn with a small probability slips past load_pipeline's one image
+            image = self.images[i].numpy()
+            augmented = self.pipeline(image=image)["image"]
+            problem = changed_image(image, augmented)
+            if problem:
+                raise ValueError(problem)
+            out.append(augmented)
+        return torch.from_numpy(np.stack(out))
 
 
 class _EpochItems(torch.utils.data.Sampler):
@@ -92,6 +108,7 @@ class HostAugmenter:
     batches with the albumentations pipeline in `path` and deliver them in order."""
 
     def __init__(self, path: str, images: torch.Tensor, pin_memory: bool):
+        self.path = path
         # Workers start from a clean server process, never forked from this one: a child forked
         # from a process whose OpenMP or OpenCV threads were running can hang in its first op.
         context = multiprocessing.get_context("forkserver")
@@ -105,4 +122,8 @@ class HostAugmenter:
         """The uint8 NHWC batches `batches` (index arrays into the images), in order, batch b's
         draws seeded by (seed, b): the same whichever worker makes it, and again on a resume."""
         self.sampler.items = [(seed * 100_003 + b, indices) for b, indices in enumerate(batches)]
-        return iter(self.loader)
+        try:
+            yield from self.loader
+        except Exception as e:  # the DataLoader re-raises a worker's exception here, its cause on the last line
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--albumentations {self.path}: failed in a worker process ({cause[:200]})") from None

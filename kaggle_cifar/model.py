@@ -224,6 +224,11 @@ def load_pretrained(model: nn.Sequential, path: Path) -> None:
             matched[target] = tensor
     if not matched:
         raise CheckpointError(f"{path}: no tensor matches this model by name and shape")
+    weights = [name for name, p in model.named_parameters() if p.ndim >= 2]  # conv and linear weights
+    if not any(name in matched for name in weights):
+        raise CheckpointError(f"{path}: none of this model's {len(weights)} conv and linear weights matches the "
+                              f"file by name and shape (only {len(matched)} buffers or biases did): weights of "
+                              f"another architecture or --width?")
     model.load_state_dict(matched, strict=False)
     skipped = sorted(set(own) - set(matched))
     log.info("pretrained %s: %d of %d tensors loaded; kept fresh: %s", path, len(matched), len(own),

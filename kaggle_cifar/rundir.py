@@ -19,10 +19,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import socket
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +41,24 @@ from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError, first_line
 
 log = logging.getLogger(__name__)
+
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError, pd.errors.ParserError,
+              pd.errors.EmptyDataError)
+
+
+def _read(path: Path, read, rebuild: str):
+    """`read(path)`, or one RunDirError naming the file, what is wrong with it and `rebuild`: how to
+    write it again."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise RunDirError(f"{path}: missing; {rebuild}") from None
+    except UNREADABLE as e:
+        raise RunDirError(f"{path}: unreadable ({first_line(e, typed=True)}); {rebuild}") from None
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,13 @@ class FoldDir:
     """
     path: Path
     fold: int
+
+    @property
+    def redo_finish(self) -> str:
+        """How to write a finished fold's files again: from its last checkpoint, without training."""
+        return (f"delete {self.path / 'result.json'} and run train_folds.py on this run dir again "
+                f"(--config {self.path.parent / 'config.json'}): fold {self.fold}'s final files are made again "
+                f"from its last checkpoint")
 
     @property
     def last(self) -> Path:
@@ -70,7 +101,7 @@ class FoldDir:
         return self.finished() or self.last.exists()
 
     def read_result(self) -> dict:
-        return json.loads((self.path / "result.json").read_text())
+        return _read(self.path / "result.json", _json, self.redo_finish)
 
     def write_result(self, result: dict) -> None:
         write_text(self.path / "result.json", json.dumps(result, indent=2) + "\n")
@@ -98,7 +129,7 @@ class FoldDir:
         write_text(self.path / "log.csv", pd.DataFrame(history).to_csv(index=False))
 
     def read_log(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "log.csv")
+        return _read(self.path / "log.csv", pd.read_csv, self.redo_finish)
 
     def seconds_spent(self) -> float:
         """Training time this fold has logged so far (its epochs and their checkpoints)."""
@@ -112,14 +143,14 @@ class FoldDir:
             np.save(f, probs)
 
     def read_oof(self) -> np.ndarray:
-        return np.load(self.path / "oof.npy")
+        return _read(self.path / "oof.npy", np.load, self.redo_finish)
 
     def write_holdout(self, probs_by_tta: dict[str, np.ndarray]) -> None:
         with atomic_path(self.path / "holdout.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, **probs_by_tta)
 
     def read_holdout(self) -> dict[str, np.ndarray]:
-        return dict(np.load(self.path / "holdout.npz"))
+        return _read(self.path / "holdout.npz", lambda path: dict(np.load(path)), self.redo_finish)
 
 
 def run_meta(cfg: TrainConfig, classes: list[str]) -> dict:
@@ -246,13 +277,44 @@ class RunDir:
         write_text(self.path / "oof.csv", frame.to_csv(index=False, float_format="%.6f"))
 
     def read_oof_csv(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "oof.csv", dtype={"label": str, "prediction": str})
+        return _read(self.path / "oof.csv", lambda path: pd.read_csv(path, dtype={"label": str, "prediction": str}),
+                     self.redo_report)
 
     def write_report(self, summary: dict) -> None:
         write_text(self.report_json, json.dumps(summary, indent=2) + "\n")
 
     def read_report(self) -> dict:
-        return json.loads(self.report_json.read_text())
+        return _read(self.report_json, _json, self.redo_report)
+
+    @property
+    def redo_report(self) -> str:
+        return (f"run train_folds.py on this run dir again (--config {self.path / 'config.json'}): the report is "
+                f"written again from the finished folds, without training")
+
+    @contextlib.contextmanager
+    def writer(self):
+        """This process is the run dir's one writer while the block runs: a second training of it is
+        refused, naming the holder. The lock is the kernel's (flock), so a process that dies
+        releases it; readers (predict, report) take none."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / "writer.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                raise RunDirError(f"{self.path}: {holder} is training this run dir; wait for it to end, or use another "
+                                  f"--run-dir") from None
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            lock.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class SearchDir:

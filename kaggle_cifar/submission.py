@@ -29,7 +29,12 @@ def validate(frame: pd.DataFrame, expected_ids: np.ndarray, classes: list[str], 
         raise SubmissionError(f"{source}: empty label on row(s) {listing((empty + 2).tolist())} (row 1 is the header)")
     if len(frame) != len(expected_ids):
         raise SubmissionError(f"{source}: {len(frame)} rows, expected one per test image ({len(expected_ids)})")
-    ids = pd.to_numeric(frame["id"], errors="coerce").to_numpy()
+    written = frame["id"].astype(str).str.strip()
+    not_whole = np.flatnonzero(~written.str.fullmatch(r"\d+"))
+    if len(not_whole):  # Kaggle matches ids as written: "1.0" is not test image 1
+        rows = [f"row {r + 2} has id {frame['id'].iloc[r]!r}" for r in not_whole[:3]]
+        raise SubmissionError(f"{source}: ids must be whole numbers as written (1, 2, ...): {'; '.join(rows)}")
+    ids = written.astype(np.int64).to_numpy()
     wrong = np.flatnonzero(ids != expected_ids)
     if len(wrong):
         rows = [f"row {r + 2} has id {frame['id'].iloc[r]}, expected {expected_ids[r]}" for r in wrong[:3]]

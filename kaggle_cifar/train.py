@@ -270,6 +270,7 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     set), and result.json last: from then on the fold counts as finished. A full fit without a
     holdout has no held-out image: its accuracy is None."""
     model, policy = t.eval_model.eval(), t.policy
+    fold_dir.write_log(history)  # (again: a fold finished anew from its last checkpoint gets its log back)
     fold_dir.save_model(meta, model.state_dict())
     forwards = len(DISTINCT_VIEWS) * (len(data.val_images) + len(data.holdout_images))
     models = for_inference([model], policy, forwards, PREDICT_BATCH)

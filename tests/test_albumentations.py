@@ -73,6 +73,19 @@ def test_a_file_that_is_no_usable_pipeline_is_refused_in_one_sentence(small, tmp
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_pipeline_that_fails_only_in_a_worker_is_one_error_line_and_keeps_the_finished_epochs(small, tmp_path):
+    """A transform drawn with probability 0.3 passes the one-image check, then meets a worker's image."""
+    A.save(A.Compose([A.Resize(64, 64, p=0.3)]), str(tmp_path / "sometimes.json"))
+    check_named_files(TrainConfig(albumentations=str(tmp_path / "sometimes.json")))  # passes
+    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2",
+                      "--epochs", "2", "--width", "4", "--batch-size", "4",
+                      "--albumentations", str(tmp_path / "sometimes.json"), check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"error: --albumentations {tmp_path / 'sometimes.json'}: failed in a worker process")
+    assert "turns a uint8 (32, 32, 3) image into uint8 (64, 64, 3)" in last
+
+
 def test_the_log_says_when_augmentation_is_the_bottleneck(small, tmp_path, caplog):
     import logging
     import time

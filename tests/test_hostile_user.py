@@ -231,3 +231,39 @@ def test_a_class_far_smaller_than_the_others_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         data.load_train(competition, competition / ".cache", folds=2)
     assert "'dgo' (3 image(s): ids" in caplog.text and "a typo in the labels?" in caplog.text
+
+
+def test_a_second_writer_of_a_run_dir_is_refused_naming_the_holder_and_a_dead_ones_lock_is_free(small, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(  # a training of the run dir, stopped where it holds the writer's lock
+        [sys.executable, "-c", "import sys; from kaggle_cifar.rundir import RunDir\n"
+                               f"with RunDir({str(run)!r}).writer():\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
+        last = one_error_line(run_script("train_folds.py", *flags, check=False))
+        assert last.startswith(f"error: {run}: pid {holder.pid} on ") and "is training this run dir" in last
+        assert not (run / "config.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()  # dies holding the lock, as a crashed training does
+        holder.wait()
+    run_script("train_folds.py", *flags)
+    assert (run / "report.json").exists()
+
+
+def test_a_damaged_file_of_a_run_dir_is_named_with_the_way_to_write_it_again(small, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
+    run_script("train_folds.py", *flags)
+    report = run / "report.json"
+    report.write_text(report.read_text()[:40])  # truncated
+    last = one_error_line(run_script("report.py", str(run), check=False))
+    assert last.startswith(f"error: {report}: unreadable (JSONDecodeError: ") and "run train_folds.py on this" in last
+    result = run / "fold1" / "result.json"
+    result.write_text("{")
+    last = one_error_line(run_script("train_folds.py", *flags, check=False))
+    assert last.startswith(f"error: {result}: unreadable") and f"delete {result} and run train_folds.py" in last
+    result.unlink()  # as the line says
+    run_script("train_folds.py", "--config", str(run / "config.json"), "--input", str(small), "--run-dir", str(run))
+    assert json.loads(result.read_text())["fold"] == 1 and json.loads(report.read_text())["cv_accuracy"] > 0

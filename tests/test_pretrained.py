@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import torch
 
@@ -39,6 +41,20 @@ def test_unrelated_or_unsafe_files_are_refused(tmp_path):
     torch.save({"model": {"w": ResNet18Cifar}}, tmp_path / "code.pth")  # a class: not plain data
     with pytest.raises(CheckpointError, match=r"code\.pth: refused"):
         load_pretrained(fresh(), tmp_path / "code.pth")
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": fresh().state_dict()}, tmp_path / "args.pth")
+    with pytest.raises(CheckpointError) as refused:
+        load_pretrained(fresh(), tmp_path / "args.pth")
+    assert "\x1b" not in str(refused.value)  # torch's message carries terminal escape codes
+    assert "it holds a argparse.Namespace object, not only tensors" in str(refused.value)
+    assert "save the weights alone, torch.save(model.state_dict(), PATH)" in str(refused.value)
+
+
+def test_weights_of_another_width_are_refused_not_half_loaded(tmp_path):
+    """Only buffers and biases would match (BatchNorm counters, the input layer's mean and std, the
+    head's bias): training would go on from random weights."""
+    torch.save(build_model("resnet18_cifar", 10, 8).state_dict(), tmp_path / "wider.pth")
+    with pytest.raises(CheckpointError, match=r"wider\.pth: none of this model's 21 conv and linear weights matches"):
+        load_pretrained(fresh(), tmp_path / "wider.pth")
 
 
 def test_training_starts_every_fold_from_the_pretrained_weights(tmp_path):

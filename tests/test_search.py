@@ -125,3 +125,10 @@ def test_a_study_is_refused_to_another_base_config_or_space(tmp_path):
 def test_a_search_refuses_a_full_fit_which_has_no_fold_to_score_trials_on(base, space):
     with pytest.raises(ConfigError, match=r"a full fit \(--folds 1\) would be scored on the holdout"):
         check_space(base, parse_space(space))
+
+
+@pytest.mark.parametrize("spec, why", [("lr=0.01:inf", r"search space lr=inf: invalid config: lr must be a finite number"),
+                                       ("warmup=0.1:nan", "LOW must be below HIGH")])
+def test_a_range_end_that_cannot_be_right_is_refused_before_the_study(spec, why):
+    with pytest.raises(ConfigError, match=why):
+        check_space(BASE, parse_space([spec]))

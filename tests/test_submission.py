@@ -24,6 +24,7 @@ def test_render_gives_the_checked_csv():
     (good().iloc[:4], r"4 rows, expected one per test image \(5\)"),
     (good().iloc[[0, 2, 1, 3, 4]], r"ids are not 1\.\.5 in order: row 3 has id 3, expected 2"),
     (good().assign(label=["cat", "dog", "fish", "dog", "cat"]), r"labels that are not classes: fish"),
+    (good().assign(id=[f"{i}.0" for i in range(1, 6)]), r"ids must be whole numbers as written \(1, 2, \.\.\.\): row 2 has id '1\.0'"),
 ])
 def test_validate_refuses_bad_submissions(frame, message):
     with pytest.raises(SubmissionError, match=message):
