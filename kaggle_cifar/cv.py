@@ -18,6 +18,7 @@ from kaggle_cifar.data import Labels, load_test, load_train
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, fold_split, held_out_by
 from kaggle_cifar.host_augment import load_pipeline
+from kaggle_cifar.model import check_forward
 from kaggle_cifar.pseudo import open_teacher, with_pseudo_labels
 from kaggle_cifar.report import holdout_summary, oof_summary
 from kaggle_cifar.rundir import RunDir, folds_table
@@ -35,8 +36,8 @@ def check_input(input_dir: Path, cache_dir: Path, folds: int) -> str:
 
 
 def check_named_files(cfg: TrainConfig) -> None:
-    """The files the config names exist (and an albumentations pipeline loads): checked before a
-    run writes anything."""
+    """The files the config names exist (and an albumentations pipeline loads): checked before the
+    images are read and before a run writes anything."""
     problems = []
     if cfg.pretrained and not Path(cfg.pretrained).is_file():
         problems.append(f"--pretrained {cfg.pretrained}: no such file")
@@ -56,6 +57,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     started = budget.clock()
     check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
+    check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])
     labels, run = train.labels, RunDir(run_dir)
     fold_of = fold_split(cfg, labels)
     folds_csv = folds_table(labels.ids, fold_of)

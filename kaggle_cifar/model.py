@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from kaggle_cifar import checkpoint
-from kaggle_cifar.errors import CheckpointError
+from kaggle_cifar.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,23 @@ def for_config(cfg, num_classes: int, data_mean: torch.Tensor | None = None,
     if cfg.normalization == "imagenet" or (cfg.normalization == "auto" and cfg.pretrained):
         data_mean, data_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     return build_model(cfg.arch, num_classes, cfg.width, cfg.image_size, data_mean, data_std)
+
+
+def check_forward(cfg, num_classes: int, image_shape: tuple[int, int]) -> None:
+    """The config's network takes the competition's images: one forward pass of two of them, before
+    any work (a timm network built for 224x224 images fails on 32x32 ones without --image-size)."""
+    model = for_config(cfg, num_classes).eval()
+    x = torch.zeros(2, CHANNELS, *image_shape, dtype=torch.uint8)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # whatever the network's own checks raise
+        raise ConfigError(f"--arch {cfg.arch}: fails on a {image_shape[0]}x{image_shape[1]} image "
+                          f"({first_line(e, typed=True)}); a network made for another size needs --image-size, "
+                          f"e.g. --image-size 224") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"--arch {cfg.arch}: gives outputs of shape {tuple(out.shape)} for 2 images, not (2, "
+                          f"{num_classes}) class scores")
 
 
 def load_pretrained(model: nn.Sequential, path: Path) -> None:

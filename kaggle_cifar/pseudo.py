@@ -57,6 +57,10 @@ def pseudo_labelled(cfg: TrainConfig, teacher: Teacher, fold: int, test_images: 
                          desc=f"pseudo-labels for fold {fold}")
     confidence, predicted = probs.max(1)
     chosen = most_confident(confidence, predicted, cfg.pseudo_threshold, cfg.pseudo_max, len(teacher.classes))
+    if not len(chosen):  # a second round without pseudo-labels would be a plain run under another name
+        raise ConfigError(f"--pseudo-labels {teacher.run}: its fold {fold} gives no test image a probability of "
+                          f"--pseudo-threshold {cfg.pseudo_threshold} or more (its highest: {confidence.max():.3f}); "
+                          f"lower the threshold")
     counts = torch.bincount(predicted[chosen], minlength=len(teacher.classes)).tolist()
     log.info("fold %d: %d of %d test images pseudo-labelled at probability >= %.2f (per class: %s)",
              fold, len(chosen), len(test_images), cfg.pseudo_threshold, counts)

@@ -25,6 +25,7 @@ from kaggle_cifar.data import load_train
 from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged, first_line
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
+from kaggle_cifar.model import check_forward
 from kaggle_cifar.rundir import SearchDir, folds_table
 from kaggle_cifar.train import train_fold
 
@@ -184,8 +185,10 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
     seconds have passed, then write trials.csv, the pictures and best_config.json."""
     check_space(base, space)
     check_named_files(base)
-    study = open_study(base, space, search_dir, storage_url, prune)
     train = load_train(input_dir, cache_dir, base.folds)
+    for cfg in {dataclasses.replace(base, **{dim.name: value}) for dim in space for value in dim.values_to_check()}:
+        check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])  # each end of each range
+    study = open_study(base, space, search_dir, storage_url, prune)
     labels, on_device = train.labels, DeviceTrainSet.of(train, policy.device)
 
     def objective(trial: optuna.Trial) -> float:

@@ -29,7 +29,7 @@ def validate(frame: pd.DataFrame, expected_ids: np.ndarray, classes: list[str], 
         raise SubmissionError(f"{source}: empty label on row(s) {listing((empty + 2).tolist())} (row 1 is the header)")
     if len(frame) != len(expected_ids):
         raise SubmissionError(f"{source}: {len(frame)} rows, expected one per test image ({len(expected_ids)})")
-    written = frame["id"].astype(str).str.strip()
+    written = frame["id"].astype(str)
     not_whole = np.flatnonzero(~written.str.fullmatch(r"\d+"))
     if len(not_whole):  # Kaggle matches ids as written: "1.0" is not test image 1
         rows = [f"row {r + 2} has id {frame['id'].iloc[r]!r}" for r in not_whole[:3]]

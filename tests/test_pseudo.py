@@ -52,6 +52,11 @@ def test_each_fold_takes_the_confident_test_images_of_its_own_first_round_fold(c
         chosen.append(expected)
     assert 0 < chosen[0].sum() < len(test_images)
     assert not np.array_equal(chosen[0], chosen[1])  # the two folds' teachers pick differently
+    above_all = float(np.nextafter(np.float32(probs.max()), np.float32(2)))  # above fold 1's most confident image
+    hopeless = dataclasses.replace(student, pseudo_threshold=min(1.0, above_all))
+    assert probs.max() < 1.0  # so that nothing passes
+    with pytest.raises(ConfigError, match=r"its fold 1 gives no test image a probability of --pseudo-threshold"):
+        pseudo_labelled(hopeless, teacher, 1, test_images, CPU)
 
 
 def test_second_round_trains_on_its_images_plus_the_pseudo_labelled_ones(competition, first_round, tmp_path):

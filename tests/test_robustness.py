@@ -256,3 +256,11 @@ def test_epoch_metrics_go_to_csv_and_tensorboard(small, tmp_path):
     val_acc = events.Scalars("val_acc")
     assert [e.step for e in val_acc] == [1, 2]
     assert [round(e.value, 5) for e in val_acc] == [round(v, 5) for v in log["val_acc"]]
+
+
+def test_a_network_that_cannot_take_the_images_is_refused_before_the_run_dir_is_written(small, tmp_path):
+    """timm's ViT checks its input size inside its forward pass: without this, a traceback in epoch 1."""
+    with pytest.raises(ConfigError, match=r"--arch vit_tiny_patch16_224: fails on a 32x32 image \(AssertionError: "
+                                          r"Input height \(32\) doesn't match model \(224\).*--image-size 224"):
+        run(TrainConfig(folds=2, epochs=1, arch="vit_tiny_patch16_224", batch_size=4), small, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
