@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kaggle_cifar import train
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy, synchronize
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.inference import DISTINCT_VIEWS, PREDICT_BATCH, for_inference, stream_probs
+from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,9 @@ def parse_duration(text: str) -> float:
     return sum(float(p) * scale for p, scale in ((hours, 3600), (minutes, 60), (seconds, 1)) if p)
 
 
+PREDICT_BATCH = 2048  # images per forward pass when predicting (predict's --batch-size)
+
+
 def _opt(default, help):
     return field(default=default, metadata={"help": help})
 

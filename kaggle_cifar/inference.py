@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from kaggle_cifar.augment import TTA_VIEWS, tta_view
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy, to_device
 from kaggle_cifar.errors import first_line
 from kaggle_cifar.model import Classifier, for_config
@@ -22,7 +22,6 @@ from kaggle_cifar.rundir import RunDir, run_meta
 log = logging.getLogger(__name__)
 
 CHUNK = 65_536  # images moved to the device at once (200 MB of 32x32 uint8)
-PREDICT_BATCH = 2048  # images per forward pass, predict's --batch-size default
 
 
 class FrozenForward(torch.nn.Module):

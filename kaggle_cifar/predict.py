@@ -13,9 +13,10 @@ import numpy as np
 
 from kaggle_cifar import distributed
 from kaggle_cifar.augment import TTA_VIEWS
+from kaggle_cifar.config import PREDICT_BATCH
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
-from kaggle_cifar.inference import PREDICT_BATCH, for_inference, load_fold_models, stream_probs
+from kaggle_cifar.inference import for_inference, load_fold_models, stream_probs
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, submission_frame
 

@@ -16,12 +16,12 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import TrainingDiverged
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.host_augment import HostAugmenter, workers
-from kaggle_cifar.inference import DISTINCT_VIEWS, PREDICT_BATCH, for_inference, stream_probs, view_set_probs
+from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs, view_set_probs
 from kaggle_cifar.model import Classifier, for_config, load_pretrained
 from kaggle_cifar.optim import build_optimizer
 from kaggle_cifar.report import accuracy, nll

@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 from kaggle_cifar import cli
-from kaggle_cifar.doctor import run
 
 
 def main() -> int:
@@ -19,6 +18,8 @@ def main() -> int:
     cli.add_cache_flag(parser)
     cli.add_device_flags(parser, compiles=False)
     args = parser.parse_args()
+    from kaggle_cifar.doctor import run  # after the flags: --help answers without loading torch
+
     if args.input is not None:
         cli.resolve_paths(args)
     verdicts = run(args.device, args.input, args.cache_dir, precision=args.precision)

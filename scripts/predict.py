@@ -9,19 +9,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from kaggle_cifar import cli, distributed
+from kaggle_cifar import cli
 from kaggle_cifar.atomic import write_text
-from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.inference import PREDICT_BATCH
-from kaggle_cifar.predict import submission_csv
-from kaggle_cifar.rundir import RunDir
+from kaggle_cifar.config import PREDICT_BATCH
 
 
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_io_flags(parser, of_the_run=True)
     cli.add_device_flags(parser)
-    parser.add_argument("--tta", choices=sorted(TTA_VIEWS), default=None,
+    parser.add_argument("--tta", default=None,
                         help="test-time views: none (1), flip (2), flip_translate (6) (default: the --tta of --run-dir's run)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
@@ -33,6 +30,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give the file to write, e.g. {args.output / 'sub.csv'}")
+    from kaggle_cifar import distributed  # after the flags: --help answers without loading torch
+    from kaggle_cifar.augment import TTA_VIEWS
+    from kaggle_cifar.predict import submission_csv
+    from kaggle_cifar.rundir import RunDir
+
+    if args.tta is not None and args.tta not in TTA_VIEWS:
+        parser.error(f"--tta {args.tta}: use one of {', '.join(TTA_VIEWS)}")
     cli.inputs_of_the_run(args, RunDir(args.run_dir).source())
     ctx = distributed.setup(args.device, args.precision, args.compile)
     try:

@@ -6,10 +6,8 @@
 import argparse
 from pathlib import Path
 
-from kaggle_cifar import cli, plots
-from kaggle_cifar.data import cached_images, read_labels
+from kaggle_cifar import cli
 from kaggle_cifar.errors import ToolError
-from kaggle_cifar.rundir import RunDir
 
 
 def main() -> int:
@@ -18,6 +16,10 @@ def main() -> int:
     cli.add_input_flag(parser, of_the_run=True)
     cli.add_cache_flag(parser)
     args = parser.parse_args()
+    from kaggle_cifar import plots  # after the flags: --help answers without loading torch
+    from kaggle_cifar.data import cached_images, read_labels
+    from kaggle_cifar.rundir import RunDir
+
     if not plots.available():
         raise ToolError("the report pictures need matplotlib: pip install matplotlib")
     run = RunDir(args.run_dir)

@@ -15,10 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from kaggle_cifar import cli, distributed
+from kaggle_cifar import cli
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.rundir import SearchDir
-from kaggle_cifar.search import parse_space, read_space_file, run_search, summary
 
 log = logging.getLogger("search")
 
@@ -43,6 +41,10 @@ def main() -> int:
     add_config_flags(parser)
     args = parser.parse_args()
     base = config_from_args(args)
+    from kaggle_cifar import distributed  # after the flags: --help answers without loading torch
+    from kaggle_cifar.rundir import SearchDir
+    from kaggle_cifar.search import parse_space, read_space_file, run_search, summary
+
     space = parse_space(args.space + (read_space_file(args.space_file) if args.space_file else []))
     ctx = distributed.setup(args.device, args.precision, args.compile)
     try:

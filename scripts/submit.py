@@ -12,26 +12,26 @@ from pathlib import Path
 from kaggle_cifar import cli
 from kaggle_cifar.errors import ToolError
 from kaggle_cifar.report import headline
-from kaggle_cifar.rundir import RunDir
 from kaggle_cifar.submission import check_file
 
 COMPETITION = "cifar-10"
+# Where a token goes, for the Kaggle CLI 2.x and the 1.x before it: said the same way in every hint.
+TOKEN = ("create a token on https://www.kaggle.com/settings/api and save it as ~/.kaggle/access_token (chmod 600) or "
+         "in the KAGGLE_API_TOKEN variable; Kaggle CLIs before 2.0 read ~/.kaggle/kaggle.json (or KAGGLE_USERNAME and "
+         "KAGGLE_KEY) instead.")
 HINTS = [  # (text in the Kaggle CLI's output, what it means in plain words)
     ("403", f"Kaggle answered 403 Forbidden: accept the competition rules first, on "
             f"https://www.kaggle.com/c/{COMPETITION}/rules, with the account whose token you use."),
-    ("401", "Kaggle answered 401 Unauthorized: the API token is wrong or expired; create a new one "
-            "(kaggle.com > Settings > API > Create New Token) and save it as ~/.kaggle/kaggle.json."),
+    ("401", f"Kaggle answered 401 Unauthorized: the API token is wrong or expired; {TOKEN}"),
 ]
-NO_CREDENTIALS = ("No Kaggle credentials found: create a token on https://www.kaggle.com/settings/api and save it as "
-                  "~/.kaggle/access_token (chmod 600) or in the KAGGLE_API_TOKEN variable; Kaggle CLIs before 2.0 "
-                  "read ~/.kaggle/kaggle.json (or KAGGLE_USERNAME and KAGGLE_KEY) instead.")
+NO_CREDENTIALS = f"No Kaggle credentials found: {TOKEN}"
 # What the CLI says without credentials: 1.x names kaggle.json; 2.x asks to authenticate and points
 # at access_token.
 HINTS += [(needle, NO_CREDENTIALS) for needle in ("kaggle.json", "access_token", "must authenticate",
                                                    "Authentication required", "KAGGLE_API_TOKEN")]
 
 
-def message_for(run: RunDir) -> str:
+def message_for(run) -> str:
     cfg, _ = run.read()
     parts = [f"full fit {cfg.arch} w{cfg.width}" if cfg.full_fit else f"{cfg.folds}-fold {cfg.arch} w{cfg.width}",
              f"{cfg.epochs} ep", f"tta {cfg.tta}"]
@@ -57,6 +57,8 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("kaggle") is None:  # before the validation, which reads every test file name
         raise ToolError("the Kaggle CLI is not installed: pip install kaggle (or pip install -e '.[extras]')")
+    from kaggle_cifar.rundir import RunDir  # after the flags: --help answers without loading torch
+
     run = RunDir(args.run_dir)
     cli.inputs_of_the_run(args, run.source())
     check_file(args.file, args.input)

@@ -8,10 +8,8 @@ import argparse
 import logging
 import sys
 
-from kaggle_cifar import cli, distributed
+from kaggle_cifar import cli
 from kaggle_cifar.config import add_config_flags, config_from_args
-from kaggle_cifar.cv import check_input, train_folds
-from kaggle_cifar.report import describe
 
 log = logging.getLogger("train_folds")
 
@@ -25,6 +23,10 @@ def main() -> int:
     add_config_flags(parser)
     args = parser.parse_args()
     cfg = config_from_args(args)
+    from kaggle_cifar import distributed  # after the flags: --help answers without loading torch
+    from kaggle_cifar.cv import check_input, train_folds
+    from kaggle_cifar.report import describe
+
     ctx = distributed.setup(args.device, args.precision, args.compile)
     try:
         cli.resolve_paths(args, ctx)

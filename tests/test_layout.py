@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import re
 
+import pytest
+
 from conftest import ROOT, shell_env
 
 from kaggle_cifar import TORCH_LOADED_FIRST
@@ -26,6 +28,19 @@ def test_modules_import_only_modules_above_them_in_the_architecture_table():
                 imported.add(node.module.split(".")[1])
         below = imported - set(order[:position])
         assert not below, f"kaggle_cifar/{name}.py imports {sorted(below)}, which docs/ARCHITECTURE.md lists below it"
+
+
+@pytest.mark.parametrize("script", ["train_folds.py", "predict.py", "search.py", "doctor.py", "report.py", "submit.py",
+                                    "prepare.py"])
+def test_every_scripts_help_answers_without_loading_torch(script):
+    import subprocess
+    import sys
+
+    code = (f"import sys, runpy; sys.argv = [{script!r}, '--help']\n"
+            f"try:\n    runpy.run_path('scripts/{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False" and "--help" in out
 
 
 def test_the_unpacking_script_does_not_load_torch():

@@ -73,11 +73,24 @@ def test_rules_not_accepted_is_explained(setup):
     assert proc.returncode == 2 and "accept the competition rules first" in proc.stderr
 
 
-def test_the_current_cli_without_credentials_is_explained(setup):
+@pytest.mark.parametrize("output", ["You must authenticate before you can call the Kaggle API.",
+                                    "401 - Unauthorized", "Could not find kaggle.json. Make sure it is located in ~/.kaggle"])
+def test_missing_or_wrong_credentials_get_one_hint_for_both_cli_generations(setup, output):
     competition, run_dir, sub, tmp = setup
-    bin_dir = fake_kaggle(tmp / "bin", exit_code=1, output="You must authenticate before you can call the Kaggle API.")
+    bin_dir = fake_kaggle(tmp / "bin", exit_code=1, output=output)
     proc = submit(competition, sub, bin_dir, run_dir)
-    assert proc.returncode == 2 and "save it as ~/.kaggle/access_token" in proc.stderr
+    assert proc.returncode == 2 and "save it as ~/.kaggle/access_token (chmod 600)" in proc.stderr
+    assert "Kaggle CLIs before 2.0 read ~/.kaggle/kaggle.json" in proc.stderr
+
+
+def test_without_the_kaggle_cli_it_says_how_to_install_it_before_validating(setup):
+    competition, run_dir, sub, tmp = setup
+    sub.write_text("not a submission")  # never read: the missing CLI is said first
+    env = dict(os.environ, PATH=str(tmp))  # no kaggle on it
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "submit.py"), str(sub), "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: the Kaggle CLI is not installed: pip install kaggle (or pip install -e '.[extras]')")
 
 
 def test_a_cli_that_hangs_is_given_up_on_with_a_sentence(setup):
