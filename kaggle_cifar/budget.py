@@ -1,104 +1,135 @@
-"""--time-budget: how many epochs each fold trains, so that all of a rank's folds end within the
-budget with complete learning-rate schedules.
+"""--time-budget: how many epochs the folds train, so that all of a rank's folds end within the
+budget with complete learning-rate schedules, every fold training as long as the others.
 
-A fold's share is what is left of the budget divided by the folds left (`Budget`). Its epochs are
-planned from the speed of a few calibration steps (`plan_fold`), then planned again at every epoch
-end from the epochs' measured time (`FoldPlan.after_epoch`); train.train_fold stretches or
-compresses the schedule to the new plan, never cuts it short. Time is read from `clock`, which the
-tests replace."""
+The run's `Plan` is made once, before its first fold, from the speed of a few calibration steps
+(charged to the run, like everything else that takes time); every fold trains its epochs, a
+fraction of an epoch included, so that the budget is used to the step. At each epoch end the plan
+reads the epoch's measured time and plans again only when the speed moved by more than
+REPLAN_MARGIN: the folds still to come then train the new epochs too. train.train_fold stretches or
+compresses the schedule to the new plan, never cuts it short. Under torchrun the ranks agree on the
+smallest plan, so every fold of the run trains alike. Time is read from `clock`, which the tests
+replace."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from kaggle_cifar import train
+from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy, synchronize
 from kaggle_cifar.folds import FoldData
-from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs
 
 log = logging.getLogger(__name__)
 
 clock = time.monotonic
 
-# The share a fold plans for: full-data runs on the CPU ended 0.7% and 2% past a 15-minute budget
-# planned at 100% (the finish and the report took longer than estimated).
+# The share of the budget that is planned: full-data runs on the CPU ended 0.7% and 2% past a
+# 15-minute budget planned at 100% (the finish and the report took longer than estimated).
 PLANNED_SHARE = 0.97
-MEASURED_EPOCHS = 3  # a re-plan reads the mean time of the last few epochs
+# A re-plan needs the measured epoch time this far from the planned one: noise does not move the plan
+# (nor the progress bar's total), a machine that got slower or faster does.
+REPLAN_MARGIN = 0.15
 
 
 @dataclass
-class Budget:
-    """The run's budget on this rank: `seconds` from `start` (on `clock`) for its unfinished folds."""
-    seconds: float
-    start: float
-    folds_left: int
-
-    def next_fold_deadline(self) -> float:
-        """The clock time by which the next fold must end: an equal share of what is left."""
-        now = clock()
-        deadline = now + PLANNED_SHARE * max(0.0, self.start + self.seconds - now) / max(1, self.folds_left)
-        self.folds_left -= 1
-        return deadline
-
-
-@dataclass
-class FoldPlan:
-    """A fold's epochs under a budget and what they were planned from. Saved in its checkpoints
-    (`state_dict`) and result.json; a fold resumed from a checkpoint keeps the plan saved there and
-    is not planned again (`deadline` None)."""
-    epochs: int
-    deadline: float | None  # on `clock`
+class Plan:
+    """The epochs every fold of the run trains under its budget, and what they were planned from.
+    Saved in each fold's checkpoints (`state_dict`) and result.json."""
+    seconds: float          # the budget
+    start: float            # on `clock`: when the run began, less what earlier sessions of it spent
+    folds_left: int         # folds this rank has yet to finish, the one training included
+    epochs: float = 0.0     # per fold; a fraction trains part of a last epoch
+    epoch_seconds: float = 0.0  # one epoch: its steps, its evaluation and its checkpoint
     step_seconds: float = 0.0
-    epoch_seconds: float = 0.0
-    reserve_s: float = 0.0  # kept back for the fold's final predictions
+    reserve_s: float = 0.0  # a fold's final predictions (its held-out images in every view)
     replans: list[dict] = field(default_factory=list)
-    epoch_times: list[float] = field(default_factory=list)
     mark: float = field(default_factory=lambda: clock())
 
-    def epochs_that_fit(self, epoch_seconds: float, done: int) -> int:
-        """The `done` epochs and as many more as fit before the deadline, keeping the reserve; at
-        least one more, so the schedule completes."""
-        return done + max(1, int((self.deadline - clock() - self.reserve_s) // epoch_seconds))
+    @property
+    def deadline(self) -> float:
+        return self.start + PLANNED_SHARE * self.seconds
+
+    def epochs_that_fit(self, epoch_seconds: float, done: float = 0.0) -> float:
+        """Epochs for the training fold (`done` of them trained) and each fold after it, so that
+        all of them, their final predictions included, end by the deadline; at least a little
+        more than `done`, so the schedule completes."""
+        left = self.deadline - clock() - self.folds_left * self.reserve_s
+        epochs = (left / epoch_seconds + done) / max(1, self.folds_left)
+        return max(done + 0.05, math.floor(epochs * 100) / 100)
 
     def after_epoch(self, done: int, fold: int) -> bool:
-        """Plan again after `done` epochs from the measured time of the last ones (each from one
-        call to the next: the epoch, its evaluation, the checkpoint before it); true if the
+        """After `done` epochs of fold `fold`: plan again if this epoch (from the previous call, or
+        the plan's making, to this one) ran more than REPLAN_MARGIN off the plan; true if the
         epochs changed."""
-        now = clock()
-        self.epoch_times.append(now - self.mark)
+        now, measured = clock(), clock() - self.mark
         self.mark = now
-        if self.deadline is None:
+        if abs(measured / self.epoch_seconds - 1) <= REPLAN_MARGIN:
             return False
-        measured = self.epoch_times[-MEASURED_EPOCHS:]
-        epochs = self.epochs_that_fit(sum(measured) / len(measured), done)
+        self.epoch_seconds = measured
+        epochs = self.epochs_that_fit(measured, done)
         if epochs == self.epochs:
             return False
-        log.info("fold %d: re-planned after epoch %d: %d epochs instead of %d", fold, done, epochs, self.epochs)
-        self.replans.append({"after_epoch": done, "epochs": epochs})
+        log.info("fold %d: re-planned after epoch %d (an epoch took %.1f s): %g epochs a fold instead of %g",
+                 fold, done, measured, epochs, self.epochs)
+        self.replans.append({"fold": fold, "after_epoch": done, "epochs": epochs})
         self.epochs = epochs
         return True
 
+    def fold_finished(self) -> None:
+        self.folds_left -= 1
+        self.mark = clock()  # the next fold's first epoch is measured from its own start
+
     def state_dict(self) -> dict:
-        deadline_in_s = self.deadline - clock() if self.deadline is not None else None
-        return {"epochs": self.epochs, "deadline_in_s": deadline_in_s, "step_seconds": self.step_seconds,
-                "epoch_seconds": self.epoch_seconds, "reserve_s": self.reserve_s, "replans": list(self.replans)}
+        return {"epochs": self.epochs, "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds,
+                "reserve_s": self.reserve_s, "replans": list(self.replans)}
 
     def load_state_dict(self, state: dict) -> None:
-        """The plan a checkpoint saved; the fold goes on to its epochs without planning again."""
-        self.epochs, self.deadline = state["epochs"], None
-        self.step_seconds, self.epoch_seconds = state.get("step_seconds", 0.0), state.get("epoch_seconds", 0.0)
-        self.reserve_s, self.replans = state.get("reserve_s", 0.0), list(state.get("replans", []))
+        """A resumed fold's plan, as its checkpoint saved it (an earlier plan's fields missing)."""
+        self.epochs = state["epochs"]
+        self.epoch_seconds = state.get("epoch_seconds") or self.epoch_seconds or 1.0
+        self.step_seconds, self.reserve_s = state.get("step_seconds", 0.0), state.get("reserve_s", 0.0)
+        self.replans = list(state.get("replans", []))
+        self.mark = clock()
+
+    def make(self, speed: "Speed", agree=lambda epochs: epochs) -> None:
+        """The run's epochs, from the speed measured on its first fold to train; `agree` makes every
+        rank take the smallest plan."""
+        self.step_seconds, self.epoch_seconds, self.reserve_s = speed.step_seconds, speed.epoch_s, speed.reserve_s
+        self.epochs = agree(self.epochs_that_fit(self.epoch_seconds))
+        self.mark = clock()
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A fold's measured costs: a training step, an epoch (its steps and evaluation), the final
+    predictions (its held-out images in every view); and what a run of them takes."""
+    step_seconds: float
+    epoch_s: float
+    reserve_s: float
+    images_per_s: float
 
     @classmethod
-    def resuming(cls) -> "FoldPlan":
-        """The plan of a fold that resumes: filled from its checkpoint by load_state_dict."""
-        return cls(epochs=0, deadline=None)
+    def of(cls, cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
+           held_out: tuple[int, int] | None = None) -> "Speed":
+        """Measured on `data` (calibrate), for a fold of `train_images` images and `held_out`
+        (validation, holdout) images, by default `data`'s."""
+        step_seconds, image_seconds = calibrate(cfg, data, policy)
+        train_images = train_images or len(data.train_targets)
+        validation, holdout = held_out or (len(data.val_targets), len(data.holdout_images))
+        batch = min(cfg.batch_size, train_images)
+        epoch_s = train_images // batch * step_seconds + min(train.EPOCH_EVAL_IMAGES, validation) * image_seconds
+        return cls(step_seconds, epoch_s, len(DISTINCT_VIEWS) * (validation + holdout) * image_seconds,
+                   batch / step_seconds)
+
+    def run_seconds(self, folds: int, epochs: float) -> float:
+        return folds * (epochs * self.epoch_s + self.reserve_s)
 
 
 def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,
@@ -142,15 +173,3 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = 5, 
     inference = Policy(policy.device, policy.autocast_dtype, policy.newton_schulz_dtype, forward_compiled)
     models = for_inference([t.model.eval()], inference, 0, PREDICT_BATCH)
     return seconds_per_step, forward_seconds(models, held_out, inference, PREDICT_BATCH)
-
-
-def plan_fold(cfg: TrainConfig, data: FoldData, policy: Policy, deadline: float) -> FoldPlan:
-    """The fold's first plan under a time budget: its epochs, and what they were planned from."""
-    step_seconds, image_seconds = calibrate(cfg, data, policy)
-    steps = len(data.train_targets) // min(cfg.batch_size, len(data.train_targets))
-    epoch_seconds = steps * step_seconds + min(train.EPOCH_EVAL_IMAGES, len(data.val_targets)) * image_seconds
-    reserve = len(DISTINCT_VIEWS) * (len(data.val_targets) + len(data.holdout_images)) * image_seconds
-    plan = FoldPlan(epochs=0, deadline=deadline, step_seconds=step_seconds, epoch_seconds=epoch_seconds,
-                    reserve_s=reserve)
-    plan.epochs = plan.epochs_that_fit(epoch_seconds, 0)
-    return plan

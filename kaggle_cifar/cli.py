@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from kaggle_cifar.atomic import free_space
 from kaggle_cifar.data import default_cache_dir
 from kaggle_cifar.errors import EXPECTED_ERRORS
@@ -73,6 +75,11 @@ def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = DEFAULT
     add_cache_flag(parser)
 
 
+def run_dir_flag(run_dir: Path) -> str:
+    """` --run-dir RUN_DIR` for a next-step command, or nothing for the default run dir."""
+    return "" if Path(run_dir) == DEFAULT_RUN_DIR else f" --run-dir {run_dir}"
+
+
 def add_cache_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where decoded images are cached (default: INPUT/.cache, or ./cache if INPUT is read-only)")
@@ -122,7 +129,8 @@ def run(main, interrupted: str = "nothing was written") -> None:
     was kept (`interrupted`) and exit code 130."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        code = main()
+        with logging_redirect_tqdm():  # log lines go above a progress bar, never into it
+            code = main()
     except EXPECTED_ERRORS as e:  # a quoted parser message may span lines: the error is one line
         print("error:", " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         code = 2

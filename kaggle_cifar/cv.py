@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,16 @@ import pandas as pd
 
 from kaggle_cifar import budget, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import TrainConfig, human_duration, parse_duration
 from kaggle_cifar.data import Labels, load_test, load_train
 from kaggle_cifar.errors import ConfigError
-from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, fold_split, held_out_by
+from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, FoldData, fold_split, held_out_by
 from kaggle_cifar.host_augment import load_pipeline
 from kaggle_cifar.model import check_forward
 from kaggle_cifar.pseudo import open_teacher, with_pseudo_labels
 from kaggle_cifar.report import holdout_summary, oof_summary
-from kaggle_cifar.rundir import RunDir, folds_table
-from kaggle_cifar.train import train_fold
+from kaggle_cifar.rundir import FoldDir, RunDir, folds_table
+from kaggle_cifar.train import Progress, train_fold
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +73,40 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
             _, test_images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
         on_device = DeviceTrainSet.of(train, ctx.device)
         mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
-        time_left = None
+        unfinished = [fold_dir for fold_dir in mine if not fold_dir.finished()]
+        plan = None
         if cfg.time_budget:  # counted from this call, less what earlier sessions of the run spent
-            time_left = budget.Budget(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
-                                      folds_left=sum(not f.finished() for f in mine))
-        for fold_dir in mine:
-            if fold_dir.finished():
-                continue
+            plan = budget.Plan(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
+                               folds_left=len(unfinished))
+
+        def fold_data(fold_dir: FoldDir) -> FoldData:
             data = on_device.fold(fold_of, fold_dir.fold)
-            if teacher is not None:
-                data = with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy)
-            plan = None
-            if time_left is not None:  # a resumed fold keeps the plan its checkpoint holds
-                deadline = time_left.next_fold_deadline()
-                plan = budget.FoldPlan.resuming() if fold_dir.started() else \
-                    budget.plan_fold(cfg, data, ctx.policy, deadline)
-            train_fold(cfg, data, fold_dir, ctx.policy, plan)
+            return with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy) if teacher is not None else data
+
+        made, speed = {}, None
+        if unfinished and not unfinished[0].started():  # a few steps of it say what the run will take
+            made[unfinished[0].fold] = fold_data(unfinished[0])
+            speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
+        if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
+            plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
+        epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
+        estimate = say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy) if speed is not None else None
+        training_started = budget.clock()
+        progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
+        try:
+            for fold_dir in unfinished:
+                train_fold(cfg, made.pop(fold_dir.fold, None) or fold_data(fold_dir), fold_dir, ctx.policy, plan,
+                           progress=progress)
+                if plan is not None:
+                    plan.fold_finished()
+        finally:
+            progress.close()
+        if estimate is not None:
+            estimate["actual_s"] = budget.clock() - training_started
         ctx.barrier()
         if not ctx.is_main:
             return None
-        summary = write_oof_report(run, cfg, labels, fold_of, time_left)
+        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate)
         if plots.available():
             plots.write_report(run, labels.ids, train.images)
         else:
@@ -99,8 +114,33 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         return summary
 
 
+def images_per_fold(cfg: TrainConfig, fold_of: np.ndarray, fold: int, epochs: float) -> int:
+    """The images fold `fold` trains in `epochs` epochs (whole batches; pseudo-labels not counted)."""
+    train = int((~held_out_by(fold_of, fold) & (fold_of != HOLDOUT)).sum())
+    batch = min(cfg.batch_size, train)
+    return max(1, round(epochs * (train // batch))) * batch
+
+
+LONG_RUN = "3h"  # a run longer than this is warned about, naming a recipe and budget that fit in it
+
+
+def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: float, policy) -> dict:
+    """Log what the run will take here, from the measured speed of its first fold, and warn when
+    that is long; the estimate, for report.json."""
+    seconds = speed.run_seconds(folds, epochs)
+    planned = f" (planned for --time-budget {cfg.time_budget})" if cfg.time_budget else ""
+    log.info("%d fold%s x %g epochs%s at %s images/s: about %s on %s", folds, "s" if folds != 1 else "", epochs,
+             planned, f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device)
+    if seconds > parse_duration(LONG_RUN) and not cfg.time_budget:
+        faster = "" if cfg.recipe == "fast" else "--recipe fast "
+        log.warning("warning: that is longer than %s: for a result within it here, %s--time-budget %s "
+                    "(bench/RESULTS.md); Ctrl-C keeps the finished epochs", LONG_RUN, faster, LONG_RUN)
+    return {"seconds": seconds, "images_per_s": speed.images_per_s, "folds": folds, "epochs": epochs,
+            "device": str(policy.device)}
+
+
 def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,
-                     time_left: budget.Budget | None = None) -> dict:
+                     plan: budget.Plan | None = None, estimate: dict | None = None) -> dict:
     """oof.csv and report.json from the finished folds' files (and, with a time budget, what of it
     was used and each fold's plan). A full fit's OOF is its holdout; without one it has none."""
     folds = run.folds(cfg)
@@ -117,8 +157,10 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
     results = [fold_dir.read_result() for fold_dir in folds]
     summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS} \
         if scored.any() else {}
-    if time_left is not None:
-        summary["time_budget"] = {"budget_s": time_left.seconds, "used_s": budget.clock() - time_left.start,
+    if estimate is not None:
+        summary["estimate"] = estimate
+    if plan is not None:
+        summary["time_budget"] = {"budget_s": plan.seconds, "used_s": budget.clock() - plan.start,
                                   "epochs_per_fold": [r["epochs"] for r in results],
                                   "plans": [r.get("plan") for r in results]}
     holdout = (fold_of == HOLDOUT) & ~scored

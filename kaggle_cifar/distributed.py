@@ -44,6 +44,14 @@ class Context:
         if self.world_size > 1:
             dist.barrier(group=self.wait_group)
 
+    def smallest(self, value: float) -> float:
+        """The smallest of every rank's `value` (each rank calls it once): a plan the ranks share."""
+        if self.world_size == 1:
+            return value
+        agreed = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.wait_group)
+        return float(agreed.item())
+
     def main_rank_first(self, fn):
         """`fn()` on rank 0 first (it builds what is shared on disk: the image cache), then on the
         rest. If rank 0 fails, torchrun ends the other ranks."""

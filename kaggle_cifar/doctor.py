@@ -15,7 +15,8 @@ import torch
 from kaggle_cifar import device as devices
 from kaggle_cifar import distributed, probe
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.budget import Speed
+from kaggle_cifar.config import RECIPES, TrainConfig, human_duration
 from kaggle_cifar.cv import check_input
 from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.folds import FoldData
@@ -115,6 +116,7 @@ def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | 
         say("torch.compile is off by default here: Triton needs compute capability 7.0")
     p = Probe.on(ctx.policy)
     verdicts = [Verdict("device and torch build"), check_compiled(p, say), *check_eager(p, say), check_memory(device, say)]
+    say_how_long_runs_take(ctx.policy, say)
     if input_dir is not None:
         verdicts.append(check_files(input_dir, cache_dir, say))
     return verdicts
@@ -176,6 +178,23 @@ def check_eager(p: Probe, say) -> list[Verdict]:
     seconds = timed(lambda: stream_probs([model], images, TTA_VIEWS["none"], p.policy), p.device)
     say(f"predict: {len(images) / seconds:,.0f} images/s per view and fold")
     return verdicts
+
+
+def say_how_long_runs_take(policy: devices.Policy, say) -> None:
+    """The default run's time on the full competition here, and the fast recipe's per epoch, from a
+    few steps of each at full size on synthetic images (50,000 training images: 40,000 a fold)."""
+    for name, what in [("resnet18", "the default run (5 folds x 30 epochs, ResNet18 width 64)"),
+                       ("fast", "the fast recipe (--recipe fast: one fast_cifar on 50,000 images)")]:
+        cfg = dataclasses.replace(TrainConfig(), recipe=name, **RECIPES[name])
+        train_images = 50_000 * (cfg.folds - 1) // cfg.folds if cfg.folds > 1 else 50_000
+        held_out = 50_000 - train_images
+        speed = Speed.of(cfg, synthetic_fold(4 * cfg.batch_size, policy.device), policy, train_images, (held_out, 0))
+        if cfg.full_fit:
+            say(f"{what}: {human_duration(speed.epoch_s)} an epoch here ({speed.images_per_s:,.0f} images/s); "
+                f"give it the --time-budget you have")
+        else:
+            say(f"{what}: about {human_duration(speed.run_seconds(cfg.folds, cfg.epochs))} here "
+                f"({speed.images_per_s:,.0f} images/s)")
 
 
 def check_memory(device: torch.device, say) -> Verdict:

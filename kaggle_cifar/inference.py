@@ -6,6 +6,7 @@ compiled where the device policy says (`for_inference`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -77,7 +78,7 @@ def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list,
 
 @torch.no_grad()
 def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, policy: Policy,
-                 batch_size: int = PREDICT_BATCH, desc: str | None = None) -> torch.Tensor:
+                 batch_size: int = PREDICT_BATCH, desc: str | None = None, bar: tqdm | None = None) -> torch.Tensor:
     """batch_probs of every image of a host array or device tensor, streamed in chunks: (N, C) on
     the policy's device.
     The models must be in eval mode (BatchNorm's running statistics, no dropout)."""
@@ -85,7 +86,9 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
     if training:
         raise ValueError(f"stream_probs needs models in eval mode; call .eval() on {', '.join(training)} first")
     out, device = None, policy.device
-    with tqdm(total=len(images), desc=desc, unit="img", unit_scale=True, disable=desc is None) as bar:
+    forwards = len(models) * len(views)  # what the progress counts: images x views x models
+    with contextlib.nullcontext(bar) if bar is not None else \
+            tqdm(total=len(images) * forwards, desc=desc, unit="img", unit_scale=True, disable=desc is None) as bar:
         for start in range(0, len(images), CHUNK):
             chunk = images[start:start + CHUNK]
             chunk = (to_device(chunk, device) if isinstance(chunk, np.ndarray) else chunk.to(device)).permute(0, 3, 1, 2)
@@ -94,7 +97,7 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
                 if out is None:
                     out = torch.empty((len(images), probs.shape[1]), dtype=torch.float32, device=device)
                 out[start + b:start + b + len(probs)] = probs
-                bar.update(len(probs))
+                bar.update(len(probs) * forwards)
     return out
 
 
@@ -102,9 +105,12 @@ DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for 
 
 
 def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,
-                   batch_size: int = PREDICT_BATCH) -> dict[str, torch.Tensor]:
-    """stream_probs for every view set in TTA_VIEWS, each distinct view predicted once."""
-    per_view = {view: stream_probs(models, images, [view], policy, batch_size) for view in DISTINCT_VIEWS}
+                   batch_size: int = PREDICT_BATCH, desc: str | None = None) -> dict[str, torch.Tensor]:
+    """stream_probs for every view set in TTA_VIEWS, each distinct view predicted once (one
+    progress bar for them all with a `desc`)."""
+    with tqdm(total=len(images) * len(DISTINCT_VIEWS) * len(models), desc=desc, unit="img", unit_scale=True,
+              disable=desc is None, leave=False) as bar:
+        per_view = {view: stream_probs(models, images, [view], policy, batch_size, bar=bar) for view in DISTINCT_VIEWS}
     return {name: torch.stack([per_view[view] for view in view_set]).mean(0) for name, view_set in TTA_VIEWS.items()}
 
 

@@ -125,6 +125,10 @@ def write_report(run: RunDir, train_ids: np.ndarray, train_images: np.ndarray) -
     return [out / name for name in figures]
 
 
+SEARCH_TARGET = "held-out accuracy (fold 0)"  # what a search's trials are scored by, on the pictures' axes
+FEW_TRIALS = 5  # fewer completed trials than this: the importance picture says its numbers are noise
+
+
 def write_search_pictures(study, folder: Path) -> list[Path]:
     """A search's pictures, drawn by Optuna: accuracy per trial with the best so far, accuracy
     against each parameter, and (with two or more parameters and completed trials) the parameters'
@@ -134,6 +138,7 @@ def write_search_pictures(study, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as optuna_plots
     from optuna.exceptions import ExperimentalWarning
+    from optuna.trial import TrialState
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -143,12 +148,16 @@ def write_search_pictures(study, folder: Path) -> list[Path]:
         for name, draw in [("history", optuna_plots.plot_optimization_history), ("slices", optuna_plots.plot_slice),
                            ("importance", optuna_plots.plot_param_importances)]:
             try:
-                axes = draw(study)
+                axes = draw(study, target_name=SEARCH_TARGET)
             except (ValueError, RuntimeError) as e:  # importance with too few trials or a single parameter
                 log.info("search picture %s skipped: %s", name, e)
                 plt.close("all")
                 continue
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            if name == "importance" and complete < FEW_TRIALS:
+                figure.suptitle(f"from {complete} completed trials: too few for the importances to mean much",
+                                color="tab:red")
             _save(figure, folder / f"{name}.png")
             written.append(folder / f"{name}.png")
     return written

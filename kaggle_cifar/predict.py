@@ -38,7 +38,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     rows = distributed.shard(len(images), ctx)
     models = for_inference(models, ctx.policy, (rows.stop - rows.start) * len(views), batch_size)
     t0 = time.perf_counter()
-    local = stream_probs(models, images[rows], views, ctx.policy, batch_size, desc=f"predict rank {ctx.rank}")
+    local = stream_probs(models, images[rows], views, ctx.policy, batch_size, desc="predict (images x views x folds)" if ctx.world_size == 1 else f"predict rank {ctx.rank}")
     synchronize(ctx.device)
     seconds, n_local = time.perf_counter() - t0, rows.stop - rows.start
     log.info("rank %d: %d images x %d views x %d folds in %.1fs (%.0f images/s per view and fold)",

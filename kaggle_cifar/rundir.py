@@ -11,7 +11,7 @@
             report/*.png   the report's pictures
 
     SEARCH_DIR/study.db          the Optuna study (SQLite; or a database named by --storage)
-               trials/<digest>/  one run dir per trial, named by its parameters (fold 0 trained)
+               trials/<params>/  one run dir per trial, named by its parameters (fold 0 trained)
                trials.csv        every trial: number, state, parameters, accuracy, epochs run, seconds
                report/*.png      the search's pictures
                best_config.json  the best trial's config, for train_folds.py --config
@@ -330,8 +330,8 @@ class SearchDir:
     def trial(self, params: dict) -> RunDir:
         """The run dir of a trial with these parameters: the same parameters, the same run dir, so a
         trial that was stopped and is asked for again resumes where it was."""
-        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-        return RunDir(self.path / "trials" / digest)
+        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:6]  # the exact values
+        return RunDir(self.path / "trials" / f"{shown(params).replace(', ', '_')}-{digest}")
 
     @property
     def pictures(self) -> Path:
@@ -346,6 +346,11 @@ class SearchDir:
 
     def write_best_config(self, cfg: TrainConfig) -> None:
         write_text(self.best_config, cfg.to_json())
+
+
+def shown(params: dict) -> str:
+    """Parameters as a person reads them: `lr=0.0123, optimizer=sgd` (4 significant digits)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def same_classes(runs: list[tuple[RunDir | str, list[str]]]) -> list[str]:

@@ -26,7 +26,7 @@ from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged, first_line
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.model import check_forward
-from kaggle_cifar.rundir import SearchDir, folds_table
+from kaggle_cifar.rundir import SearchDir, folds_table, shown
 from kaggle_cifar.train import train_fold
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
         fold_of = fold_split(cfg, labels)
         run.create(cfg, labels.classes, folds_table(labels.ids, fold_of))
         trial.set_user_attr("run_dir", str(run))
-        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
+        log.info("trial %d: %s", trial.number, shown(params))
 
         def epoch_end(history: list[dict]) -> None:
             for row in history[-1:] if trial.user_attrs.get("epochs") else history:
@@ -222,16 +222,20 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
             raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("epochs", result["epochs"])
         trial.set_user_attr("seconds", result["seconds"])
+        log.info("trial %d: accuracy %.4f after %g epochs", trial.number, result["accuracy"], result["epochs"])
         return result["accuracy"]
 
     logging.getLogger("optuna.study._optimize").addFilter(_without_interrupt_traceback)  # once: the same filter
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "Trial N finished" lines repeat ours
     try:
         if len(study.get_trials(deepcopy=False, states=finished)) < trials:
             study.optimize(objective, timeout=timeout, catch=(),
                            callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
                                       lambda study, _: write_outputs(study, base, search_dir)])
     finally:
+        optuna.logging.set_verbosity(verbosity)
         write_outputs(study, base, search_dir)
     return study
 
@@ -260,7 +264,6 @@ def summary(study: optuna.Study, search_dir: SearchDir) -> str:
     if not any(s == "complete" for s in states):
         return f"search: {counts}; no trial has completed yet"
     best = study.best_trial
-    return (f"search: {counts}; best trial {best.number}: accuracy {best.value:.4f} with "
-            + ", ".join(f"{k}={v}" for k, v in best.params.items())
+    return (f"search: {counts}; best trial {best.number}: accuracy {best.value:.4f} with {shown(best.params)}"
             + f"\nbest config: {search_dir.best_config} (train_folds.py --config {search_dir.best_config})")
 

@@ -110,6 +110,10 @@ class Training:
         self.model.train(not features_frozen)
         self.model.head.train()
 
+    def steps_for(self, epochs: float) -> int:
+        """The steps of `epochs` epochs (a fraction of one: that share of its batches)."""
+        return max(1, round(epochs * self.steps_per_epoch))
+
     @property
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -141,7 +145,7 @@ def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     return scheduler
 
 
-def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: int | None = None,
+def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: float | None = None,
                    backend: str = "inductor") -> Training:
     """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA,
     computed as `policy` says (compiled with `backend` when it compiles training)."""
@@ -149,7 +153,7 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: int
     optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
-    scheduler = one_cycle(optimizer, cfg, (epochs or cfg.epochs) * steps_per_epoch)
+    scheduler = one_cycle(optimizer, cfg, max(1, round((epochs or cfg.epochs) * steps_per_epoch)))
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.loss_scaling)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
     # run is not an average dominated by the initial weights.
@@ -179,15 +183,15 @@ def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
     return loss.detach(), logits.detach(), skipped
 
 
-def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, generator: torch.Generator,
+def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, steps: int, generator: torch.Generator,
                   host: HostAugmenter | None, waited: list[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's augmented batches (inputs, targets) in an order drawn from its generator: the
-    fold's device images, or with --albumentations the workers' batches (made while the device trains
-    on earlier ones), then the device's augmentation. `waited` gets the seconds spent waiting for
-    the workers after their first batch (their start-up)."""
+    """The epoch's first `steps` augmented batches (inputs, targets) in an order drawn from its
+    generator: the fold's device images, or with --albumentations the workers' batches (made while
+    the device trains on earlier ones), then the device's augmentation. `waited` gets the seconds
+    spent waiting for the workers after their first batch (their start-up)."""
     device = data.train_images.device
     order = torch.randperm(len(data.train_targets), device=device, generator=generator)
-    batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)
+    batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)[:steps]
     flips = epoch_flips(cfg, data, epoch)
     host_batches = host.epoch(list(batches.cpu().numpy()), run_seed(cfg, data.fold, epoch)) if host else None
     for step, idx in enumerate(batches):
@@ -201,9 +205,11 @@ def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, gen
 
 
 def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm,
-                    host: HostAugmenter | None = None) -> dict:
-    """One pass over the fold's training images, its randomness drawn from the epoch's own
-    generator (seeded by (seed, fold, epoch): a resumed run replays it)."""
+                    host: HostAugmenter | None = None, steps: int | None = None) -> dict:
+    """One pass over the fold's training images (its first `steps` batches: a last, partial
+    epoch), its randomness drawn from the epoch's own generator (seeded by (seed, fold, epoch): a
+    resumed run replays it)."""
+    steps = steps or t.steps_per_epoch
     t0 = time.perf_counter()
     t.train_mode(features_frozen=epoch < cfg.freeze_epochs)
     device = data.train_images.device
@@ -214,7 +220,7 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     correct = torch.zeros((), device=device, dtype=torch.long)
     skipped = torch.zeros((), device=device, dtype=torch.long)
     waited = [0.0]
-    for step, (inputs, targets) in enumerate(epoch_batches(t, cfg, data, epoch, generator, host, waited)):
+    for step, (inputs, targets) in enumerate(epoch_batches(t, cfg, data, epoch, steps, generator, host, waited)):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
         loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
         loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
@@ -224,11 +230,11 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     if hasattr(t.optimizer, "sync_lookahead"):  # Lookahead's slow weights end the epoch: evaluated, saved, resumed from
         t.optimizer.sync_lookahead()
     loss_sum, correct, skipped = torch.stack([loss_sum, correct.float(), skipped.float()]).tolist()  # the one sync of the epoch
-    stepped = (t.steps_per_epoch - int(skipped)) * t.batch_size  # no step taken: NaN, and the fold stops
+    stepped = (steps - int(skipped)) * t.batch_size  # no step taken: NaN, and the fold stops
     seconds = time.perf_counter() - t0
     metrics = {"train_loss": loss_sum / stepped if stepped else math.nan,
                "train_acc": correct / stepped if stepped else math.nan, "lr": lr,
-               "train_images_per_s": t.steps_per_epoch * t.batch_size / seconds, "skipped_steps": int(skipped)}
+               "train_images_per_s": steps * t.batch_size / seconds, "skipped_steps": int(skipped)}
     if host is not None:
         metrics["augment_wait_s"] = waited[0]
         if waited[0] > 0.2 * seconds:
@@ -274,17 +280,19 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     fold_dir.save_model(meta, model.state_dict())
     forwards = len(DISTINCT_VIEWS) * (len(data.val_images) + len(data.holdout_images))
     models = for_inference([model], policy, forwards, PREDICT_BATCH)
-    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(models, data.val_images, policy).items()} \
+    oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(
+        models, data.val_images, policy, desc=f"fold {data.fold}: held-out images, every view").items()} \
         if len(data.val_images) else {}
     if oof_by_tta:
         fold_dir.write_oof(oof_by_tta[cfg.tta])
     if len(data.holdout_images):
-        fold_dir.write_holdout({name: p.cpu().numpy()
-                                for name, p in view_set_probs(models, data.holdout_images, policy).items()})
+        fold_dir.write_holdout({name: p.cpu().numpy() for name, p in view_set_probs(
+            models, data.holdout_images, policy, desc=f"fold {data.fold}: holdout, every view").items()})
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
     result = {"fold": data.fold, "accuracy": accuracy_by_tta.get(cfg.tta), "accuracy_by_tta": accuracy_by_tta,
-              "train_images": len(data.train_targets), "epochs": len(history),
+              "train_images": len(data.train_targets),
+              "epochs": round(sum(h.get("steps", t.steps_per_epoch) for h in history) / t.steps_per_epoch, 2),
               "seconds": sum(h["seconds"] for h in history)}
     if plan is not None:
         result["plan"] = plan.state_dict()
@@ -307,12 +315,12 @@ def resume(t: Training, fold_dir: FoldDir, meta: dict, plan, fold: int) -> list[
     return state["history"][:state["epoch"] + 1]
 
 
-def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, epoch: int, last: bool, bar: tqdm,
-              host: HostAugmenter | None) -> dict:
-    """Train epoch `epoch` and evaluate it (on EPOCH_EVAL_IMAGES held-out images, all of them on
-    the `last` epoch): its log row. A non-finite loss stops the fold."""
+def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, epoch: int, steps: int, last: bool,
+              bar: tqdm, host: HostAugmenter | None) -> dict:
+    """Train `steps` steps of epoch `epoch` and evaluate them (on EPOCH_EVAL_IMAGES held-out
+    images, all of them on the `last` epoch): its log row. A non-finite loss stops the fold."""
     t0 = time.perf_counter()
-    metrics = train_one_epoch(t, cfg, data, epoch, bar, host)
+    metrics = train_one_epoch(t, cfg, data, epoch, bar, host, steps)
     if not math.isfinite(metrics["train_loss"]):
         kept = f"last good checkpoint kept: {fold_dir.last}" if fold_dir.last.exists() else "no checkpoint was written"
         raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
@@ -324,16 +332,46 @@ def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, 
             "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
             "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
             "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
-            "skipped_steps": metrics["skipped_steps"], **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}}
+            "skipped_steps": metrics["skipped_steps"], "steps": steps,
+            **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}}
+
+
+class Progress:
+    """One progress bar over the folds a process trains: folds done, the one training, and so the
+    time to the end of the run. Its total is the images still planned, and changes only with the
+    plan (a fold's own count replaces the estimate made for it when it starts)."""
+
+    def __init__(self, planned: dict[int, int]):
+        self.planned, self.finished = dict(planned), 0  # fold -> images it trains
+        self.bar = tqdm(total=sum(self.planned.values()), unit="img", unit_scale=True, desc="training")
+
+    def start(self, fold: int, planned: int, trained: int) -> None:
+        self.planned[fold] = planned
+        self.bar.total = sum(self.planned.values())
+        self.bar.update(trained)
+        self.bar.set_description(f"fold {fold} ({self.finished} of {len(self.planned)} done)")
+
+    def replanned(self, fold: int, planned: int) -> None:
+        """This fold and the ones after it train `planned` images each now."""
+        later = [k for k in self.planned if k >= fold]
+        self.planned |= {k: planned for k in later}
+        self.bar.total = sum(self.planned.values())
+
+    def fold_finished(self) -> None:
+        self.finished += 1
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Policy, plan=None,
-               epoch_end: Callable[[list[dict]], None] | None = None) -> dict:
-    """Train (or resume, or skip if finished) one fold; return its result. With a `plan` (a
-    budget.FoldPlan) the fold trains the plan's epochs, which it may change at an epoch end (the
+               epoch_end: Callable[[list[dict]], None] | None = None, progress: Progress | None = None) -> dict:
+    """Train (or resume, or skip if finished) one fold; return its result. With a `plan` (the
+    run's budget.Plan) the fold trains the plan's epochs, which it may change at an epoch end (the
     schedule is then stretched or compressed to the new end, never cut short), instead of
     cfg.epochs. `epoch_end` sees the log rows after each epoch's checkpoint (a resumed fold's
-    first) and may stop the fold by raising, as a search's pruner does."""
+    first) and may stop the fold by raising, as a search's pruner does. `progress` is the run's
+    bar (default: one of the fold's own)."""
     if fold_dir.finished():
         return fold_dir.read_result()
     meta = run_meta(cfg, data.classes)
@@ -343,20 +381,28 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Poli
         epoch_end(history)
     host = HostAugmenter(cfg.albumentations, data.train_images.cpu(), policy.device.type == "cuda") \
         if cfg.albumentations else None
-    epochs, images_per_epoch = plan.epochs if plan is not None else cfg.epochs, t.steps_per_epoch * t.batch_size
-    with tqdm(total=epochs * images_per_epoch, initial=len(history) * images_per_epoch, desc=f"fold {data.fold}",
-              unit="img", unit_scale=True) as bar, tensorboard_writer(fold_dir) as board:
-        while len(history) < epochs:
-            epoch = len(history)
-            history.append(epoch_row(t, cfg, data, fold_dir, epoch, epoch == epochs - 1, bar, host))
-            if plan is not None and epoch + 1 < epochs and plan.after_epoch(epoch + 1, data.fold):
-                epochs = plan.epochs
-                t.scheduler = one_cycle(t.optimizer, cfg, epochs * t.steps_per_epoch, (epoch + 1) * t.steps_per_epoch)
-                bar.total = epochs * images_per_epoch
-            log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan)
-            if epoch_end is not None:
-                epoch_end(history)
-    return finish(fold_dir, cfg, data, t, meta, history, plan)
+    steps = t.steps_for(plan.epochs if plan is not None else cfg.epochs)
+    own = progress is None
+    progress = progress or Progress({data.fold: 0})
+    progress.start(data.fold, steps * t.batch_size, len(history) * t.steps_per_epoch * t.batch_size)
+    try:
+        with tensorboard_writer(fold_dir) as board:
+            while (done := len(history) * t.steps_per_epoch) < steps:  # every epoch but the last is whole
+                epoch, now = len(history), min(t.steps_per_epoch, steps - done)
+                history.append(epoch_row(t, cfg, data, fold_dir, epoch, now, done + now == steps, progress.bar, host))
+                if plan is not None and done + now < steps and plan.after_epoch(epoch + 1, data.fold):
+                    steps = max(done + now + 1, t.steps_for(plan.epochs))
+                    t.scheduler = one_cycle(t.optimizer, cfg, steps, done + now)
+                    progress.replanned(data.fold, steps * t.batch_size)
+                log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan)
+                if epoch_end is not None:
+                    epoch_end(history)
+        result = finish(fold_dir, cfg, data, t, meta, history, plan)
+    finally:
+        if own:
+            progress.close()
+    progress.fold_finished()
+    return result
 
 
 def tensorboard_writer(fold_dir: FoldDir):

@@ -50,6 +50,10 @@ def main() -> int:
             write_text(args.output, csv)
         else:
             sys.stdout.write(csv)
+        rows = csv.count("\n") - 1
+        where = f"wrote {args.output}" if args.output else "wrote the submission to stdout"
+        print(f"{where}: {rows:,} rows, valid; next: python scripts/submit.py {args.output or 'FILE'}"
+              f"{cli.run_dir_flag(args.run_dir)}", file=sys.stderr)
     return 0
 
 

@@ -40,6 +40,8 @@ def main() -> int:
     if summary is not None:
         print(describe(summary, cfg.tta), file=sys.stderr)
         print(f"report: {args.run_dir / 'report.json'}", file=sys.stderr)
+        print(f"next: python scripts/predict.py{cli.run_dir_flag(args.run_dir)} --output submissions/sub.csv",
+              file=sys.stderr)
     return 0
 
 

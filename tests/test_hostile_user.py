@@ -205,6 +205,14 @@ def test_an_error_whose_text_spans_lines_is_still_one_error_line(capsys):
     assert e.value.code == 2 and err == "error: input/trainLabels.csv: not a readable CSV (Error tokenizing data. C error: saw 3)\n"
 
 
+def test_another_librarys_message_is_quoted_as_one_plain_line():
+    from kaggle_cifar.errors import first_line
+
+    torch_like = RuntimeError("\n  Weights only load failed, \x1b[1mdo those steps only if you trust it\x1b[0m.\n\t(1) ...")
+    assert first_line(torch_like) == "Weights only load failed, do those steps only if you trust it."  # no escapes
+    assert first_line(ValueError(""), typed=True) == "ValueError"
+
+
 def test_truncated_resume_state_says_what_to_do(small, tmp_path):
     cfg = TrainConfig(folds=2, epochs=2, width=4, batch_size=4)
     train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)

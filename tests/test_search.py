@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import optuna
 import pandas as pd
@@ -94,7 +95,11 @@ def test_search_writes_trials_pictures_and_a_best_config_and_goes_on(tiny, tmp_p
     args = ["--input", str(tiny), "--run-dir", str(where), "--space", "lr=0.01:0.3:log", "optimizer=sgd,adamw",
             "--folds", "2", "--epochs", "2", "--width", "8", "--batch-size", "8", "--trials"]
     proc = run_script("search.py", *args, "2")
-    assert "best trial" in proc.stderr
+    assert "best trial" in proc.stderr and "Trial 0 finished" not in proc.stderr  # optuna's lines repeat ours
+    assert not re.search(r"lr=0\.\d{6,}", proc.stderr)  # values as a person reads them
+    trial_dirs = sorted(p.name for p in (where / "trials").iterdir())
+    assert len(trial_dirs) == 2 and all(re.fullmatch(r"lr=0\.0*[1-9]\d{0,3}_optimizer=(sgd|adamw)-[0-9a-f]{6}", d)
+                                        for d in trial_dirs), trial_dirs  # named by their parameters
     trials = pd.read_csv(where / "trials.csv")
     assert len(trials) == 2 and {"params_lr", "params_optimizer", "accuracy", "user_attrs_epochs",
                                  "user_attrs_seconds", "state"} <= set(trials.columns)

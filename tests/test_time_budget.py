@@ -52,16 +52,19 @@ def test_durations_are_read_as_a_person_writes_them():
         TrainConfig(time_budget="1h30")  # 30 minutes or 30 seconds: refused, not guessed
 
 
-def test_every_fold_ends_inside_the_budget_with_a_complete_schedule(small, tmp_path, monkeypatch):
+def test_every_fold_trains_the_same_epochs_and_ends_inside_the_budget_with_a_complete_schedule(small, tmp_path,
+                                                                                               monkeypatch):
     clock = StepClock(monkeypatch)
     summary = train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
     spent = summary["time_budget"]
     assert spent["used_s"] <= 60 and spent["used_s"] == clock.now - 1000
-    assert spent["epochs_per_fold"][0] >= 8 and spent["epochs_per_fold"][1] >= 8  # the budget is used, not wasted
-    assert clock.now - 1000 > 60 - 2 * 2 * 2  # within two epochs of each fold's share
+    first, second = spent["epochs_per_fold"]
+    assert first == second >= 8  # calibration is the run's, not fold 0's: the folds train alike
+    assert spent["used_s"] >= 0.95 * 60  # the budget is used to the step, a fraction of an epoch included
+    assert not spent["plans"][0]["replans"]  # a steady machine is planned once
     for fold, epochs in enumerate(spent["epochs_per_fold"]):
         log = pd.read_csv(tmp_path / "run" / f"fold{fold}" / "log.csv")
-        assert len(log) == epochs
+        assert log["steps"].sum() == round(epochs * 2)  # 2 steps an epoch
         assert log["lr"].iloc[-1] == pytest.approx(FLOOR)  # the schedule ran to its end
         assert log["lr"].max() == pytest.approx(CFG.lr, rel=0.1)
 
@@ -79,7 +82,9 @@ def test_a_slower_machine_gets_fewer_epochs_and_a_fold_that_slows_down_is_planne
     monkeypatch.setattr(train, "train_one_epoch", slowing)
     summary = train_folds(CFG, small, tmp_path / "slow", small / ".cache", CPU)
     result = json.loads((tmp_path / "slow" / "fold0" / "result.json").read_text())
-    assert result["plan"]["replans"] and result["epochs"] < result["plan"]["replans"][0]["epochs"] + 10
+    replans = result["plan"]["replans"]
+    assert replans and replans[0] == {"fold": 0, "after_epoch": 4, "epochs": replans[0]["epochs"]}
+    assert len({r["after_epoch"] for r in replans}) == len(replans)  # at most one re-plan an epoch
     assert summary["time_budget"]["epochs_per_fold"][1] < planned_fast[1]
     assert summary["time_budget"]["used_s"] <= 60 + 2 * 3.0  # at most the one epoch the slow-down was late by
     log = pd.read_csv(tmp_path / "slow" / "fold0" / "log.csv")
@@ -102,8 +107,8 @@ def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     steps_before = clock.steps
     summary = train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
-    assert summary["time_budget"]["epochs_per_fold"][1] == planned
-    assert clock.steps - steps_before == (planned - 3) * 2  # no calibration again, the remaining epochs only
+    assert summary["time_budget"]["epochs_per_fold"][1] == round(planned * 2) / 2  # the plan's steps, 2 an epoch
+    assert clock.steps - steps_before == round(planned * 2) - 3 * 2  # no calibration again, the remaining steps only
 
 
 def test_a_full_fit_keeps_time_back_only_for_predicting_its_holdout_once(small, tmp_path, monkeypatch):
@@ -115,3 +120,10 @@ def test_a_full_fit_keeps_time_back_only_for_predicting_its_holdout_once(small, 
     plan = summary["time_budget"]["plans"][0]
     assert plan["reserve_s"] == pytest.approx(len(DISTINCT_VIEWS) * 6 * 0.25)  # its 6 held-out images, each view once
     assert summary["time_budget"]["used_s"] <= 60 and summary["time_budget"]["epochs_per_fold"][0] >= 8
+
+
+def test_a_full_fit_with_nothing_to_predict_uses_its_whole_budget(small, tmp_path, monkeypatch):
+    clock = StepClock(monkeypatch, cost=0.9)
+    summary = train_folds(dataclasses.replace(CFG, folds=1), small, tmp_path / "run", small / ".cache", CPU)
+    assert 0.97 * 60 - 0.9 <= clock.now - 1000 <= 60  # to the step
+    assert summary["time_budget"]["epochs_per_fold"][0] % 1 != 0  # ends inside an epoch, its last one partial
