@@ -128,6 +128,15 @@ class Speed:
         return cls(step_seconds, epoch_s, len(DISTINCT_VIEWS) * (validation + holdout) * image_seconds,
                    batch / step_seconds)
 
+    @classmethod
+    def from_epoch(cls, row: dict, holdout: int = 0) -> "Speed":
+        """From a fold's first log row (train.epoch_row's), for a fold with `holdout` holdout images."""
+        image_seconds = row["eval_seconds"] / row["val_images"] if row["val_images"] else 0.0
+        step_seconds = (row["seconds"] - row["eval_seconds"]) / max(1, row["steps"])
+        epoch_s = row["seconds"] + row.get("checkpoint_seconds", 0.0)
+        return cls(step_seconds, epoch_s, len(DISTINCT_VIEWS) * (row["val_images"] + holdout) * image_seconds,
+                   row["train_images_per_s"])
+
     def run_seconds(self, folds: int, epochs: float) -> float:
         return folds * (epochs * self.epoch_s + self.reserve_s)
 
@@ -144,14 +153,17 @@ def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy:
     return (clock() - t0) / max(1, len(images))
 
 
-def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = 5, images: int | None = None,
-              forward_compiled: bool = False) -> tuple[float, float]:
+WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the rest are timed
+
+
+def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CALIBRATION_STEPS,
+              images: int | None = None, forward_compiled: bool = False) -> tuple[float, float]:
     """Seconds per training step (augmentation included) and per held-out image predicted (by the
     model compiled for inference with `forward_compiled`), measured on a throwaway copy of the
     fold's training after a warm-up that pays for any compilation: `steps` steps, and `images`
     held-out images (default: four training batches)."""
     t = train.build_training(cfg, data, policy)
-    t.scheduler = train.one_cycle(t.optimizer, cfg, 2 + steps)  # as long as the calibration, whatever the data
+    t.scheduler = train.one_cycle(t.optimizer, cfg, WARMUP_STEPS + steps)  # as long as the calibration
     device = policy.device
     generator, flips = torch.Generator(device).manual_seed(0), train.epoch_flips(cfg, data, 0)
 
@@ -161,12 +173,12 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = 5, 
         train.train_step(t, train.augment(data.train_images[idx], cfg, generator, flipped), data.train_targets[idx],
                          i + 1)
 
-    step(0)
-    step(1)
+    for i in range(WARMUP_STEPS):
+        step(i)
     synchronize(device)
     t0 = clock()
     for i in range(steps):
-        step(2 + i)
+        step(WARMUP_STEPS + i)
     synchronize(device)
     seconds_per_step = (clock() - t0) / steps
     held_out = (data.val_images if len(data.val_images) else data.train_images)[:images or 4 * t.batch_size]

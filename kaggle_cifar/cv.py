@@ -83,30 +83,42 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
             data = on_device.fold(fold_of, fold_dir.fold)
             return with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy) if teacher is not None else data
 
-        made, speed = {}, None
-        if unfinished and not unfinished[0].started():  # a few steps of it say what the run will take
-            made[unfinished[0].fold] = fold_data(unfinished[0])
-            speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
-        if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
-            plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
-        epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
-        estimate = say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy) if speed is not None else None
+        made, estimate = {}, {}
         training_started = budget.clock()
+        if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
+            if unfinished and not unfinished[0].started():  # a few calibration steps: the speed it plans with
+                made[unfinished[0].fold] = fold_data(unfinished[0])
+                speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
+                plan.make(speed, ctx.smallest)
+                estimate = say_how_long(cfg, speed, len(unfinished), plan.epochs, ctx.policy)
+            else:
+                ctx.smallest(math.inf)
+        epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
         progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
+
+        def after_the_first_epoch(data: FoldData):
+            """Without a budget, the run's time is said once its first epoch has been measured."""
+            def said(history: list[dict]) -> None:
+                if not estimate and len(history) == 1:
+                    speed = budget.Speed.from_epoch(history[0], len(data.holdout_images))
+                    estimate.update(say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy))
+            return said
+
         try:
             for fold_dir in unfinished:
-                train_fold(cfg, made.pop(fold_dir.fold, None) or fold_data(fold_dir), fold_dir, ctx.policy, plan,
-                           progress=progress)
+                data = made.pop(fold_dir.fold, None) or fold_data(fold_dir)
+                hook = after_the_first_epoch(data) if not estimate and not fold_dir.started() else None
+                train_fold(cfg, data, fold_dir, ctx.policy, plan, epoch_end=hook, progress=progress)
                 if plan is not None:
                     plan.fold_finished()
         finally:
             progress.close()
-        if estimate is not None:
+        if estimate:
             estimate["actual_s"] = budget.clock() - training_started
         ctx.barrier()
         if not ctx.is_main:
             return None
-        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate)
+        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate or None, ctx.policy.describe())
         if plots.available():
             plots.write_report(run, labels.ids, train.images)
         else:
@@ -128,9 +140,9 @@ def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: floa
     """Log what the run will take here, from the measured speed of its first fold, and warn when
     that is long; the estimate, for report.json."""
     seconds = speed.run_seconds(folds, epochs)
-    planned = f" (planned for --time-budget {cfg.time_budget})" if cfg.time_budget else ""
-    log.info("%d fold%s x %g epochs%s at %s images/s: about %s on %s", folds, "s" if folds != 1 else "", epochs,
-             planned, f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device)
+    how = f"planned for --time-budget {cfg.time_budget}" if cfg.time_budget else "measured on its first epoch"
+    log.info("%d fold%s x %g epochs at %s images/s: about %s in all on %s (%s)", folds, "s" if folds != 1 else "",
+             epochs, f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device, how)
     if seconds > parse_duration(LONG_RUN) and not cfg.time_budget:
         faster = "" if cfg.recipe == "fast" else "--recipe fast "
         log.warning("warning: that is longer than %s: for a result within it here, %s--time-budget %s "
@@ -140,7 +152,8 @@ def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: floa
 
 
 def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,
-                     plan: budget.Plan | None = None, estimate: dict | None = None) -> dict:
+                     plan: budget.Plan | None = None, estimate: dict | None = None,
+                     computed_on: str | None = None) -> dict:
     """oof.csv and report.json from the finished folds' files (and, with a time budget, what of it
     was used and each fold's plan). A full fit's OOF is its holdout; without one it has none."""
     folds = run.folds(cfg)
@@ -157,6 +170,8 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
     results = [fold_dir.read_result() for fold_dir in folds]
     summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS} \
         if scored.any() else {}
+    if computed_on is not None:
+        summary["computed_on"] = computed_on  # the device line the run started with
     if estimate is not None:
         summary["estimate"] = estimate
     if plan is not None:

@@ -326,13 +326,15 @@ def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, 
         raise TrainingDiverged(f"fold {data.fold}, epoch {epoch + 1}: training loss is {metrics['train_loss']}; "
                                f"{kept} (try a lower --lr)")
     evaluated = len(data.val_targets) if last else EPOCH_EVAL_IMAGES
+    t_eval = time.perf_counter()
     metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated], t.policy)
+    metrics["eval_seconds"] = time.perf_counter() - t_eval
     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
     return {"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
             "val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"],
             "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
             "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
-            "skipped_steps": metrics["skipped_steps"], "steps": steps,
+            "skipped_steps": metrics["skipped_steps"], "steps": steps, "eval_seconds": metrics["eval_seconds"],
             **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}}
 
 

@@ -1,9 +1,13 @@
-"""Redraw a run's report pictures (RUN_DIR/report/*.png) from its files; needs matplotlib.
+"""Redraw a run's report pictures (RUN_DIR/report/*.png) from its files, or compare runs: a table
+on stdout (a row per run: recipe, the settings that differ, accuracy per TTA view set, training
+time, device) and a picture of accuracy against training time. Needs matplotlib.
 
     python scripts/report.py runs/default
+    python scripts/report.py --compare runs/r1 runs/r2 runs/fast --picture compare.png
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from kaggle_cifar import cli
@@ -12,16 +16,29 @@ from kaggle_cifar.errors import ToolError
 
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="?", help="the run whose pictures to redraw")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR", help="finished runs to compare")
+    parser.add_argument("--picture", type=Path, default=Path("compare.png"),
+                        help="with --compare: where the accuracy-against-time picture goes (default: compare.png)")
     cli.add_input_flag(parser, of_the_run=True)
     cli.add_cache_flag(parser)
     args = parser.parse_args()
+    if (args.run_dir is None) == (args.compare is None):
+        parser.error("give a RUN_DIR to redraw its pictures, or --compare RUN_DIR ...")
     from kaggle_cifar import plots  # after the flags: --help answers without loading torch
-    from kaggle_cifar.data import cached_images, read_labels
     from kaggle_cifar.rundir import RunDir
 
     if not plots.available():
         raise ToolError("the report pictures need matplotlib: pip install matplotlib")
+    if args.compare:
+        from kaggle_cifar import compare
+
+        rows = [compare.row(RunDir(path)) for path in args.compare]
+        print(compare.table(rows))
+        print(f"picture: {compare.picture(rows, args.picture)}", file=sys.stderr)
+        return 0
+    from kaggle_cifar.data import cached_images, read_labels
+
     run = RunDir(args.run_dir)
     cli.inputs_of_the_run(args, run.source())
     ids = read_labels(args.input).ids
