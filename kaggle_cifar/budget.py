@@ -12,6 +12,7 @@ replace."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,9 +22,10 @@ import torch
 
 from kaggle_cifar import train
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
+from kaggle_cifar.config import LEARNING_CURVES, PREDICT_BATCH, RECIPES, TrainConfig
+from kaggle_cifar.data import TrainSet
 from kaggle_cifar.device import Policy, synchronize
-from kaggle_cifar.folds import FoldData
+from kaggle_cifar.folds import DeviceTrainSet, FoldData, fold_split
 from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,13 @@ clock = time.monotonic
 # The share of the budget that is planned: full-data runs on the CPU ended 0.7% and 2% past a
 # 15-minute budget planned at 100% (the finish and the report took longer than estimated).
 PLANNED_SHARE = 0.97
-# A re-plan needs the measured epoch time this far from the planned one: noise does not move the plan
-# (nor the progress bar's total), a machine that got slower or faster does.
+# A re-plan needs the mean time of the last MEASURED_EPOCHS epochs this far from the planned one, and
+# the run's end moved by a REPLAN_SHARE of the budget: noise does not move the plan (nor the progress
+# bar's total), a machine that got slower or faster does. A fold's first epoch (its start-up) is not
+# measured.
 REPLAN_MARGIN = 0.15
+REPLAN_SHARE = 0.02
+MEASURED_EPOCHS = 3
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Plan:
     reserve_s: float = 0.0  # a fold's final predictions (its held-out images in every view)
     replans: list[dict] = field(default_factory=list)
     mark: float = field(default_factory=lambda: clock())
+    measured: list[float] = field(default_factory=list)  # this fold's epoch times since the last re-plan
 
     @property
     def deadline(self) -> float:
@@ -65,14 +72,21 @@ class Plan:
         return max(done + 0.05, math.floor(epochs * 100) / 100)
 
     def after_epoch(self, done: int, fold: int) -> bool:
-        """After `done` epochs of fold `fold`: plan again if this epoch (from the previous call, or
-        the plan's making, to this one) ran more than REPLAN_MARGIN off the plan; true if the
+        """After `done` epochs of fold `fold`: plan again if its last epochs (each from the previous
+        call to this one) ran far enough off the plan (REPLAN_MARGIN, REPLAN_SHARE); true if the
         epochs changed."""
-        now, measured = clock(), clock() - self.mark
+        now, epoch = clock(), clock() - self.mark
         self.mark = now
-        if abs(measured / self.epoch_seconds - 1) <= REPLAN_MARGIN:
+        if done > 1:  # the fold's first epoch pays for its start-up
+            self.measured = (self.measured + [epoch])[-MEASURED_EPOCHS:]
+        if not self.measured:
             return False
-        self.epoch_seconds = measured
+        measured = sum(self.measured) / len(self.measured)
+        left = self.epochs - done + (self.folds_left - 1) * self.epochs  # epochs still to train, this rank
+        if abs(measured / self.epoch_seconds - 1) <= REPLAN_MARGIN or \
+                abs(measured - self.epoch_seconds) * left <= REPLAN_SHARE * self.seconds:
+            return False
+        self.epoch_seconds, self.measured = measured, []
         epochs = self.epochs_that_fit(measured, done)
         if epochs == self.epochs:
             return False
@@ -84,7 +98,7 @@ class Plan:
 
     def fold_finished(self) -> None:
         self.folds_left -= 1
-        self.mark = clock()  # the next fold's first epoch is measured from its own start
+        self.mark, self.measured = clock(), []  # the next fold's epochs are measured from its own start
 
     def state_dict(self) -> dict:
         return {"epochs": self.epochs, "step_seconds": self.step_seconds, "epoch_seconds": self.epoch_seconds,
@@ -139,6 +153,50 @@ class Speed:
 
     def run_seconds(self, folds: int, epochs: float) -> float:
         return folds * (epochs * self.epoch_s + self.reserve_s)
+
+
+def expected_accuracy(recipe: str, epochs: float) -> float | None:
+    """The measured learning curve of `recipe` at `epochs` (linear between measured lengths, the
+    last beyond them); None below its first measured length or for a recipe not measured."""
+    curve = sorted(LEARNING_CURVES.get(recipe, {}).items())
+    if not curve or epochs < curve[0][0]:
+        return None
+    below = [(e, a) for e, a in curve if e <= epochs][-1]
+    above = next(((e, a) for e, a in curve if e > epochs), None)
+    if above is None:
+        return below[1]
+    return below[1] + (above[1] - below[1]) * (epochs - below[0]) / (above[0] - below[0])
+
+
+def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: TrainConfig | None) -> tuple[TrainConfig, dict]:
+    """Under --time-budget with no --recipe (and none of a recipe's settings given), the recipe
+    expected to score best in that time here: each one's epochs that fit, from a few calibration
+    steps of it on this device, read on its measured learning curve. A run dir made before keeps the
+    recipe chosen then. Returns the config and, when a choice was made, what it was made from."""
+    candidates = {name: dataclasses.replace(cfg, recipe=name, **values) for name, values in RECIPES.items()}
+    set_by_recipes = {key for values in RECIPES.values() for key in values}
+    defaults = TrainConfig()
+    if not cfg.time_budget or cfg.recipe or any(getattr(cfg, k) != getattr(defaults, k) for k in set_by_recipes):
+        return cfg, {}
+    for name, candidate in candidates.items():
+        if saved == candidate:
+            return candidate, {"chosen": name, "why": "the recipe this run dir was made with"}
+    measured = {}
+    for name, candidate in candidates.items():
+        data = DeviceTrainSet.of(train, policy.device).fold(fold_split(candidate, train.labels), 0)
+        speed = Speed.of(candidate, data, policy)
+        plan = Plan(candidate.time_budget_s, start=clock(), folds_left=candidate.folds)
+        plan.make(speed)
+        measured[name] = {"epochs": plan.epochs, "expected_accuracy": expected_accuracy(name, plan.epochs)}
+    known = {name: m for name, m in measured.items() if m["expected_accuracy"] is not None}
+    chosen = max(known, key=lambda name: known[name]["expected_accuracy"]) if known else None
+    why = "; ".join(f"{name}: {m['epochs']:g} epochs a fold fit, "
+                    + (f"{m['expected_accuracy']:.3f} expected on its measured curve" if m["expected_accuracy"]
+                       else "its learning curve not measured that short" if LEARNING_CURVES.get(name)
+                       else "its learning curve not measured") for name, m in measured.items())
+    log.info("--time-budget %s without --recipe, on %s: %s (%s)", cfg.time_budget, policy.device,
+             chosen or "the defaults, no recipe measured for this budget", why)
+    return (candidates[chosen] if chosen else cfg), {"chosen": chosen, "why": why, "candidates": measured}
 
 
 def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,

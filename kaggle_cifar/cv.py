@@ -5,6 +5,7 @@ holdout's single folds against their ensemble."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ import pandas as pd
 
 from kaggle_cifar import budget, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import TrainConfig, human_duration, parse_duration
+from kaggle_cifar.config import RECIPES, TrainConfig, human_duration, parse_duration
 from kaggle_cifar.data import Labels, load_test, load_train
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, FoldData, fold_split, held_out_by
@@ -58,8 +59,14 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     started = budget.clock()
     check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
+    run = RunDir(run_dir)
+    cfg, choice = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config())
+    if choice and ctx.world_size > 1:  # the ranks take one recipe: the first, in RECIPES' order, any rank chose
+        names = [*RECIPES, cfg.recipe]
+        agreed = names[int(ctx.smallest(names.index(cfg.recipe)))]
+        cfg = dataclasses.replace(cfg, recipe=agreed, **RECIPES.get(agreed, {}))
     check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])
-    labels, run = train.labels, RunDir(run_dir)
+    labels = train.labels
     fold_of = fold_split(cfg, labels)
     folds_csv = folds_table(labels.ids, fold_of)
     teacher = open_teacher(Path(cfg.pseudo_labels), folds_csv, labels.classes) if cfg.pseudo_labels else None
@@ -119,6 +126,9 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         if not ctx.is_main:
             return None
         summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate or None, ctx.policy.describe())
+        if choice:
+            summary["recipe_choice"] = choice
+            run.write_report(summary)
         if plots.available():
             plots.write_report(run, labels.ids, train.images)
         else:

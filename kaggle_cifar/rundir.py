@@ -239,6 +239,13 @@ class RunDir:
         if source is not None:
             write_text(self.path / "input.json", json.dumps({k: str(Path(v).resolve()) for k, v in source.items()}) + "\n")
 
+    def saved_config(self) -> TrainConfig | None:
+        """The config this run dir was made with, if it has a readable one."""
+        try:
+            return TrainConfig.from_json(self.path / "config.json") if (self.path / "config.json").is_file() else None
+        except ConfigError:
+            return None
+
     def source(self) -> dict[str, Path]:
         """The input folder and cache the run was trained from (empty for a run made before they
         were recorded)."""
