@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import json
 from types import SimpleNamespace
 
@@ -224,3 +225,21 @@ def test_runs_are_compared_in_one_table_and_one_picture(competition, tmp_path):
     report = json.loads((runs[1] / "report.json").read_text())
     assert f"holdout {report['holdout_accuracy']:.4f}" in fast and "cpu (" in fast  # its own figures, its device
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_the_quick_start_says_how_long_what_it_chose_and_what_to_run_next(competition, tmp_path):
+    """README's quick start as a user runs it (a time budget, no recipe), on tiny data."""
+    run = tmp_path / "run"
+    train = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--time-budget", "20")
+    said = train.stderr
+    assert "--time-budget 20 without --recipe, on cpu: fast (" in said  # the recipe chosen, and why
+    assert "fast: " in said and "expected on its measured curve" in said and "resnet18: " in said
+    assert re.search(r"1 fold x [\d.]+ epochs at [\d,]+ images/s: about \d+ s in all on cpu", said)
+    report = json.loads((run / "report.json").read_text())
+    assert report["recipe_choice"]["chosen"] == "fast" and json.loads((run / "config.json").read_text())["recipe"] == "fast"
+    next_line = said.strip().splitlines()[-1]
+    assert next_line == f"next: python scripts/predict.py --run-dir {run} --output submissions/sub.csv"
+    sub = tmp_path / "sub.csv"
+    predicted = run_script(*next_line.removeprefix("next: python scripts/").replace("submissions/sub.csv", str(sub)).split())
+    assert predicted.stderr.strip().splitlines()[-1] == \
+        f"wrote {sub}: 24 rows, valid; next: python scripts/submit.py {sub} --run-dir {run}"
