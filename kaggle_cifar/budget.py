@@ -25,6 +25,7 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import LEARNING_CURVES, PREDICT_BATCH, RECIPES, TrainConfig
 from kaggle_cifar.data import TrainSet
 from kaggle_cifar.device import Policy, synchronize
+from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import DeviceTrainSet, FoldData, fold_split
 from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs
 
@@ -142,15 +143,6 @@ class Speed:
         return cls(step_seconds, epoch_s, len(DISTINCT_VIEWS) * (validation + holdout) * image_seconds,
                    batch / step_seconds)
 
-    @classmethod
-    def from_epoch(cls, row: dict, holdout: int = 0) -> "Speed":
-        """From a fold's first log row (train.epoch_row's), for a fold with `holdout` holdout images."""
-        image_seconds = row["eval_seconds"] / row["val_images"] if row["val_images"] else 0.0
-        step_seconds = (row["seconds"] - row["eval_seconds"]) / max(1, row["steps"])
-        epoch_s = row["seconds"] + row.get("checkpoint_seconds", 0.0)
-        return cls(step_seconds, epoch_s, len(DISTINCT_VIEWS) * (row["val_images"] + holdout) * image_seconds,
-                   row["train_images_per_s"])
-
     def run_seconds(self, folds: int, epochs: float) -> float:
         return folds * (epochs * self.epoch_s + self.reserve_s)
 
@@ -173,11 +165,16 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: Trai
     expected to score best in that time here: each one's epochs that fit, from a few calibration
     steps of it on this device, read on its measured learning curve. A run dir made before keeps the
     recipe chosen then. Returns the config and, when a choice was made, what it was made from."""
-    candidates = {name: dataclasses.replace(cfg, recipe=name, **values) for name, values in RECIPES.items()}
     set_by_recipes = {key for values in RECIPES.values() for key in values}
     defaults = TrainConfig()
     if not cfg.time_budget or cfg.recipe or any(getattr(cfg, k) != getattr(defaults, k) for k in set_by_recipes):
         return cfg, {}
+    candidates = {}
+    for name, values in RECIPES.items():
+        try:
+            candidates[name] = dataclasses.replace(cfg, recipe=name, **values)
+        except ConfigError:  # a recipe the other flags given rule out (--whiten-stem and fast_cifar)
+            continue
     for name, candidate in candidates.items():
         if saved == candidate:
             return candidate, {"chosen": name, "why": "the recipe this run dir was made with"}

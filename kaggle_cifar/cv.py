@@ -90,32 +90,20 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
             data = on_device.fold(fold_of, fold_dir.fold)
             return with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy) if teacher is not None else data
 
-        made, estimate = {}, {}
+        made, speed = {}, None
         training_started = budget.clock()
+        if unfinished and not unfinished[0].started():  # a few calibration steps: what the run will take
+            made[unfinished[0].fold] = fold_data(unfinished[0])
+            speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
         if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
-            if unfinished and not unfinished[0].started():  # a few calibration steps: the speed it plans with
-                made[unfinished[0].fold] = fold_data(unfinished[0])
-                speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
-                plan.make(speed, ctx.smallest)
-                estimate = say_how_long(cfg, speed, len(unfinished), plan.epochs, ctx.policy)
-            else:
-                ctx.smallest(math.inf)
+            plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
         epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
+        estimate = say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy) if speed is not None else {}
         progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
-
-        def after_the_first_epoch(data: FoldData):
-            """Without a budget, the run's time is said once its first epoch has been measured."""
-            def said(history: list[dict]) -> None:
-                if not estimate and len(history) == 1:
-                    speed = budget.Speed.from_epoch(history[0], len(data.holdout_images))
-                    estimate.update(say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy))
-            return said
-
         try:
             for fold_dir in unfinished:
                 data = made.pop(fold_dir.fold, None) or fold_data(fold_dir)
-                hook = after_the_first_epoch(data) if not estimate and not fold_dir.started() else None
-                train_fold(cfg, data, fold_dir, ctx.policy, plan, epoch_end=hook, progress=progress)
+                train_fold(cfg, data, fold_dir, ctx.policy, plan, progress=progress)
                 if plan is not None:
                     plan.fold_finished()
         finally:
@@ -150,7 +138,7 @@ def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: floa
     """Log what the run will take here, from the measured speed of its first fold, and warn when
     that is long; the estimate, for report.json."""
     seconds = speed.run_seconds(folds, epochs)
-    how = f"planned for --time-budget {cfg.time_budget}" if cfg.time_budget else "measured on its first epoch"
+    how = f"planned for --time-budget {cfg.time_budget}" if cfg.time_budget else "from a few calibration steps"
     log.info("%d fold%s x %g epochs at %s images/s: about %s in all on %s (%s)", folds, "s" if folds != 1 else "",
              epochs, f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device, how)
     if seconds > parse_duration(LONG_RUN) and not cfg.time_budget:

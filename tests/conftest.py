@@ -51,6 +51,11 @@ def competition(tmp_path) -> Path:
     return make_competition(tmp_path / "input")
 
 
+# The steps a run takes before its first fold to measure its speed (its time, said at the start):
+# tests that count training steps (augmentations, losses) count past them.
+CALIBRATION = 2 + 5  # budget.WARMUP_STEPS + budget.CALIBRATION_STEPS, checked by test_time_budget
+
+
 TINY = ["--folds", "2", "--epochs", "4", "--width", "8", "--batch-size", "16", "--lr", "0.05"]
 
 

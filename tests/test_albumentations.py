@@ -8,7 +8,7 @@ import torch
 
 A = pytest.importorskip("albumentations")
 
-from conftest import make_competition, run_script  # noqa: E402
+from conftest import CALIBRATION, make_competition, run_script  # noqa: E402
 from kaggle_cifar import distributed, train  # noqa: E402
 from kaggle_cifar.config import TrainConfig  # noqa: E402
 from kaggle_cifar.cv import check_named_files, train_folds  # noqa: E402
@@ -29,7 +29,7 @@ def test_the_pipeline_is_what_the_model_trains_on(small, tmp_path, monkeypatch):
     seen, real_augment = [], train.augment
     monkeypatch.setattr(train, "augment", lambda images, *args: seen.append(images) or real_augment(images, *args))
     train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
-    trained_on = torch.cat(seen).float().mean((0, 1, 2))
+    trained_on = torch.cat(seen[CALIBRATION:]).float().mean((0, 1, 2))  # calibration draws the images as they are
     originals = torch.from_numpy(np.load(next((small / ".cache").glob("train*.npy")))).float().mean((0, 1, 2))
     torch.testing.assert_close(trained_on, 255 - originals, atol=12, rtol=0)  # every image inverted (a sample of them)
 
@@ -43,7 +43,7 @@ def test_a_run_with_albumentations_replays_exactly_when_resumed(small, tmp_path,
 
     def crash_in_epoch_2_of_fold_1(*args):
         calls["n"] += 1
-        if calls["n"] == 3 * 2 + 2 + 1:  # fold 0 (3 epochs x 2 steps), fold 1 epoch 1, mid epoch 2
+        if calls["n"] == CALIBRATION + 3 * 2 + 2 + 1:  # fold 0 (3 epochs x 2 steps), fold 1 epoch 1, mid epoch 2
             raise KeyboardInterrupt("simulated kill")
         return real_augment(*args)
 

@@ -113,7 +113,7 @@ def test_tta_views():
 
 
 def test_alternating_flips_show_every_image_both_ways_in_any_two_epochs_in_a_row(tmp_path, monkeypatch):
-    from conftest import make_competition
+    from conftest import CALIBRATION, make_competition
     from kaggle_cifar import train
     from kaggle_cifar.config import TrainConfig
     from kaggle_cifar.cv import train_folds
@@ -126,7 +126,7 @@ def test_alternating_flips_show_every_image_both_ways_in_any_two_epochs_in_a_row
     competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
     cfg = TrainConfig(folds=2, epochs=3, width=8, batch_size=64, flip="alternate", crop_pad=0)
     train_folds(cfg, competition, tmp_path / "run", competition / ".cache", setup("cpu"))
-    epochs = [seen[e:e + 1] for e in range(3)]  # fold 0's epochs: one batch of all its training images
+    epochs = [seen[CALIBRATION + e:CALIBRATION + e + 1] for e in range(3)]  # fold 0's epochs: one batch each
     assert all(flipped is not None for batch in epochs for _, flipped in batch)
 
     def sides(epoch):  # image (its bytes, before augmentation) -> flipped in this epoch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_competition, train_and_predict_from_random_timm_weights
+from conftest import CALIBRATION, make_competition, train_and_predict_from_random_timm_weights
 from kaggle_cifar import distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -56,7 +56,7 @@ def test_frozen_epochs_train_only_the_head_and_a_resume_lands_in_the_right_phase
 
     def crash_at_the_start_of_epoch_2(*args):
         calls["n"] += 1
-        if calls["n"] == 2 + 1:
+        if calls["n"] == CALIBRATION + 2 + 1:
             raise KeyboardInterrupt("simulated kill")
         return real_augment(*args)
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_competition, run_script
+from conftest import CALIBRATION, make_competition, run_script
 from kaggle_cifar import device, distributed, probe
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -240,7 +240,7 @@ def test_one_overflowing_fp16_step_is_skipped_and_the_fold_goes_on(tmp_path, mon
         def forward(self, logits, targets):
             calls["n"] += 1
             loss = super().forward(logits, targets)
-            return loss * float("inf") if calls["n"] == 3 else loss  # epoch 2's first step, fold 0
+            return loss * float("inf") if calls["n"] == CALIBRATION + 3 else loss  # epoch 2's first step, fold 0
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", InfOnce)
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_competition, run_script
+from conftest import CALIBRATION, make_competition, run_script
 from kaggle_cifar import checkpoint, distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -44,7 +44,8 @@ def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch, ch
 
     def crash_in_epoch_3_of_fold_1(*args):
         calls["n"] += 1
-        if calls["n"] == 4 * 2 + 2 * 2 + 2:  # fold 0 done (4 epochs x 2 steps), fold 1 epochs 1-2 done, mid epoch 3
+        # after the calibration: fold 0 done (4 epochs x 2 steps), fold 1 epochs 1-2 done, mid epoch 3
+        if calls["n"] == CALIBRATION + 4 * 2 + 2 * 2 + 2:
             raise KeyboardInterrupt("simulated kill")
         return real_augment(*args)
 
@@ -150,7 +151,7 @@ def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(small, tmp_p
         def forward(self, logits, targets):
             calls["n"] += 1
             loss = super().forward(logits, targets)
-            return loss * float("nan") if calls["n"] > 4 else loss  # 2 steps per epoch
+            return loss * float("nan") if calls["n"] > CALIBRATION + 4 else loss  # 2 steps per epoch
 
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NanAfterTwoEpochs)
     with pytest.raises(TrainingDiverged, match=r"fold 0, epoch 3: training loss is nan; last good checkpoint kept"):

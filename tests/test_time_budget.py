@@ -43,6 +43,12 @@ def small(tmp_path):
     return make_competition(tmp_path / "input", per_class=6, n_test=3)
 
 
+def test_the_tests_count_the_calibration_steps_the_run_takes():
+    from conftest import CALIBRATION
+
+    assert CALIBRATION == budget.WARMUP_STEPS + budget.CALIBRATION_STEPS
+
+
 def test_durations_are_read_as_a_person_writes_them():
     assert [parse_duration(t) for t in ("900", "90s", "15m", "2h", "1h30m", "0.5h")] == \
         [900, 90, 900, 7200, 5400, 1800]
