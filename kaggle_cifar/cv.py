@@ -60,11 +60,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
     run = RunDir(run_dir)
-    cfg, choice = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config())
-    if choice and ctx.world_size > 1:  # the ranks take one recipe: the first, in RECIPES' order, any rank chose
-        names = [*RECIPES, cfg.recipe]
-        agreed = names[int(ctx.smallest(names.index(cfg.recipe)))]
-        cfg = dataclasses.replace(cfg, recipe=agreed, **RECIPES.get(agreed, {}))
+    cfg, choice = chosen_recipe(cfg, train, run, ctx)
     check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])
     labels = train.labels
     fold_of = fold_split(cfg, labels)
@@ -75,53 +71,67 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
             held.enter_context(run.writer())  # one writer per run dir: a second training of it is refused
             run.create(cfg, labels.classes, folds_csv, {"input": input_dir, "cache_dir": cache_dir})
         ctx.barrier()
-
-        if teacher is not None:
-            _, test_images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
+        test_images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))[1] if teacher else None
         on_device = DeviceTrainSet.of(train, ctx.device)
-        mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
-        unfinished = [fold_dir for fold_dir in mine if not fold_dir.finished()]
-        plan = None
-        if cfg.time_budget:  # counted from this call, less what earlier sessions of the run spent
-            plan = budget.Plan(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
-                               folds_left=len(unfinished))
 
         def fold_data(fold_dir: FoldDir) -> FoldData:
             data = on_device.fold(fold_of, fold_dir.fold)
             return with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy) if teacher is not None else data
 
-        made, speed = {}, None
-        training_started = budget.clock()
-        if unfinished and not unfinished[0].started():  # a few calibration steps: what the run will take
-            made[unfinished[0].fold] = fold_data(unfinished[0])
-            speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
-        if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
-            plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
-        epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
-        estimate = say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy) if speed is not None else {}
-        progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
-        try:
-            for fold_dir in unfinished:
-                data = made.pop(fold_dir.fold, None) or fold_data(fold_dir)
-                train_fold(cfg, data, fold_dir, ctx.policy, plan, progress=progress)
-                if plan is not None:
-                    plan.fold_finished()
-        finally:
-            progress.close()
-        if estimate:
-            estimate["actual_s"] = budget.clock() - training_started
+        plan, estimate = train_mine(cfg, run, fold_of, fold_data, ctx, started)
         ctx.barrier()
         if not ctx.is_main:
             return None
-        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate or None, ctx.policy.describe())
-        if choice:
-            summary["recipe_choice"] = choice
-            run.write_report(summary)
+        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate, ctx.policy.describe(), choice)
         if plots.available():
             plots.write_report(run, labels.ids, train.images)
         else:
             log.warning("report pictures skipped: matplotlib is not installed (pip install matplotlib)")
         return summary
+
+
+def chosen_recipe(cfg: TrainConfig, train, run: RunDir, ctx: distributed.Context) -> tuple[TrainConfig, dict]:
+    """budget.choose_recipe's config; under torchrun the ranks take one recipe: the first, in
+    RECIPES' order, any rank chose."""
+    cfg, choice = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config())
+    if choice and ctx.world_size > 1:
+        names = [*RECIPES, cfg.recipe]
+        agreed = names[int(ctx.smallest(names.index(cfg.recipe)))]
+        cfg = dataclasses.replace(cfg, recipe=agreed, **RECIPES.get(agreed, {}))
+    return cfg, choice
+
+
+def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ctx: distributed.Context,
+               started: float) -> tuple[budget.Plan | None, dict | None]:
+    """Train this rank's unfinished folds: the run's time said first, from a few calibration steps
+    of the first (and under a budget, the plan made from them), then one progress bar over them
+    all. Returns the plan and the estimate with the time it actually took."""
+    mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
+    unfinished = [fold_dir for fold_dir in mine if not fold_dir.finished()]
+    plan = None
+    if cfg.time_budget:  # counted from the run's start, less what earlier sessions of it spent
+        plan = budget.Plan(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
+                           folds_left=len(unfinished))
+    made, speed, training_started = {}, None, budget.clock()
+    if unfinished and not unfinished[0].started():
+        made[unfinished[0].fold] = fold_data(unfinished[0])
+        speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
+    if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
+        plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
+    epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
+    estimate = say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy) if speed is not None else None
+    progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
+    try:
+        for fold_dir in unfinished:
+            train_fold(cfg, made.pop(fold_dir.fold, None) or fold_data(fold_dir), fold_dir, ctx.policy, plan,
+                       progress=progress)
+            if plan is not None:
+                plan.fold_finished()
+    finally:
+        progress.close()
+    if estimate is not None:
+        estimate["actual_s"] = budget.clock() - training_started
+    return plan, estimate
 
 
 def images_per_fold(cfg: TrainConfig, fold_of: np.ndarray, fold: int, epochs: float) -> int:
@@ -151,7 +161,7 @@ def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: floa
 
 def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,
                      plan: budget.Plan | None = None, estimate: dict | None = None,
-                     computed_on: str | None = None) -> dict:
+                     computed_on: str | None = None, recipe_choice: dict | None = None) -> dict:
     """oof.csv and report.json from the finished folds' files (and, with a time budget, what of it
     was used and each fold's plan). A full fit's OOF is its holdout; without one it has none."""
     folds = run.folds(cfg)
@@ -172,6 +182,8 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
         summary["computed_on"] = computed_on  # the device line the run started with
     if estimate is not None:
         summary["estimate"] = estimate
+    if recipe_choice:
+        summary["recipe_choice"] = recipe_choice
     if plan is not None:
         summary["time_budget"] = {"budget_s": plan.seconds, "used_s": budget.clock() - plan.start,
                                   "epochs_per_fold": [r["epochs"] for r in results],

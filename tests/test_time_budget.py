@@ -133,3 +133,19 @@ def test_a_full_fit_with_nothing_to_predict_uses_its_whole_budget(small, tmp_pat
     summary = train_folds(dataclasses.replace(CFG, folds=1), small, tmp_path / "run", small / ".cache", CPU)
     assert 0.97 * 60 - 0.9 <= clock.now - 1000 <= 60  # to the step
     assert summary["time_budget"]["epochs_per_fold"][0] % 1 != 0  # ends inside an epoch, its last one partial
+
+
+def test_after_the_first_measured_epoch_a_time_that_wobbles_within_the_margin_leaves_the_plan_alone(small, tmp_path, monkeypatch):
+    clock = StepClock(monkeypatch)
+    real_epoch = train.train_one_epoch
+
+    def wobbling(t, cfg, data, epoch, *rest):  # every other epoch 10% slower, as a busy machine's noise
+        clock.cost = 1.1 if epoch % 2 else 1.0
+        return real_epoch(t, cfg, data, epoch, *rest)
+
+    monkeypatch.setattr(train, "train_one_epoch", wobbling)
+    summary = train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
+    replans = summary["time_budget"]["plans"][1]["replans"]  # the run's, as its last fold ends
+    assert [r["after_epoch"] for r in replans] == [2]  # the first measured epoch replaces the calibration's guess
+    first, second = summary["time_budget"]["epochs_per_fold"]
+    assert first == second
