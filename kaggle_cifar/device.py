@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import platform
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,11 @@ def select(requested: str | None, local_rank: int = 0, world_size: int = 1) -> t
     """This process's device. None: its own GPU (LOCAL_RANK) if torch sees one, else the CPU. `cuda`
     is its own GPU too; `cuda:N` pins GPU N, refused when several processes would share it. A GPU
     that the installed torch has no kernels for is refused before any work."""
+    if requested is None and not torch.cuda.is_available() and nvidia_gpu_visible():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"an NVIDIA GPU is visible here but torch {torch.__version__} ({build}) cannot use it, "
+                          f"so this run would train on the CPU for days: install a torch build for its driver "
+                          f"(nvidia-smi shows the CUDA version the driver supports), or give --device cpu")
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -47,6 +54,11 @@ def select(requested: str | None, local_rank: int = 0, world_size: int = 1) -> t
     if problem:
         raise ConfigError(f"{torch.cuda.get_device_name(device)} ({device}): {problem}")
     return device
+
+
+def nvidia_gpu_visible() -> bool:
+    """An NVIDIA GPU's device file, or its driver's tool, is on this machine."""
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
 
 
 def kernel_problem(capability: tuple[int, int], arch_list: list[str]) -> str | None:

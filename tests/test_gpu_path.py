@@ -42,6 +42,16 @@ def test_cuda_on_a_machine_without_one_is_one_error_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_gpu_torch_cannot_use_is_an_error_not_a_silent_cpu_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver older than the wheel's CUDA
+    monkeypatch.setattr(device, "nvidia_gpu_visible", lambda: True)
+    with pytest.raises(ConfigError, match=r"an NVIDIA GPU is visible here but torch .* cannot use it.*--device cpu"):
+        device.select(None)
+    assert device.select("cpu") == torch.device("cpu")  # asked for: the CPU
+    monkeypatch.setattr(device, "nvidia_gpu_visible", lambda: False)
+    assert device.select(None) == torch.device("cpu")  # no GPU here: the CPU, as said at the start
+
+
 def test_each_torchrun_rank_takes_its_own_gpu_and_a_pinned_one_is_refused_when_shared(gpus):
     assert device.select(None, local_rank=1, world_size=2) == torch.device("cuda", 1)
     assert device.select("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1)
