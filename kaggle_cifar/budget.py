@@ -4,8 +4,9 @@ budget with complete learning-rate schedules, every fold training as long as the
 The run's `Plan` is made once, before its first fold, from the speed of a few calibration steps
 (charged to the run, like everything else that takes time); every fold trains its epochs, a
 fraction of an epoch included, so that the budget is used to the step. At each epoch end the plan
-reads the epoch's measured time and plans again only when the speed moved by more than
-REPLAN_MARGIN: the folds still to come then train the new epochs too. train.train_fold stretches or
+reads the epochs' measured time: the first measured one replaces the calibration's estimate, later
+ones re-plan only when the speed moved by more than REPLAN_MARGIN; the folds still to come then
+train the new epochs too. train.train_fold stretches or
 compresses the schedule to the new plan, never cuts it short. Under torchrun the ranks agree on the
 smallest plan, so every fold of the run trains alike. Time is read from `clock`, which the tests
 replace."""
@@ -79,8 +80,8 @@ class Plan:
         """After `done` epochs of fold `fold`: plan again if its last epochs (each from the previous
         call to this one) ran far enough off the plan (REPLAN_MARGIN, REPLAN_SHARE); true if the
         epochs changed."""
-        now, epoch = clock(), clock() - self.mark
-        self.mark = now
+        now = clock()
+        epoch, self.mark = now - self.mark, now
         if done > 1:  # the fold's first epoch pays for its start-up
             self.measured = (self.measured + [epoch])[-MEASURED_EPOCHS:]
         if not self.measured:

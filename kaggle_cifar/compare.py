@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_cifar.atomic import atomic_path
 from kaggle_cifar.config import TrainConfig, human_duration
+from kaggle_cifar.plots import save_figure
 from kaggle_cifar.report import headline
 from kaggle_cifar.rundir import RunDir
 
@@ -75,7 +75,5 @@ def picture(rows: list[Row], path: Path) -> Path:
     ax.set_ylabel("accuracy (CV, or a full fit's holdout)")
     ax.grid(alpha=0.3)
     ax.set_title("runs compared")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
     return path

@@ -18,7 +18,7 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration, parse_duration
 from kaggle_cifar.data import Labels, load_test, load_train
 from kaggle_cifar.errors import ConfigError
-from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, FoldData, fold_split, held_out_by
+from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, FoldData, fold_split, held_out_by, trained_by
 from kaggle_cifar.host_augment import load_pipeline
 from kaggle_cifar.model import check_forward
 from kaggle_cifar.pseudo import open_teacher, with_pseudo_labels
@@ -136,7 +136,7 @@ def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ct
 
 def images_per_fold(cfg: TrainConfig, fold_of: np.ndarray, fold: int, epochs: float) -> int:
     """The images fold `fold` trains in `epochs` epochs (whole batches; pseudo-labels not counted)."""
-    train = int((~held_out_by(fold_of, fold) & (fold_of != HOLDOUT)).sum())
+    train = int(trained_by(fold_of, fold).sum())
     batch = min(cfg.batch_size, train)
     return max(1, round(epochs * (train // batch))) * batch
 

@@ -92,10 +92,15 @@ class DeviceTrainSet:
             return torch.from_numpy(mask).to(self.images.device)
 
         scored = held_out_by(fold_of, fold)
-        trained, held_out = rows(~scored & (fold_of != HOLDOUT)), rows(scored)
+        trained, held_out = rows(trained_by(fold_of, fold)), rows(scored)
         holdout = rows((fold_of == HOLDOUT) & ~scored)
         return FoldData(fold, self.classes, self.mean, self.std, self.images[trained], self.targets[trained],
                         self.images[held_out], self.targets[held_out], self.images[holdout])
+
+
+def trained_by(fold_of: np.ndarray, fold: int) -> np.ndarray:
+    """Which images fold `fold` trains on: all but those it is scored on and the holdout."""
+    return ~held_out_by(fold_of, fold) & (fold_of != HOLDOUT)
 
 
 def held_out_by(fold_of: np.ndarray, fold: int) -> np.ndarray:

@@ -23,7 +23,7 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
@@ -120,7 +120,7 @@ def write_report(run: RunDir, train_ids: np.ndarray, train_images: np.ndarray) -
         figures |= {"confusion.png": confusion(summary), "per_class.png": per_class(summary),
                     "mistakes.png": confident_mistakes(oof, train_ids, train_images)}
     for name, fig in figures.items():
-        _save(fig, out / name)
+        save_figure(fig, out / name)
     log.info("report pictures: %s", out)
     return [out / name for name in figures]
 
@@ -158,6 +158,6 @@ def write_search_pictures(study, folder: Path) -> list[Path]:
             if name == "importance" and complete < FEW_TRIALS:
                 figure.suptitle(f"from {complete} completed trials: too few for the importances to mean much",
                                 color="tab:red")
-            _save(figure, folder / f"{name}.png")
+            save_figure(figure, folder / f"{name}.png")
             written.append(folder / f"{name}.png")
     return written

@@ -111,8 +111,7 @@ class Training:
         self.model.head.train()
 
     def steps_for(self, epochs: float) -> int:
-        """The steps of `epochs` epochs (a fraction of one: that share of its batches)."""
-        return max(1, round(epochs * self.steps_per_epoch))
+        return steps_of(epochs, self.steps_per_epoch)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -130,6 +129,11 @@ class Training:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+
+
+def steps_of(epochs: float, steps_per_epoch: int) -> int:
+    """The steps of `epochs` epochs (a fraction of one: that share of its batches); at least one."""
+    return max(1, round(epochs * steps_per_epoch))
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int,
@@ -153,7 +157,7 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
-    scheduler = one_cycle(optimizer, cfg, max(1, round((epochs or cfg.epochs) * steps_per_epoch)))
+    scheduler = one_cycle(optimizer, cfg, steps_of(epochs or cfg.epochs, steps_per_epoch))
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.loss_scaling)
     # Warm-up: the decay grows with the step (1 - (1 + step)^-2/3, capped at ema_decay), so a short
     # run is not an average dominated by the initial weights.
