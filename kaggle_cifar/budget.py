@@ -102,6 +102,11 @@ class Plan:
         self.epochs = epochs
         return True
 
+    def speed_changed(self) -> None:
+        """The fold trains differently from now on (another precision): the next epoch measured
+        replaces the epochs measured so far, as the first one replaced the calibration's estimate."""
+        self.mark, self.measured, self.calibrated_only = clock(), [], True
+
     def fold_finished(self) -> None:
         self.folds_left -= 1
         self.mark, self.measured = clock(), []  # the next fold's epochs are measured from its own start
@@ -152,6 +157,71 @@ class Speed:
         return folds * (epochs * self.epoch_s + self.reserve_s)
 
 
+def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
+                      held_out: tuple[int, int] | None = None) -> tuple[Policy, Speed]:
+    """Of the policy's precision candidates, the one whose calibration steps ran fastest here, and
+    its speed (Speed.of; the policy itself, measured, where there is no choice)."""
+    speeds = {candidate: Speed.of(cfg, data, candidate, train_images, held_out)
+              for candidate in policy.precision_candidates()}
+    fastest = min(speeds, key=lambda candidate: speeds[candidate].step_seconds)
+    if len(speeds) > 1:
+        log.info("precision on %s, measured: %s: %s trains", policy.device, ", ".join(
+            f"{c.precision} {speeds[c].images_per_s:,.0f} images/s" for c in speeds), fastest.precision)
+    return fastest, speeds[fastest]
+
+
+PRECISION_PROBE_IMAGES = 512  # timed per candidate, after a warm-up batch of half as many
+
+
+def fastest_for_inference(models: list[torch.nn.Module], images, policy: Policy) -> Policy:
+    """Of the policy's precision candidates, the one whose forward passes of `models` (eager) over
+    a few hundred of `images` ran fastest here; the policy itself where there is no choice."""
+    candidates = policy.precision_candidates()
+    if len(candidates) == 1:
+        return policy
+    sample = images[:PRECISION_PROBE_IMAGES]
+    seconds = {c: forward_seconds(models, sample, dataclasses.replace(c, compile=False), len(sample) // 2)
+               for c in candidates}
+    fastest = min(seconds, key=seconds.get)
+    log.info("precision on %s, measured: %s: %s predicts", policy.device, ", ".join(
+        f"{c.precision} {1 / seconds[c]:,.0f} images/s" for c in candidates), fastest.precision)
+    return fastest
+
+
+# A fold's training speed this far off the speed its precision was chosen at (another process
+# started or stopped beside it; on the Xeon bf16 fell from 1.6x float32's speed to 0.1-0.4x) has
+# both precisions measured again. Epoch-to-epoch noise alone moved it by 10% (bench/RESULTS.md).
+# Only epochs of at least 1/PRECISION_CHECK_SHARE times the steps a measurement takes are read: the
+# check costs at most that share of an epoch, and a speed from a few steps is noise.
+PRECISION_MARGIN = 0.25
+PRECISION_CHECK_SHARE = 0.1
+
+
+class PrecisionWatch:
+    """Where the policy measures its precision, the training speed at every epoch end (a fold's
+    first epoch, its start-up, and epochs too short to read aside) against the speed of the first
+    epoch after the precision was chosen: off by more than PRECISION_MARGIN, the candidates are
+    measured again and the faster trains on. `policy` is the one training now."""
+
+    def __init__(self, policy: Policy):
+        self.policy, self.reference = policy, None
+
+    def after_epoch(self, cfg: TrainConfig, data: FoldData, row: dict) -> bool:
+        """After the epoch of log row `row`: true if the policy changed."""
+        measuring = len(self.policy.precision_candidates()) * (WARMUP_STEPS + CALIBRATION_STEPS)
+        if not self.policy.measure_precision or row["epoch"] == 1 or row["steps"] * PRECISION_CHECK_SHARE < measuring:
+            return False
+        speed = row["train_images_per_s"]
+        if self.reference is None or abs(speed / self.reference - 1) <= PRECISION_MARGIN:
+            self.reference = self.reference or speed
+            return False
+        log.info("fold %d, epoch %d: training ran at %.0f images/s, %.0f when %s was chosen: measuring again",
+                 data.fold, row["epoch"], speed, self.reference, self.policy.precision)
+        before, self.reference = self.policy, None  # the next epoch's speed is the new reference
+        self.policy, _ = fastest_precision(cfg, data, before)
+        return self.policy != before
+
+
 def expected_accuracy(recipe: str, epochs: float) -> float | None:
     """The measured learning curve of `recipe` at `epochs` (linear between measured lengths, the
     last beyond them); None below its first measured length or for a recipe not measured."""
@@ -165,15 +235,17 @@ def expected_accuracy(recipe: str, epochs: float) -> float | None:
     return below[1] + (above[1] - below[1]) * (epochs - below[0]) / (above[0] - below[0])
 
 
-def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: TrainConfig | None) -> tuple[TrainConfig, dict]:
+def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy,
+                  saved: TrainConfig | None) -> tuple[TrainConfig, dict, Policy | None]:
     """Under --time-budget with no --recipe (and none of a recipe's settings given), the recipe
     expected to score best in that time here: each one's epochs that fit, from a few calibration
-    steps of it on this device, read on its measured learning curve. A run dir made before keeps the
-    recipe chosen then. Returns the config and, when a choice was made, what it was made from."""
+    steps of it on this device (in the faster precision, where that is measured), read on its
+    measured learning curve. A run dir made before keeps the recipe chosen then. Returns the config,
+    what a choice was made from, and the policy measured for the chosen recipe (None: not measured)."""
     set_by_recipes = {key for values in RECIPES.values() for key in values}
     defaults = TrainConfig()
     if not cfg.time_budget or cfg.recipe or any(getattr(cfg, k) != getattr(defaults, k) for k in set_by_recipes):
-        return cfg, {}
+        return cfg, {}, None
     candidates = {}
     for name, values in RECIPES.items():
         try:
@@ -182,23 +254,29 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: Trai
             continue
     for name, candidate in candidates.items():
         if saved == candidate:
-            return candidate, {"chosen": name, "why": "the recipe this run dir was made with"}
-    measured = {}
+            return candidate, {"chosen": name, "why": "the recipe this run dir was made with"}, None
+    measured, policies = {}, {}
     for name, candidate in candidates.items():
+        if not LEARNING_CURVES.get(name):  # nothing to read its epochs on: not worth its calibration
+            measured[name] = {"epochs": None, "expected_accuracy": None}
+            continue
         data = DeviceTrainSet.of(train, policy.device).fold(fold_split(candidate, train.labels), 0)
-        speed = Speed.of(candidate, data, policy)
+        policies[name], speed = fastest_precision(candidate, data, policy)
         plan = Plan(candidate.time_budget_s, start=clock(), folds_left=candidate.folds)
         plan.make(speed)
-        measured[name] = {"epochs": plan.epochs, "expected_accuracy": expected_accuracy(name, plan.epochs)}
+        measured[name] = {"epochs": plan.epochs, "expected_accuracy": expected_accuracy(name, plan.epochs),
+                          "precision": policies[name].precision}
     known = {name: m for name, m in measured.items() if m["expected_accuracy"] is not None}
     chosen = max(known, key=lambda name: known[name]["expected_accuracy"]) if known else None
-    why = "; ".join(f"{name}: {m['epochs']:g} epochs a fold fit, "
-                    + (f"{m['expected_accuracy']:.3f} expected on its measured curve" if m["expected_accuracy"]
-                       else "its learning curve not measured that short" if LEARNING_CURVES.get(name)
-                       else "its learning curve not measured") for name, m in measured.items())
+    why = "; ".join(name + ": " + ("its learning curve not measured" if m["epochs"] is None else
+                                   f"{m['epochs']:g} epochs a fold fit in {m['precision']}, "
+                                   + (f"{m['expected_accuracy']:.3f} expected on its measured curve"
+                                      if m["expected_accuracy"] else "its learning curve not measured that short"))
+                    for name, m in measured.items())
     log.info("--time-budget %s without --recipe, on %s: %s (%s)", cfg.time_budget, policy.device,
              chosen or "the defaults, no recipe measured for this budget", why)
-    return (candidates[chosen] if chosen else cfg), {"chosen": chosen, "why": why, "candidates": measured}
+    return (candidates[chosen] if chosen else cfg), {"chosen": chosen, "why": why, "candidates": measured}, \
+        policies.get(chosen)
 
 
 def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,
@@ -242,6 +320,6 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CAL
     synchronize(device)
     seconds_per_step = (clock() - t0) / steps
     held_out = (data.val_images if len(data.val_images) else data.train_images)[:images or 4 * t.batch_size]
-    inference = Policy(policy.device, policy.autocast_dtype, policy.newton_schulz_dtype, forward_compiled)
+    inference = dataclasses.replace(policy, compile=forward_compiled)
     models = for_inference([t.model.eval()], inference, 0, PREDICT_BATCH)
     return seconds_per_step, forward_seconds(models, held_out, inference, PREDICT_BATCH)

@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kaggle_cifar.atomic import free_space
+from kaggle_cifar.config import PRECISIONS
 from kaggle_cifar.data import default_cache_dir
 from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.prepare import prepare
@@ -90,10 +91,12 @@ def add_device_flags(parser: argparse.ArgumentParser, compiles: bool = True) -> 
     flags device.Policy is made from (distributed.setup)."""
     group = parser.add_argument_group("device (how this process computes: one line at start says it)")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if any)")
-    group.add_argument("--precision", choices=("auto", "float32"), default="auto",
-                       help="auto: bf16 autocast where the device computes bf16 natively (Ampere and later GPUs, "
-                            "CPUs with AVX-512 BF16 or AMX), fp16 with loss scaling on older GPUs; float32: none, "
-                            "Muon's orthogonalisation included (default: auto)")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto: bf16 autocast where the device computes bf16 natively (Ampere and later GPUs), "
+                            "fp16 with loss scaling on older GPUs; on a CPU with AVX-512 BF16 or AMX, bf16 or "
+                            "float32, whichever trains faster as measured before training and again when the "
+                            "speed changes; bf16: bf16 autocast; float32: none, Muon's orthogonalisation "
+                            "included (default: auto)")
     if compiles:
         group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                            help="torch.compile every model this script runs, for training and for predictions "

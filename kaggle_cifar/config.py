@@ -32,6 +32,7 @@ def parse_duration(text: str) -> float:
 
 
 PREDICT_BATCH = 2048  # images per forward pass when predicting (predict's --batch-size)
+PRECISIONS = ("auto", "bf16", "float32")  # --precision: how device.Policy.of reads each
 
 
 def human_duration(seconds: float) -> str:

@@ -17,6 +17,7 @@ from kaggle_cifar import budget, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration, parse_duration
 from kaggle_cifar.data import Labels, load_test, load_train
+from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, FoldData, fold_split, held_out_by, trained_by
 from kaggle_cifar.host_augment import load_pipeline
@@ -60,7 +61,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
     run = RunDir(run_dir)
-    cfg, choice = chosen_recipe(cfg, train, run, ctx)
+    cfg, choice, measured = chosen_recipe(cfg, train, run, ctx)
     check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])
     labels = train.labels
     fold_of = fold_split(cfg, labels)
@@ -78,11 +79,11 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
             data = on_device.fold(fold_of, fold_dir.fold)
             return with_pseudo_labels(data, cfg, teacher, test_images, ctx.policy) if teacher is not None else data
 
-        plan, estimate = train_mine(cfg, run, fold_of, fold_data, ctx, started)
+        plan, estimate = train_mine(cfg, run, fold_of, fold_data, ctx, started, measured)
         ctx.barrier()
         if not ctx.is_main:
             return None
-        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate, ctx.policy.describe(), choice)
+        summary = write_oof_report(run, cfg, labels, fold_of, plan, estimate, ctx.policy, choice)
         if plots.available():
             plots.write_report(run, labels.ids, train.images)
         else:
@@ -90,41 +91,51 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         return summary
 
 
-def chosen_recipe(cfg: TrainConfig, train, run: RunDir, ctx: distributed.Context) -> tuple[TrainConfig, dict]:
-    """budget.choose_recipe's config; under torchrun the ranks take one recipe: the first, in
-    RECIPES' order, any rank chose."""
-    cfg, choice = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config())
+def chosen_recipe(cfg: TrainConfig, train, run: RunDir,
+                  ctx: distributed.Context) -> tuple[TrainConfig, dict, Policy | None]:
+    """budget.choose_recipe's config, choice and measured policy; under torchrun the ranks take one
+    recipe: the first, in RECIPES' order, any rank chose."""
+    cfg, choice, measured = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config())
     if choice and ctx.world_size > 1:
         names = [*RECIPES, cfg.recipe]
         agreed = names[int(ctx.smallest(names.index(cfg.recipe)))]
+        measured = measured if agreed == cfg.recipe else None
         cfg = dataclasses.replace(cfg, recipe=agreed, **RECIPES.get(agreed, {}))
-    return cfg, choice
+    return cfg, choice, measured
 
 
 def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ctx: distributed.Context,
-               started: float) -> tuple[budget.Plan | None, dict | None]:
-    """Train this rank's unfinished folds: the run's time said first, from a few calibration steps
-    of the first (and under a budget, the plan made from them), then one progress bar over them
-    all. Returns the plan and the estimate with the time it actually took."""
+               started: float, measured: Policy | None = None) -> tuple[budget.Plan | None, dict | None]:
+    """Train this rank's unfinished folds: the precision measured (unless `measured` already was)
+    and the run's time said first, from a few calibration steps of the first (and under a budget,
+    the plan made from them), then one progress bar over them all. Returns the plan and the
+    estimate with the time it actually took."""
     mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
     unfinished = [fold_dir for fold_dir in mine if not fold_dir.finished()]
     plan = None
     if cfg.time_budget:  # counted from the run's start, less what earlier sessions of it spent
         plan = budget.Plan(cfg.time_budget_s, start=started - sum(f.seconds_spent() for f in mine),
                            folds_left=len(unfinished))
-    made, speed, training_started = {}, None, budget.clock()
-    if unfinished and not unfinished[0].started():
-        made[unfinished[0].fold] = fold_data(unfinished[0])
-        speed = budget.Speed.of(cfg, made[unfinished[0].fold], ctx.policy)
-    if plan is not None:  # every rank agrees once, before training: a resumed fold brings its own plan
+    made, speed, policy, training_started = {}, None, ctx.policy, budget.clock()
+    if unfinished and (not unfinished[0].started() or ctx.policy.measure_precision):
+        first = unfinished[0]
+        made[first.fold] = fold_data(first)
+        if measured is not None:
+            policy, speed = measured, budget.Speed.of(cfg, made[first.fold], measured)
+        else:
+            policy, speed = budget.fastest_precision(cfg, made[first.fold], ctx.policy)
+        if first.started():  # a resumed fold brings its own plan: the precision alone is chosen anew
+            speed = None
+    if plan is not None:  # every rank agrees once, before training
         plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
     epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
-    estimate = say_how_long(cfg, speed, len(unfinished), epochs, ctx.policy) if speed is not None else None
+    estimate = say_how_long(cfg, speed, len(unfinished), epochs, policy) if speed is not None else None
     progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
+    precision = budget.PrecisionWatch(policy)
     try:
         for fold_dir in unfinished:
-            train_fold(cfg, made.pop(fold_dir.fold, None) or fold_data(fold_dir), fold_dir, ctx.policy, plan,
-                       progress=progress)
+            train_fold(cfg, made.pop(fold_dir.fold, None) or fold_data(fold_dir), fold_dir, precision.policy, plan,
+                       progress=progress, precision=precision)
             if plan is not None:
                 plan.fold_finished()
     finally:
@@ -149,19 +160,20 @@ def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: floa
     that is long; the estimate, for report.json."""
     seconds = speed.run_seconds(folds, epochs)
     how = f"planned for --time-budget {cfg.time_budget}" if cfg.time_budget else "from a few calibration steps"
-    log.info("%d fold%s x %g epochs at %s images/s: about %s in all on %s (%s)", folds, "s" if folds != 1 else "",
-             epochs, f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device, how)
+    log.info("%d fold%s x %g epochs at %s images/s: about %s in all on %s in %s (%s)", folds,
+             "s" if folds != 1 else "", epochs, f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device,
+             policy.precision, how)
     if seconds > parse_duration(LONG_RUN) and not cfg.time_budget:
         faster = "" if cfg.recipe == "fast" else "--recipe fast "
         log.warning("warning: that is longer than %s: for a result within it here, %s--time-budget %s "
                     "(bench/RESULTS.md); Ctrl-C keeps the finished epochs", LONG_RUN, faster, LONG_RUN)
     return {"seconds": seconds, "images_per_s": speed.images_per_s, "folds": folds, "epochs": epochs,
-            "device": str(policy.device)}
+            "device": str(policy.device), "precision": policy.precision}
 
 
 def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.ndarray,
                      plan: budget.Plan | None = None, estimate: dict | None = None,
-                     computed_on: str | None = None, recipe_choice: dict | None = None) -> dict:
+                     policy: Policy | None = None, recipe_choice: dict | None = None) -> dict:
     """oof.csv and report.json from the finished folds' files (and, with a time budget, what of it
     was used and each fold's plan). A full fit's OOF is its holdout; without one it has none."""
     folds = run.folds(cfg)
@@ -178,8 +190,9 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
     results = [fold_dir.read_result() for fold_dir in folds]
     summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS} \
         if scored.any() else {}
-    if computed_on is not None:
-        summary["computed_on"] = computed_on  # the device line the run started with
+    if policy is not None:  # the device line the run started with; the precision each fold trained in
+        summary["computed_on"], summary["device"] = policy.describe(), policy.where()
+        summary["precision_by_fold"] = [r.get("precision") for r in results]
     if estimate is not None:
         summary["estimate"] = estimate
     if recipe_choice:

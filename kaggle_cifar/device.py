@@ -7,12 +7,14 @@ from __future__ import annotations
 import platform
 import re
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kaggle_cifar.config import PRECISIONS
 from kaggle_cifar.errors import ConfigError
 
 TRITON_MIN_CAPABILITY = (7, 0)  # torch.compile's GPU backend (Triton) refuses older GPUs, e.g. the P100 (6.0)
@@ -82,7 +84,6 @@ def kernel_problem(capability: tuple[int, int], arch_list: list[str]) -> str | N
 # 1.4x eager's (bench/RESULTS.md): that repays itself after some tens of thousands of images, so sets
 # this large (a test set, a full-data fold's OOF and holdout views) are compiled, smaller ones not.
 COMPILE_MIN_FORWARDS = 100_000
-PRECISIONS = ("auto", "float32")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -113,16 +114,41 @@ class Policy:
     autocast_dtype: torch.dtype | None  # None: float32 throughout
     newton_schulz_dtype: torch.dtype    # Muon's orthogonalisation of its updates
     compile: bool | None = None         # --compile / --no-compile; None: compile_training/compiles_inference decide
+    # bf16 or float32, whichever trains faster here as measured (budget.fastest_precision) rather
+    # than from the CPU's capability: on this project's Intel Xeon bf16 trained 1.6x float32's
+    # images/s alone, and 0.1-0.4x with another process beside it.
+    measure_precision: bool = False
 
     @classmethod
     def of(cls, device: torch.device, precision: str = "auto", compile: bool | None = None) -> "Policy":
-        """auto: bf16 where the device computes it natively, fp16 with loss scaling on older GPUs
-        (Kaggle's T4 and P100), float32 on other CPUs; float32: none, the reference to measure against."""
+        """auto: bf16 where the device computes it natively (on such a CPU, bf16 or float32 as
+        measured, unless training is compiled: a compilation each would cost minutes), fp16 with
+        loss scaling on older GPUs (Kaggle's T4 and P100), float32 on other CPUs; bf16: bf16 autocast,
+        where it is native; float32: none, the reference to measure against."""
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-        native = precision == "auto" and computes_bf16_natively(device)
-        dtype = torch.bfloat16 if native else torch.float16 if precision == "auto" and device.type == "cuda" else None
-        return cls(device, dtype, torch.bfloat16 if native else torch.float32, compile)
+        native = computes_bf16_natively(device)
+        if precision == "bf16" and not native:
+            raise ConfigError(f"--precision bf16: {device} has no bf16 arithmetic of its own (Ampere and later GPUs, "
+                              "CPUs with AVX-512 BF16 or AMX), so it would be emulated, slowly: use --precision auto")
+        if precision == "float32" or not native and device.type != "cuda":
+            return cls(device, None, torch.float32, compile)
+        if not native:
+            return cls(device, torch.float16, torch.float32, compile)
+        measure = precision == "auto" and device.type == "cpu" and not compile
+        return cls(device, torch.bfloat16, torch.bfloat16, compile, measure)
+
+    def precision_candidates(self) -> tuple["Policy", ...]:
+        """The policies a measurement chooses between (bf16 first), or this one alone."""
+        if not self.measure_precision:
+            return (self,)
+        return (dataclasses.replace(self, autocast_dtype=torch.bfloat16, newton_schulz_dtype=torch.bfloat16),
+                dataclasses.replace(self, autocast_dtype=None, newton_schulz_dtype=torch.float32))
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in: "bf16 autocast", "float32" or "fp16 + loss scaling"."""
+        return {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 + loss scaling"}[self.autocast_dtype]
 
     @property
     def loss_scaling(self) -> bool:
@@ -164,16 +190,18 @@ class Policy:
             kwargs["options"] = {**kwargs.get("options", {}), "layout_optimization": False}
         return torch.compile(model, backend=backend, **kwargs)
 
-    def describe(self) -> str:
-        """One line for the start of every script: `device cpu (AMD EPYC, 2 threads), bf16 autocast, eager`."""
+    def where(self) -> str:
+        """`cpu (AMD EPYC, 2 threads)`, `cuda:0 (Tesla T4, 7.5)`."""
         if self.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(self.device)
-            where = f"{self.device} ({torch.cuda.get_device_name(self.device)}, {major}.{minor})"
-        else:
-            threads = torch.get_num_threads()
-            where = f"{self.device} ({cpu_name()}, {threads} thread{'s' if threads > 1 else ''})"
-        precision = {None: "float32", torch.bfloat16: "bf16 autocast",
-                     torch.float16: "fp16 + loss scaling"}[self.autocast_dtype]
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}, {major}.{minor})"
+        threads = torch.get_num_threads()
+        return f"{self.device} ({cpu_name()}, {threads} thread{'s' if threads > 1 else ''})"
+
+    def describe(self) -> str:
+        """One line for the start of every script: `device cpu (AMD EPYC, 2 threads), bf16 autocast, eager`."""
+        where = self.where()
+        precision = "bf16 autocast or float32, the faster as measured" if self.measure_precision else self.precision
         inference = {True: "compiled", False: "eager"}.get(
             self.compile, "compiled for large sets" if self.device.type == "cpu" else "eager")
         return (f"device {where}, {precision}, training {'compiled' if self.compile_training else 'eager'}, "

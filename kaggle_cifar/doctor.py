@@ -15,7 +15,7 @@ import torch
 from kaggle_cifar import device as devices
 from kaggle_cifar import distributed, probe
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.budget import Speed
+from kaggle_cifar.budget import fastest_precision
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration
 from kaggle_cifar.cv import check_input
 from kaggle_cifar.errors import EXPECTED_ERRORS
@@ -188,13 +188,13 @@ def say_how_long_runs_take(policy: devices.Policy, say) -> None:
         cfg = dataclasses.replace(TrainConfig(), recipe=name, **RECIPES[name])
         train_images = 50_000 * (cfg.folds - 1) // cfg.folds if cfg.folds > 1 else 50_000
         held_out = 50_000 - train_images
-        speed = Speed.of(cfg, synthetic_fold(4 * cfg.batch_size, policy.device), policy, train_images, (held_out, 0))
+        fastest, speed = fastest_precision(cfg, synthetic_fold(4 * cfg.batch_size, policy.device), policy,
+                                           train_images, (held_out, 0))
+        at = f"({fastest.precision}, {speed.images_per_s:,.0f} images/s)"
         if cfg.full_fit:
-            say(f"{what}: {human_duration(speed.epoch_s)} an epoch here ({speed.images_per_s:,.0f} images/s); "
-                f"give it the --time-budget you have")
+            say(f"{what}: {human_duration(speed.epoch_s)} an epoch here {at}; give it the --time-budget you have")
         else:
-            say(f"{what}: about {human_duration(speed.run_seconds(cfg.folds, cfg.epochs))} here "
-                f"({speed.images_per_s:,.0f} images/s)")
+            say(f"{what}: about {human_duration(speed.run_seconds(cfg.folds, cfg.epochs))} here {at}")
 
 
 def check_memory(device: torch.device, say) -> Verdict:

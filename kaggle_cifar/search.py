@@ -19,6 +19,7 @@ import optuna
 from sqlalchemy.exc import SQLAlchemyError
 
 from kaggle_cifar import plots
+from kaggle_cifar.budget import fastest_precision
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import check_named_files
 from kaggle_cifar.data import load_train
@@ -190,6 +191,9 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
         check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])  # each end of each range
     study = open_study(base, space, search_dir, storage_url, prune)
     labels, on_device = train.labels, DeviceTrainSet.of(train, policy.device)
+    if policy.measure_precision:  # measured once, on the base config: every trial trains alike, its time comparable
+        policy, _ = fastest_precision(base, on_device.fold(fold_split(base, labels), SEARCH_FOLD), policy)
+        policy = dataclasses.replace(policy, measure_precision=False)
 
     def objective(trial: optuna.Trial) -> float:
         params = {dim.name: dim.suggest(trial) for dim in space}

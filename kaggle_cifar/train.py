@@ -110,6 +110,13 @@ class Training:
         self.model.train(not features_frozen)
         self.model.head.train()
 
+    def use(self, policy: Policy) -> None:
+        """Compute as `policy` says from the next step on (a precision measured faster here)."""
+        self.policy = policy
+        muon = getattr(self.optimizer, "_base_optimizer", self.optimizer)  # inside timm's Lookahead or not
+        if hasattr(muon, "newton_schulz_dtype"):
+            muon.newton_schulz_dtype = policy.newton_schulz_dtype
+
     def steps_for(self, epochs: float) -> int:
         return steps_of(epochs, self.steps_per_epoch)
 
@@ -270,7 +277,8 @@ def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, h
     fold_dir.write_log(history)
     if board is not None:
         for name, value in history[-1].items():
-            board.add_scalar(name, value, epoch + 1)
+            if isinstance(value, (int, float)):  # not the precision's name
+                board.add_scalar(name, value, epoch + 1)
         board.flush()
 
 
@@ -297,7 +305,8 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     result = {"fold": data.fold, "accuracy": accuracy_by_tta.get(cfg.tta), "accuracy_by_tta": accuracy_by_tta,
               "train_images": len(data.train_targets),
               "epochs": round(sum(h.get("steps", t.steps_per_epoch) for h in history) / t.steps_per_epoch, 2),
-              "seconds": sum(h["seconds"] for h in history)}
+              "seconds": sum(h["seconds"] for h in history),
+              "precision": " then ".join(dict.fromkeys(h.get("precision", t.policy.precision) for h in history))}
     if plan is not None:
         result["plan"] = plan.state_dict()
     fold_dir.write_result(result)
@@ -339,7 +348,7 @@ def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, 
             "val_images": min(evaluated, len(data.val_targets)), "lr": metrics["lr"],
             "seconds": time.perf_counter() - t0, "train_images_per_s": metrics["train_images_per_s"],
             "skipped_steps": metrics["skipped_steps"], "steps": steps, "eval_seconds": metrics["eval_seconds"],
-            **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}}
+            "precision": t.policy.precision, **{k: metrics[k] for k in ("augment_wait_s",) if k in metrics}}
 
 
 class Progress:
@@ -371,13 +380,15 @@ class Progress:
 
 
 def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Policy, plan=None,
-               epoch_end: Callable[[list[dict]], None] | None = None, progress: Progress | None = None) -> dict:
+               epoch_end: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
+               precision=None) -> dict:
     """Train (or resume, or skip if finished) one fold; return its result. With a `plan` (the
     run's budget.Plan) the fold trains the plan's epochs, which it may change at an epoch end (the
     schedule is then stretched or compressed to the new end, never cut short), instead of
     cfg.epochs. `epoch_end` sees the log rows after each epoch's checkpoint (a resumed fold's
     first) and may stop the fold by raising, as a search's pruner does. `progress` is the run's
-    bar (default: one of the fold's own)."""
+    bar (default: one of the fold's own). `precision` (the run's budget.PrecisionWatch) may change
+    the policy at an epoch end to a precision measured faster."""
     if fold_dir.finished():
         return fold_dir.read_result()
     meta = run_meta(cfg, data.classes)
@@ -400,6 +411,10 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Poli
                     steps = max(done + now + 1, t.steps_for(plan.epochs))
                     t.scheduler = one_cycle(t.optimizer, cfg, steps, done + now)
                     progress.replanned(data.fold, steps * t.batch_size)
+                if precision is not None and done + now < steps and precision.after_epoch(cfg, data, history[-1]):
+                    t.use(precision.policy)
+                    if plan is not None:
+                        plan.speed_changed()
                 log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan)
                 if epoch_end is not None:
                     epoch_end(history)

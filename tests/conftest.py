@@ -17,6 +17,8 @@ from PIL import Image
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import kaggle_cifar  # noqa: E402  before any test module loads torch: the package sets the wait policy
 
+from kaggle_cifar import device  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
 # One saturated colour per class plus noise: learnable in a few CPU steps, so the end-to-end tests
@@ -49,6 +51,14 @@ def make_competition(root: Path, per_class: int = 20, n_test: int = 24, seed: in
 @pytest.fixture
 def competition(tmp_path) -> Path:
     return make_competition(tmp_path / "input")
+
+
+@pytest.fixture(autouse=True)
+def one_precision(monkeypatch):
+    """The tests' own runs train in float32 on every CPU: on one with bf16 instructions a run
+    chooses its precision by timing, and runs that a test compares must train alike. Tests of that
+    choice (test_precision) give the CPU its bf16 instructions back."""
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
 
 
 # The steps a run takes before its first fold to measure its speed (its time, said at the start):

@@ -14,7 +14,7 @@ from kaggle_cifar.config import TrainConfig  # noqa: E402
 from kaggle_cifar.cv import check_named_files, train_folds  # noqa: E402
 from kaggle_cifar.errors import ConfigError  # noqa: E402
 
-CPU = distributed.setup("cpu")
+CPU = distributed.setup("cpu", "float32")  # as conftest.one_precision makes every run
 
 
 @pytest.fixture

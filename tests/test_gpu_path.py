@@ -3,6 +3,8 @@ host syncs counted per step, the compiled step's graphs, the fp16 loss-scaling p
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +19,7 @@ from kaggle_cifar.inference import batch_probs
 from kaggle_cifar.train import build_training, train_step
 
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14.1+cu130's get_arch_list()
-CPU = distributed.setup("cpu")
+CPU = distributed.setup("cpu", "float32")  # as conftest.one_precision makes every run
 
 
 @pytest.fixture
@@ -323,6 +325,8 @@ def test_doctor_passes_here_and_names_what_fails(tmp_path):
     for shown in ("compiled step: 1 graph(s), 0 graph break(s), 0 recompile(s)",
                   "host syncs: 0 per training step, 0 per predict batch", "input OK: 18 training images"):
         assert shown in proc.stdout
+    assert re.search(r"the default run \(5 folds x 30 epochs, ResNet18 width 64\): about .+ here "
+                     r"\((bf16 autocast|float32), [\d,]+ images/s\)", proc.stdout), proc.stdout
     (competition / "test" / "2.png").write_bytes(b"not a png")
     proc = run_script("doctor.py", "--input", str(competition), check=False)
     assert proc.returncode == 1 and "FAIL  competition files" in proc.stdout and "2.png: not a readable PNG" in proc.stdout

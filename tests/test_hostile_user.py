@@ -23,7 +23,7 @@ from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.errors import CheckpointError, InputError
 
-CPU = distributed.setup("cpu")
+CPU = distributed.setup("cpu", "float32")  # as conftest.one_precision makes every run
 
 
 @pytest.fixture

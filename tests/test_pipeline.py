@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import json
@@ -23,7 +24,7 @@ from kaggle_cifar.inference import load_fold_models, stream_probs
 from kaggle_cifar.predict import ensemble_probs
 from kaggle_cifar.rundir import RunDir, run_meta
 
-CPU = Policy.of(torch.device("cpu"))
+CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision makes every run
 
 
 def test_train_then_predict_from_the_run_dir_alone_writes_a_valid_submission(competition, tmp_path):
@@ -58,10 +59,13 @@ def test_oof_probabilities_come_from_the_model_that_held_the_image_out(competiti
     prob_columns = [f"p_{c}" for c in classes]
     for k, model in enumerate(models):
         held_out = (folds["fold"] == k).to_numpy()
-        expected = stream_probs([model], images[held_out], TTA_VIEWS[cfg.tta], CPU).numpy()
+        # in the precision the fold ended in: a script's run measures which on a CPU with bf16 instructions
+        last = RunDir(run).fold(k).read_result()["precision"].split(" then ")[-1]
+        policy = dataclasses.replace(CPU, autocast_dtype={"bf16 autocast": torch.bfloat16, "float32": None}[last])
+        expected = stream_probs([model], images[held_out], TTA_VIEWS[cfg.tta], policy).numpy()
         np.testing.assert_allclose(oof.loc[held_out, prob_columns].to_numpy(), expected, atol=1e-5)
         # and the other fold's model gives different probabilities for these images
-        other = stream_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], CPU).numpy()
+        other = stream_probs([models[1 - k]], images[held_out], TTA_VIEWS[cfg.tta], policy).numpy()
         assert not np.allclose(other, expected, atol=1e-3)
     fold_ckpt = checkpoint.load(run / "fold0" / "model.pt", run_meta(cfg, classes))
     assert fold_ckpt["meta"]["classes"] == classes
@@ -168,7 +172,7 @@ def test_a_full_fit_without_a_holdout_trains_on_every_image_and_predicts(competi
 
     cfg = TrainConfig(folds=1, epochs=4, width=8, batch_size=16, lr=0.05)  # TINY's, one fold
     summary = train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
-    assert {k: summary[k] for k in summary if k not in ("computed_on", "estimate")} == \
+    assert {k: summary[k] for k in summary if k not in ("computed_on", "device", "precision_by_fold", "estimate")} == \
         {"classes": sorted(CLASSES), "fold_accuracy_by_tta": {}}  # no accuracy to report: nothing held out
     log = pd.read_csv(tmp_path / "run" / "fold0" / "log.csv")
     assert log["val_acc"].isna().all() and (log["val_images"] == 0).all()

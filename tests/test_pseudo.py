@@ -19,7 +19,7 @@ from kaggle_cifar.inference import load_fold_model, stream_probs
 from kaggle_cifar.pseudo import most_confident, open_teacher, pseudo_labelled
 from kaggle_cifar.rundir import RunDir
 
-CPU = Policy.of(torch.device("cpu"))
+CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision makes every run
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_second_round_trains_on_its_images_plus_the_pseudo_labelled_ones(competi
                                  test_images, TTA_VIEWS[cfg.tta], CPU).max(1).values for fold in range(2)]
     threshold = float(f"{min(c.median() for c in confidences):.6f}")  # every fold gets at least half
     second = tmp_path / "second"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), *TINY,
-               "--pseudo-labels", str(first_round), "--pseudo-threshold", str(threshold))
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), *TINY,  # the teacher
+               "--pseudo-labels", str(first_round), "--pseudo-threshold", str(threshold), "--precision", "float32")  # as here
     for fold in range(2):
         confident = int((confidences[fold] >= threshold).sum())
         first = json.loads((first_round / f"fold{fold}" / "result.json").read_text())

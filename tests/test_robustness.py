@@ -16,7 +16,7 @@ from kaggle_cifar.errors import CheckpointError, ConfigError, RunDirError, Train
 from kaggle_cifar.rundir import run_meta
 
 CFG = TrainConfig(folds=2, epochs=4, width=4, batch_size=4, lr=0.05)  # 9 training images: 2 steps an epoch
-CPU = distributed.setup("cpu")
+CPU = distributed.setup("cpu", "float32")  # as conftest.one_precision makes every run
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from kaggle_cifar.errors import ConfigError, RunDirError
 from kaggle_cifar.rundir import SearchDir
 from kaggle_cifar.search import Dimension, check_space, open_study, parse_space, run_search
 
-CPU = Policy.of(torch.device("cpu"))
+CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision makes every run
 
 BASE = TrainConfig(folds=2, epochs=3, width=8, batch_size=8)
 

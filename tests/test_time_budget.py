@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_competition
+from conftest import CALIBRATION, make_competition
 from kaggle_cifar import budget, distributed, train
 from kaggle_cifar.config import TrainConfig, parse_duration
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.errors import ConfigError
 
-CPU = distributed.setup("cpu")
+CPU = distributed.setup("cpu", "float32")  # as conftest.one_precision makes every run
 CFG = TrainConfig(folds=2, width=4, batch_size=4, lr=0.05, time_budget="60")  # 9 training images: 2 steps an epoch
 FLOOR = CFG.lr / 25 / 100  # the schedule's last rate
 
@@ -44,8 +44,6 @@ def small(tmp_path):
 
 
 def test_the_tests_count_the_calibration_steps_the_run_takes():
-    from conftest import CALIBRATION
-
     assert CALIBRATION == budget.WARMUP_STEPS + budget.CALIBRATION_STEPS
 
 

@@ -1,0 +1,175 @@
+"""--precision auto on a CPU with bf16 instructions: bf16 or float32, whichever trains faster as
+measured before training, and measured again when the training speed moves (another process
+started or stopped beside the run). The measurements are faked here (budget.calibrate, the epochs'
+images/s), so the tests decide which precision is faster, on every CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_competition
+from kaggle_cifar import budget, device, distributed, train
+from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.cv import train_folds
+from kaggle_cifar.doctor import synthetic_fold
+from kaggle_cifar.errors import ConfigError
+
+CPU = torch.device("cpu")
+CFG = TrainConfig(folds=2, epochs=2, width=4, batch_size=4, lr=0.05)
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """A CPU with AVX-512 BF16 or AMX, whichever CPU runs the tests (on one without, bf16 is
+    emulated: slower, and as correct)."""
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+
+
+def calibrations(monkeypatch, step_seconds: dict[str, float]) -> list[str]:
+    """budget.calibrate measuring a training step at `step_seconds[precision]`; the precisions it
+    measured, in order."""
+    measured = []
+
+    def fake(cfg, data, policy, *args, **kwargs):
+        measured.append(policy.precision)
+        return step_seconds[policy.precision], 0.001
+
+    monkeypatch.setattr(budget, "calibrate", fake)
+    return measured
+
+
+def test_only_auto_on_a_cpu_with_bf16_instructions_measures_and_forced_bf16_needs_them(native, monkeypatch):
+    auto = device.Policy.of(CPU)
+    assert auto.measure_precision and [p.precision for p in auto.precision_candidates()] == ["bf16 autocast", "float32"]
+    assert [p.newton_schulz_dtype for p in auto.precision_candidates()] == [torch.bfloat16, torch.float32]
+    for fixed in (device.Policy.of(CPU, "bf16"), device.Policy.of(CPU, "float32"),
+                  device.Policy.of(CPU, compile=True)):  # a compilation per candidate would cost minutes
+        assert not fixed.measure_precision and fixed.precision_candidates() == (fixed,)
+    assert device.Policy.of(CPU, "bf16").precision == "bf16 autocast"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.Policy.of(CPU).precision == "float32" and not device.Policy.of(CPU).measure_precision
+    with pytest.raises(ConfigError, match="--precision bf16: cpu has no bf16 arithmetic of its own"):
+        device.Policy.of(CPU, "bf16")
+
+
+@pytest.mark.parametrize("faster", ["bf16 autocast", "float32"])
+def test_a_run_trains_in_the_precision_measured_faster(native, faster, tmp_path, monkeypatch):
+    slower = ({"bf16 autocast", "float32"} - {faster}).pop()
+    measured = calibrations(monkeypatch, {faster: 0.1, slower: 0.3})
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    summary = train_folds(CFG, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    assert measured == ["bf16 autocast", "float32"]  # each once, before training
+    assert summary["estimate"]["precision"] == faster and summary["precision_by_fold"] == [faster, faster]
+    for fold in range(2):
+        assert set(pd.read_csv(tmp_path / "run" / f"fold{fold}" / "log.csv")["precision"]) == {faster}
+
+
+def test_a_resumed_run_measures_the_precision_again(native, tmp_path, monkeypatch):
+    """A resume may be on another day, beside other work: its precision is chosen anew."""
+    calibrations(monkeypatch, {"bf16 autocast": 0.1, "float32": 0.3})
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    real_epoch = train.train_one_epoch
+
+    def killed_in_fold_1(t, cfg, data, epoch, *rest):
+        if data.fold == 1 and epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real_epoch(t, cfg, data, epoch, *rest)
+
+    monkeypatch.setattr(train, "train_one_epoch", killed_in_fold_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_folds(CFG, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    measured = calibrations(monkeypatch, {"bf16 autocast": 0.3, "float32": 0.1})  # now float32 is faster
+    summary = train_folds(CFG, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    assert measured == ["bf16 autocast", "float32"]
+    assert summary["precision_by_fold"] == ["bf16 autocast", "bf16 autocast then float32"]
+    assert "estimate" not in summary  # the resumed fold's plan and time are its own; only the precision is new
+
+
+def rows(*speeds: float, steps: int = 200) -> list[dict]:
+    return [{"epoch": e, "train_images_per_s": s, "steps": steps} for e, s in enumerate(speeds, 1)]
+
+
+def test_a_training_speed_that_moves_past_the_margin_has_both_precisions_measured_again(native, monkeypatch):
+    measured = calibrations(monkeypatch, {"bf16 autocast": 0.3, "float32": 0.1})  # another process started
+    data, watch = synthetic_fold(16, CPU), budget.PrecisionWatch(device.Policy.of(CPU))
+    first, second, within, slowed, after = rows(50.0, 100.0, 100.0 * (1 - 0.9 * budget.PRECISION_MARGIN), 50.0, 80.0)
+    assert not any(watch.after_epoch(CFG, data, row) for row in (first, second, within))  # a start-up, the reference, noise
+    assert measured == [] and watch.policy.precision == "bf16 autocast"
+    assert watch.after_epoch(CFG, data, slowed) and measured == ["bf16 autocast", "float32"]
+    assert watch.policy.precision == "float32" and watch.policy.measure_precision  # and it keeps watching
+    assert not watch.after_epoch(CFG, data, after) and len(measured) == 2  # float32's first epoch: its reference
+
+
+def test_epochs_too_short_to_read_never_cost_a_measurement(native, monkeypatch):
+    """A measurement takes 14 steps: an epoch of fewer than ten times that is not read, however
+    its speed moved (the tests' epochs of two steps among them)."""
+    measured = calibrations(monkeypatch, {"bf16 autocast": 0.3, "float32": 0.1})
+    data, watch = synthetic_fold(16, CPU), budget.PrecisionWatch(device.Policy.of(CPU))
+    short = 10 * 2 * (budget.WARMUP_STEPS + budget.CALIBRATION_STEPS) - 1
+    assert not any(watch.after_epoch(CFG, data, row) for row in rows(50.0, 100.0, 10.0, 500.0, steps=short))
+    assert measured == []
+    fixed = budget.PrecisionWatch(device.Policy.of(CPU, "bf16"))  # a precision given is never measured
+    assert not any(fixed.after_epoch(CFG, data, row) for row in rows(50.0, 100.0, 10.0, 500.0))
+    assert measured == []
+
+
+class SwitchAfter:
+    """A PrecisionWatch that switches to float32 after epoch `epoch`."""
+
+    def __init__(self, policy: device.Policy, epoch: int):
+        self.policy, self.epoch = policy, epoch
+
+    def after_epoch(self, cfg, data, row) -> bool:
+        if row["epoch"] != self.epoch:
+            return False
+        self.policy = self.policy.precision_candidates()[1]
+        return True
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "lookahead_muon"])
+def test_a_fold_switched_to_float32_trains_on_in_float32_muon_included(native, optimizer, tmp_path, monkeypatch):
+    from timm.optim import muon as timm_muon
+
+    from kaggle_cifar.rundir import RunDir
+
+    orthogonalised = []
+    newton_schulz = timm_muon.zeropower_via_newtonschulz
+
+    def recorded(G, *args, dtype=torch.bfloat16, **kwargs):
+        orthogonalised.append(dtype)
+        return newton_schulz(G, *args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(timm_muon, "zeropower_via_newtonschulz", recorded)
+    cfg = dataclasses.replace(CFG, folds=1, holdout=4, epochs=4, optimizer=optimizer, lr=0.02)
+    data = synthetic_fold(16, CPU)
+    run = RunDir(tmp_path / "run")
+    watch = SwitchAfter(device.Policy.of(CPU), epoch=2)
+    steps_per_epoch = len(data.train_targets) // cfg.batch_size
+    train.train_fold(cfg, data, run.fold(0), watch.policy, precision=watch)
+    log = run.fold(0).read_log()
+    assert list(log["precision"]) == ["bf16 autocast"] * 2 + ["float32"] * 2
+    per_step = len(orthogonalised) // (4 * steps_per_epoch)
+    assert orthogonalised == [torch.bfloat16] * (2 * steps_per_epoch * per_step) + [torch.float32] * (2 * steps_per_epoch * per_step)
+    assert run.fold(0).read_result()["precision"] == "bf16 autocast then float32"
+
+
+@pytest.mark.parametrize("faster", ["bf16 autocast", "float32"])
+def test_predictions_are_made_in_the_precision_whose_forward_pass_measured_faster(native, faster, monkeypatch):
+    timed = []
+
+    def fake(models, images, policy, batch_size):
+        timed.append((policy.precision, policy.compile, len(images)))
+        return 0.001 if policy.precision == faster else 0.003
+
+    monkeypatch.setattr(budget, "forward_seconds", fake)
+    images = synthetic_fold(1024, CPU).train_images
+    assert budget.fastest_for_inference([], images, device.Policy.of(CPU)).precision == faster
+    probe = budget.PRECISION_PROBE_IMAGES
+    assert timed == [("bf16 autocast", False, probe), ("float32", False, probe)]  # eager, a few hundred images
+    forced = device.Policy.of(CPU, "bf16")
+    assert budget.fastest_for_inference([], images, forced) is forced and len(timed) == 2
