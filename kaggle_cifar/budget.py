@@ -92,6 +92,8 @@ class Plan:
         self.calibrated_only = False
         if not off or abs(measured - self.epoch_seconds) * left <= REPLAN_SHARE * self.seconds:
             return False
+        # the final predictions slow down (or speed up) with the epochs: the same machine computes them
+        self.reserve_s *= measured / self.epoch_seconds
         self.epoch_seconds, self.measured = measured, []
         epochs = self.epochs_that_fit(measured, done)
         if epochs == self.epochs:
