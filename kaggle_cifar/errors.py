@@ -37,10 +37,12 @@ class ToolError(Exception):
 
 def first_line(e: BaseException, typed: bool = False, limit: int = 200) -> str:
     """Another library's exception as the one line our message quotes: its first non-blank line (a
-    parser's or compiler's may run to pages) without terminal escape codes, cut at `limit`
+    parser's or compiler's may run to pages), with the next one when it is a heading that ends in a
+    colon (dynamo's `backend='inductor' raised:`), without terminal escape codes, cut at `limit`
     characters; prefixed by its type when `typed`, and its type alone when it says nothing."""
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
-    line = next((s.strip() for s in text.splitlines() if s.strip()), "")[:limit]
+    lines = [s.strip() for s in text.splitlines() if s.strip()][:2]
+    line = " ".join(lines if lines and lines[0].endswith(":") else lines[:1])[:limit]
     name = type(e).__name__
     return (f"{name}: {line}" if typed else line) if line else name
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy
-from kaggle_cifar.errors import TrainingDiverged
+from kaggle_cifar.errors import TrainingDiverged, first_line
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.host_augment import HostAugmenter, workers
 from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs, view_set_probs
@@ -92,6 +92,27 @@ class Training:
     criterion: torch.nn.Module
     batch_size: int
     steps_per_epoch: int
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's loss and logits, its (scaled) gradients computed. Where the compiled step
+        fails (Triton on a GPU it does not support, a driver mismatch, a recompilation), that is said
+        once and the fold trains on without compilation; an error of the step itself recurs there."""
+        if self.step_model is not self.model:
+            try:
+                return self._forward_backward(self.step_model, inputs, targets)
+            except Exception as e:  # the compiler's failures have no common type
+                log.warning("compiling the training step failed (%s): training without compilation", first_line(e))
+                self.step_model = self.model
+        return self._forward_backward(self.model, inputs, targets)
+
+    def _forward_backward(self, model: torch.nn.Module, inputs: torch.Tensor,
+                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.policy.autocast():
+            logits = model(inputs)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss, logits
 
     @property
     def host_syncs_per_step(self) -> int:
@@ -179,11 +200,7 @@ def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
     """One optimisation step (`step` counts from 1 over the fold). Returns the loss, the logits and
     whether the fp16 loss scaler skipped the step (inf/NaN gradients), all detached and on the
     device: nothing here waits for the device."""
-    with t.policy.autocast():
-        logits = t.step_model(inputs)
-        loss = t.criterion(logits, targets)
-    t.optimizer.zero_grad(set_to_none=True)
-    t.scaler.scale(loss).backward()
+    loss, logits = t.forward_backward(inputs, targets)
     t.scaler.step(t.optimizer)
     skipped = (sum(t.scaler._found_inf_per_device(t.optimizer).values()) > 0 if t.scaler.is_enabled()
                else torch.zeros((), dtype=torch.bool, device=inputs.device))

@@ -3,6 +3,7 @@ host syncs counted per step, the compiled step's graphs, the fp16 loss-scaling p
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pandas as pd
@@ -275,6 +276,26 @@ def test_the_compiled_model_is_one_graph_across_epochs_evaluation_and_folds(tmp_
     train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu", compile=True))
     counts = probe.compile_counts()
     assert counts.clean, counts
+
+
+def test_a_training_step_that_fails_to_compile_says_so_once_and_trains_on_without_compilation(caplog):
+    """A Triton failure on a T4 or a driver mismatch must not kill the fold (inference's
+    compilation falls back the same way)."""
+    def no_triton(graph, example_inputs):
+        raise RuntimeError("Triton does not support this GPU")
+
+    data = synthetic_fold()
+    t = build_training(TrainConfig(width=4, batch_size=16), data, dataclasses.replace(CPU.policy, compile=True),
+                       backend=no_triton)
+    x, y = data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16]
+    before = [p.detach().clone() for p in t.model.parameters()]
+    with caplog.at_level("WARNING"):
+        for step in (1, 2):
+            loss, _, _ = train_step(t, x, y, step)
+    failed = [r.getMessage() for r in caplog.records if "compiling the training step failed" in r.getMessage()]
+    assert len(failed) == 1 and "Triton does not support this GPU" in failed[0]
+    assert t.step_model is t.model and torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters()))  # both steps trained
 
 
 def test_the_default_run_fits_a_16_gb_t4():
