@@ -133,8 +133,8 @@ class Policy:
                               "CPUs with AVX-512 BF16 or AMX), so it would be emulated, slowly: use --precision auto")
         if precision == "float32" or not native and device.type != "cuda":
             return cls(device, None, torch.float32, compile)
-        if not native:
-            return cls(device, torch.float16, torch.float32, compile)
+        if not native:  # Muon's Newton-Schulz in fp16 too: its input is normalised, and tensor cores compute fp16
+            return cls(device, torch.float16, torch.float16, compile)
         measure = precision == "auto" and device.type == "cpu" and not compile
         return cls(device, torch.bfloat16, torch.bfloat16, compile, measure)
 

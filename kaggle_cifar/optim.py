@@ -19,7 +19,11 @@ class Muon(timm_muon.Muon):
       device that only emulates bf16 that was most of the step: 607 against 29 ms at width 16 on
       the AVX2 CPU, bench/RESULTS.md);
     - the updates of all weights of one (flattened) shape go through one batched iteration, so
-      ResNet18's 21 conv and linear weights take 11 iterations, not 21.
+      ResNet18's 21 conv and linear weights take 11 iterations, not 21;
+    - in fp16 (a T4's or P100's tensor cores; their bf16 is emulated) each update is normalised in
+      its own float32 before timm casts it: timm casts first, and fp16's range would flush an
+      update of small entries to zero. The result is timm's wherever the update's norm is above
+      its eps (1e-7).
     Weights that timm routes to its AdamW fallback (BatchNorm, biases) are updated by timm's own step."""
 
     def __init__(self, params, newton_schulz_dtype: torch.dtype = torch.bfloat16, **kwargs):
@@ -76,6 +80,8 @@ class Muon(timm_muon.Muon):
         coefficients = timm_muon.resolve_ns_coefficients(group["ns_coefficients"], timm_muon._COEFFICIENTS)
         for shape, members in by_shape.items():
             stacked = torch.stack([update.reshape(shape) for _, update in members])
+            if self.newton_schulz_dtype == torch.float16:
+                stacked = stacked / stacked.norm(dim=(-2, -1), keepdim=True).clamp_min(group["eps"])
             orthogonal = timm_muon.zeropower_via_newtonschulz(
                 stacked, group["ns_steps"], coefficients, eps=group["eps"], safety_factor=group["safety_factor"],
                 dtype=self.newton_schulz_dtype, scale_eps=group["scale_eps"])

@@ -14,7 +14,7 @@ def test_mixed_precision_is_bf16_only_where_the_device_computes_it_and_none_unde
     assert device.Policy.of(torch.device("cuda")).autocast_dtype == torch.bfloat16
     capability = (7, 5)  # T4 (P100: 6.0): bf16 only emulated, so fp16 with loss scaling
     t4 = device.Policy.of(torch.device("cuda"))
-    assert t4.autocast_dtype == torch.float16 and t4.loss_scaling
+    assert t4.autocast_dtype == torch.float16 and t4.loss_scaling and t4.newton_schulz_dtype == torch.float16
     assert not device.Policy.of(torch.device("cuda"), "float32").loss_scaling
 
 
