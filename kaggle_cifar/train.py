@@ -114,6 +114,11 @@ class Training:
         self.scaler.scale(loss).backward()
         return loss, logits
 
+    def batchnorm_statistics(self) -> list[torch.Tensor]:
+        """Every BatchNorm layer's running mean and variance and its batch count."""
+        return [b for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
     @property
     def host_syncs_per_step(self) -> int:
         """What a step waits for the device by design: the fp16 loss scaler reads an unfused
@@ -200,10 +205,16 @@ def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
     """One optimisation step (`step` counts from 1 over the fold). Returns the loss, the logits and
     whether the fp16 loss scaler skipped the step (inf/NaN gradients), all detached and on the
     device: nothing here waits for the device."""
+    # An fp16 forward pass that overflows has already moved BatchNorm's running statistics (to
+    # inf or NaN) when the scaler skips its step: they are kept to be put back.
+    statistics = t.batchnorm_statistics() if t.scaler.is_enabled() else []
+    kept = [b.clone() for b in statistics]
     loss, logits = t.forward_backward(inputs, targets)
     t.scaler.step(t.optimizer)
     skipped = (sum(t.scaler._found_inf_per_device(t.optimizer).values()) > 0 if t.scaler.is_enabled()
                else torch.zeros((), dtype=torch.bool, device=inputs.device))
+    for now, before in zip(statistics, kept):  # on the device: no sync
+        now.copy_(torch.where(skipped, before, now))
     t.scaler.update()
     t.scheduler.step()
     if t.ema is not None:

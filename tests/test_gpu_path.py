@@ -183,6 +183,23 @@ def test_an_overflowing_fp16_step_leaves_weights_and_optimizer_state_untouched(o
     assert probe.overflow_step_changes_nothing(t, x, y, 2)
 
 
+def test_a_step_whose_fp16_activations_overflow_leaves_batchnorm_statistics_as_they_were():
+    """The scaler skips such a step's update, but its forward pass has already moved BatchNorm's
+    running statistics, to inf and NaN (a known PyTorch report), and the EMA would average them in."""
+    data = synthetic_fold()
+    t = build_training(TrainConfig(width=4, batch_size=16, ema_decay=0.9), data, FP16)
+    x, y = data.train_images[:16].permute(0, 3, 1, 2), data.train_targets[:16]
+    train_step(t, x, y, 1)
+    with torch.no_grad():
+        t.model.network.stem[0].weight.mul_(1e6)  # past fp16's 65,504 from the first convolution on
+    before = [b.clone() for b in t.batchnorm_statistics()]
+    assert len(before) == 3 * 20  # ResNet18's 20 BatchNorm layers
+    _, _, skipped = train_step(t, x, y, 2)
+    assert skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, t.batchnorm_statistics(), strict=True))
+    assert all(torch.isfinite(b.float()).all() for b in t.ema.module.buffers())
+
+
 @pytest.mark.parametrize("native, precision, dtype", [(False, "auto", torch.float32), (True, "auto", torch.bfloat16),
                                                       (True, "float32", torch.float32)])
 def test_muon_orthogonalises_in_bf16_only_where_the_device_computes_it_and_never_under_float32(
