@@ -7,8 +7,10 @@ device's flip/crop (and the rest of augment.py) runs on the result as usual."""
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,16 +100,46 @@ class _EpochItems(torch.utils.data.Sampler):
         return len(self.items)
 
 
+PREFETCHED = 4  # batches each worker makes ahead
+
+
+def local_ranks() -> int:
+    """The processes torchrun started on this machine (LOCAL_WORLD_SIZE), each with its workers."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def workers() -> int:
-    """Worker processes: one per core this process may use, less one for the training loop."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    """Worker processes: this rank's share of the cores this process may use, less one for the
+    training loop."""
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks() - 1)
+
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def check_shared_memory(images: torch.Tensor, batch_size: int, path: str) -> None:
+    """The workers read the fold's images, and hand back their batches, through shared memory
+    (/dev/shm: 64 MB by default in a Docker container): refused before the workers start if what
+    this machine's ranks need does not fit in it, saying what to do."""
+    if not SHARED_MEMORY.is_dir():
+        return
+    ranks = local_ranks()
+    image_bytes = images[0].numel() * images.element_size() if len(images) else 0
+    needed = ranks * (images.numel() * images.element_size() + workers() * PREFETCHED * batch_size * image_bytes)
+    free = shutil.disk_usage(SHARED_MEMORY).free
+    if needed > free:
+        raise ConfigError(f"--albumentations {path}: its workers need {needed / 2**20:,.0f} MB of shared memory "
+                          f"({SHARED_MEMORY}: the fold's images and the batches in flight, for {ranks} rank(s) here), "
+                          f"and {free / 2**20:,.0f} MB are free: in Docker start the container with "
+                          f"--shm-size={math.ceil(2 * needed / 2**30)}g, or train without --albumentations")
 
 
 class HostAugmenter:
     """A fold's worker processes (started once, kept across its epochs) that make each epoch's
     batches with the albumentations pipeline in `path` and deliver them in order."""
 
-    def __init__(self, path: str, images: torch.Tensor, pin_memory: bool):
+    def __init__(self, path: str, images: torch.Tensor, pin_memory: bool, batch_size: int):
+        check_shared_memory(images, batch_size, path)
         self.path = path
         # Workers start from a clean server process, never forked from this one: a child forked
         # from a process whose OpenMP or OpenCV threads were running can hang in its first op.
@@ -115,7 +147,7 @@ class HostAugmenter:
         context.set_forkserver_preload(["torch", "numpy", "cv2"])
         self.sampler = _EpochItems()
         self.loader = torch.utils.data.DataLoader(_Images(path, images), batch_size=None, sampler=self.sampler,
-                                                  num_workers=workers(), prefetch_factor=4, persistent_workers=True,
+                                                  num_workers=workers(), prefetch_factor=PREFETCHED, persistent_workers=True,
                                                   pin_memory=pin_memory, multiprocessing_context=context)
 
     def epoch(self, batches: list[np.ndarray], seed: int) -> Iterator[torch.Tensor]:

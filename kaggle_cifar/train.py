@@ -424,7 +424,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Poli
     history = resume(t, fold_dir, meta, plan, data.fold)
     if history and epoch_end is not None:
         epoch_end(history)
-    host = HostAugmenter(cfg.albumentations, data.train_images.cpu(), policy.device.type == "cuda") \
+    host = HostAugmenter(cfg.albumentations, data.train_images.cpu(), policy.device.type == "cuda", t.batch_size) \
         if cfg.albumentations else None
     steps = t.steps_for(plan.epochs if plan is not None else cfg.epochs)
     own = progress is None

@@ -110,3 +110,35 @@ def test_the_log_says_when_augmentation_is_the_bottleneck(small, tmp_path, caplo
         metrics = train.train_one_epoch(t, cfg, data, 0, bar, SlowWorkers())
     assert metrics["augment_wait_s"] >= 0.3  # the second batch's wait (the first is the workers' start-up)
     assert "augmentation, not the model, is the bottleneck" in caplog.text
+
+
+def test_torchruns_ranks_on_one_machine_share_its_cores_among_their_workers(monkeypatch):
+    from kaggle_cifar import host_augment
+
+    monkeypatch.setattr(host_augment.os, "sched_getaffinity", lambda pid: set(range(96)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert host_augment.workers() == 95
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert host_augment.workers() == 11  # 8 x 12 cores: 88 workers and 8 training loops, not 8 x 95
+
+
+def test_shared_memory_too_small_for_the_workers_is_one_error_before_they_start(small, tmp_path, monkeypatch):
+    """Docker gives a container 64 MB of /dev/shm unless told otherwise; a full-data fold's images
+    alone are 123 MB."""
+    from collections import namedtuple
+
+    from kaggle_cifar import host_augment
+
+    A.save(A.Compose([A.InvertImg(p=1.0)]), str(tmp_path / "invert.json"))
+    images = torch.zeros((40_000, 32, 32, 3), dtype=torch.uint8)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(host_augment.SHARED_MEMORY.__class__, "is_dir", lambda self: True)
+    monkeypatch.setattr(host_augment.shutil, "disk_usage", lambda path: usage(2**26, 0, 2**26))  # Docker's 64 MB
+    monkeypatch.setattr(host_augment, "workers", lambda: 3)
+    with pytest.raises(ConfigError, match=r"its workers need 122 MB of shared memory \(/dev/shm: .*\), and 64 MB "
+                                          r"are free: in Docker start the container with --shm-size=1g"):
+        host_augment.HostAugmenter(str(tmp_path / "invert.json"), images, False, 128)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(host_augment.shutil, "disk_usage", lambda path: usage(200 * 2**20, 0, 200 * 2**20))
+    with pytest.raises(ConfigError, match=r"need 243 MB .* for 2 rank\(s\) here\), and 200 MB"):  # one rank's fits
+        host_augment.HostAugmenter(str(tmp_path / "invert.json"), images, False, 128)

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import re
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -59,9 +60,7 @@ def test_oof_probabilities_come_from_the_model_that_held_the_image_out(competiti
     prob_columns = [f"p_{c}" for c in classes]
     for k, model in enumerate(models):
         held_out = (folds["fold"] == k).to_numpy()
-        # in the precision the fold ended in: a script's run measures which on a CPU with bf16 instructions
-        last = RunDir(run).fold(k).read_result()["precision"].split(" then ")[-1]
-        policy = dataclasses.replace(CPU, autocast_dtype={"bf16 autocast": torch.bfloat16, "float32": None}[last])
+        policy = finished_in(run, k)
         expected = stream_probs([model], images[held_out], TTA_VIEWS[cfg.tta], policy).numpy()
         np.testing.assert_allclose(oof.loc[held_out, prob_columns].to_numpy(), expected, atol=1e-5)
         # and the other fold's model gives different probabilities for these images
@@ -112,6 +111,13 @@ def test_config_round_trips_and_flags_override_it(competition, tmp_path):
     assert TrainConfig.from_json(second / "config.json") == dataclasses.replace(saved, seed=7)
 
 
+def finished_in(run: Path, fold: int) -> Policy:
+    """The policy fold `fold` of a script's run predicted its held-out images in: on a CPU with
+    bf16 instructions the run measures which precision is faster."""
+    last = RunDir(run).fold(fold).read_result()["precision"].split(" then ")[-1]
+    return dataclasses.replace(CPU, autocast_dtype={"bf16 autocast": torch.bfloat16, "float32": None}[last])
+
+
 def train_with_holdout(competition, run, *flags) -> SimpleNamespace:
     """train_folds.py with TINY, a 12-image holdout and `flags`; what the run wrote, its fold models,
     and the holdout's images and true classes."""
@@ -139,9 +145,9 @@ def test_holdout_measures_single_folds_and_the_fold_ensemble_on_unseen_images(co
 
     # The ensemble figure is the mean of the fold models' probabilities on exactly the holdout images.
     for name, views in TTA_VIEWS.items():
-        ensemble = stream_probs(r.models, r.images, views, CPU).numpy()
+        singles = [stream_probs([m], r.images, views, finished_in(run, k)).numpy() for k, m in enumerate(r.models)]
+        ensemble = np.mean(singles, axis=0)
         assert r.report["holdout"]["ensemble_accuracy"][name] == (ensemble.argmax(1) == r.truth).mean()
-        singles = [stream_probs([m], r.images, views, CPU).numpy() for m in r.models]
         for k, single in enumerate(singles):
             np.testing.assert_allclose(np.load(run / f"fold{k}" / "holdout.npz")[name], single, atol=1e-5)
         np.testing.assert_allclose(r.report["holdout"]["single_fold_accuracy"][name],
@@ -159,7 +165,7 @@ def test_a_full_fit_trains_one_model_on_all_but_the_holdout_and_is_scored_there(
     assert oof["id"].tolist() == r.folds["id"][r.held].tolist()  # its OOF is the holdout, scored by its one model
     assert "cv_accuracy" not in r.report and "holdout" not in r.report  # no cross-validation; the holdout once
     for name, views in TTA_VIEWS.items():
-        probs = stream_probs(r.models, r.images, views, CPU).numpy()
+        probs = stream_probs(r.models, r.images, views, finished_in(run, 0)).numpy()
         assert r.report["fold_accuracy_by_tta"][name] == [(probs.argmax(1) == r.truth).mean()]
     assert r.report["holdout_accuracy"] == r.report["fold_accuracy_by_tta"][r.cfg.tta][0] > 0.8
     assert f"holdout accuracy (full fit, TTA {r.cfg.tta}): {r.report['holdout_accuracy']:.4f}" in r.stderr

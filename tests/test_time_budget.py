@@ -118,8 +118,15 @@ def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
 def test_a_full_fit_keeps_time_back_only_for_predicting_its_holdout_once(small, tmp_path, monkeypatch):
     from kaggle_cifar.inference import DISTINCT_VIEWS
 
-    StepClock(monkeypatch)
+    clock = StepClock(monkeypatch)
     monkeypatch.setattr(budget, "forward_seconds", lambda *args, **kwargs: 0.25)  # per image predicted
+    real_evaluate = train.evaluate
+
+    def timed_evaluate(model, images, *args):  # as long as the calibration said: no re-plan rescales the reserve
+        clock.now += 0.25 * len(images)
+        return real_evaluate(model, images, *args)
+
+    monkeypatch.setattr(train, "evaluate", timed_evaluate)
     summary = train_folds(dataclasses.replace(CFG, folds=1, holdout=6), small, tmp_path / "run", small / ".cache", CPU)
     plan = summary["time_budget"]["plans"][0]
     assert plan["reserve_s"] == pytest.approx(len(DISTINCT_VIEWS) * 6 * 0.25)  # its 6 held-out images, each view once
