@@ -53,6 +53,9 @@ def competition(tmp_path) -> Path:
     return make_competition(tmp_path / "input")
 
 
+NATIVE_BF16 = device.cpu_has_native_bf16()  # this CPU's own: where the scripts the tests start measure precision
+
+
 @pytest.fixture(autouse=True)
 def one_precision(monkeypatch):
     """The tests' own runs train in float32 on every CPU: on one with bf16 instructions a run

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CLASSES, TINY, run_script
+from conftest import CLASSES, NATIVE_BF16, TINY, run_script
 from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
@@ -244,7 +244,11 @@ def test_the_quick_start_says_how_long_what_it_chose_and_what_to_run_next(compet
     said = train.stderr
     assert "--time-budget 20 without --recipe, on cpu: fast (" in said  # the recipe chosen, and why
     assert "fast: " in said and "expected on its measured curve" in said and "resnet18: " in said
-    assert re.search(r"1 fold x [\d.]+ epochs at [\d,]+ images/s: about \d+ s in all on cpu", said)
+    assert re.search(r"1 fold x [\d.]+ epochs at [\d,]+ images/s: about \d+ s in all on cpu in (bf16 autocast|float32)",
+                     said)
+    measured = re.search(r"precision on cpu, measured: bf16 autocast [\d,]+ images/s, float32 [\d,]+ images/s: "
+                         r"(bf16 autocast|float32) trains", said)
+    assert bool(measured) == NATIVE_BF16  # where the CPU has bf16 instructions, the faster is measured
     report = json.loads((run / "report.json").read_text())
     assert report["recipe_choice"]["chosen"] == "fast" and json.loads((run / "config.json").read_text())["recipe"] == "fast"
     next_line = said.strip().splitlines()[-1]
