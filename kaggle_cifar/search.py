@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from kaggle_cifar import plots
@@ -218,6 +219,9 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
                                          f"{history[-1]['val_acc']:.4f}, below the median of earlier trials")
 
         fold_dir = run.fold(SEARCH_FOLD)
+        # Each trial is a new model: past dynamo's recompile limit (8 graphs of one function) the
+        # rest of a study would train eagerly, without a word. The compiled graphs start afresh.
+        torch.compiler.reset()
         try:
             result = train_fold(cfg, on_device.fold(fold_of, SEARCH_FOLD), fold_dir, policy, epoch_end=epoch_end)
         except (optuna.TrialPruned, TrainingDiverged) as e:

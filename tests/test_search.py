@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import make_competition, run_script
+from kaggle_cifar import search as search_module
 from kaggle_cifar import train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.device import Policy
@@ -137,3 +138,32 @@ def test_a_search_refuses_a_full_fit_which_has_no_fold_to_score_trials_on(base, 
 def test_a_range_end_that_cannot_be_right_is_refused_before_the_study(spec, why):
     with pytest.raises(ConfigError, match=why):
         check_space(BASE, parse_space([spec]))
+
+
+def test_every_trial_of_a_compiled_search_trains_compiled_past_dynamos_recompile_limit(tiny, tmp_path, monkeypatch):
+    """A new model each trial recompiles the same forward function; past the limit (8; 2 here, a
+    trial's training step and its final predictions) dynamo runs the rest eagerly, silently."""
+    compiled, real_compile = [], torch.compile
+
+    def counting(graph, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": counting,
+                                                                                     "options": None}))
+    policy = dataclasses.replace(CPU, compile=True)
+    per_trial = []
+    real_train_fold = search_module.train_fold
+
+    def counted(*args, **kwargs):
+        before = len(compiled)
+        result = real_train_fold(*args, **kwargs)
+        per_trial.append(len(compiled) - before)
+        return result
+
+    monkeypatch.setattr(search_module, "train_fold", counted)
+    cfg = dataclasses.replace(BASE, epochs=1)
+    run_search(cfg, parse_space(["width=4,8,12", "lr=0.01:0.3:log"]), tiny, SearchDir(tmp_path / "s"), tiny / ".cache", policy, 3, None,
+               prune=False)
+    assert len(per_trial) == 3 and all(n >= 1 for n in per_trial), per_trial
