@@ -323,5 +323,5 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CAL
     seconds_per_step = (clock() - t0) / steps
     held_out = (data.val_images if len(data.val_images) else data.train_images)[:images or 4 * t.batch_size]
     inference = dataclasses.replace(policy, compile=forward_compiled)
-    models = for_inference([t.model.eval()], inference, 0, PREDICT_BATCH)
-    return seconds_per_step, forward_seconds(models, held_out, inference, PREDICT_BATCH)
+    models = for_inference([t.model.eval()], inference, 0, cfg.predict_batch)
+    return seconds_per_step, forward_seconds(models, held_out, inference, cfg.predict_batch)

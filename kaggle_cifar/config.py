@@ -215,6 +215,14 @@ class TrainConfig:
         return problems
 
     @property
+    def predict_batch(self) -> int:
+        """Images per forward pass when this run's model predicts (its evaluation, OOF and holdout,
+        predict's default): PREDICT_BATCH at the images' own 32x32, fewer for a model that resizes
+        them larger, whose activations grow with the area (224x224: 41)."""
+        side = self.image_size or 32
+        return max(1, PREDICT_BATCH * 32 * 32 // (side * side))
+
+    @property
     def time_budget_s(self) -> float | None:
         return parse_duration(self.time_budget) if self.time_budget else None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_cifar import budget, distributed, plots
+from kaggle_cifar import budget, distributed, plots, probe
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration, parse_duration
 from kaggle_cifar.data import Labels, load_test, load_train
@@ -63,6 +63,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     run = RunDir(run_dir)
     cfg, choice, measured = chosen_recipe(cfg, train, run, ctx)
     check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])
+    probe.check_fits(cfg, len(train.labels.ids), len(train.labels.classes), train.images.shape[1:3], ctx.device)
     labels = train.labels
     fold_of = fold_split(cfg, labels)
     folds_csv = folds_table(labels.ids, fold_of)

@@ -174,10 +174,11 @@ class Policy:
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` (an InputLayer's network) on the device in channels_last, the layout of cuDNN's
         and oneDNN's fast convolutions (on a CPU too: 1.1-1.4x the NCHW training and 1.6-4.8x its
-        forward images/s, bench/RESULTS.md). Except where oneDNN fails in it: on a CPU without
-        AVX-512, the backward pass of a strided 1x1 convolution with fewer than 8 input channels
-        (resnet18_cifar narrower than --width 8) segfaults or hangs (torch 2.14.1), so such a model
-        runs NCHW throughout, from its input layer on (and compiled so: see `compiled`)."""
+        forward images/s, bench/RESULTS.md). Except where oneDNN fails in it: the backward pass of a
+        strided 1x1 convolution with at most 8 input channels (resnet18_cifar up to --width 8)
+        segfaults or hangs (torch 2.14.1): on an AVX2 CPU below 8 channels, on the AVX-512 Zen 4 at 8
+        and at 4 from 48 pixels on (an --image-size), so such a model runs NCHW throughout, from its
+        input layer on (and compiled so: see `compiled`)."""
         if not channels_last_is_safe(self.device, model):
             model.input.channels_last = False
             return model.to(self.device)
@@ -210,8 +211,8 @@ class Policy:
 
 def channels_last_is_safe(device: torch.device, model: torch.nn.Module) -> bool:
     """False where oneDNN fails in channels_last (see Policy.place)."""
-    return not (device.type == "cpu" and "AVX512" not in torch.backends.cpu.get_cpu_capability() and any(
-        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+    return not (device.type == "cpu" and any(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels <= 8
         for m in model.modules()))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from kaggle_cifar import device as devices
 from kaggle_cifar import distributed, probe
+from kaggle_cifar.probe import GiB
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.budget import fastest_precision
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration
@@ -23,7 +24,6 @@ from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import batch_probs, stream_probs
 from kaggle_cifar.train import build_training, evaluate, train_step
 
-GiB = 2 ** 30
 
 
 @dataclass

@@ -13,7 +13,6 @@ import numpy as np
 
 from kaggle_cifar import budget, distributed
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import PREDICT_BATCH
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
 from kaggle_cifar.inference import for_inference, load_fold_models, stream_probs
@@ -24,16 +23,18 @@ log = logging.getLogger(__name__)
 
 
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   tta: str | None = None, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
     `run_dirs`, with the `tta` views (default: the first run's), computed as the context's device
-    policy says (in the precision measured faster, where it measures); on every rank."""
+    policy says (in the precision measured faster, where it measures), `batch_size` images a forward
+    pass (default: the smallest of the runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
     ids, images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
     models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.policy)]
     views = TTA_VIEWS[tta or configs[0][0].tta]
+    batch_size = batch_size or min(cfg.predict_batch for cfg, _ in configs)
 
     rows = distributed.shard(len(images), ctx)
     policy = budget.fastest_for_inference(models, images[rows], ctx.policy)
@@ -48,7 +49,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
 
 
 def submission_csv(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int = PREDICT_BATCH) -> str | None:
+                   tta: str | None = None, batch_size: int | None = None) -> str | None:
     """The ensemble's submission CSV, validated (on rank 0; None elsewhere)."""
     ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size)
     if not ctx.is_main:

@@ -15,9 +15,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.inference import CHUNK
 from kaggle_cifar.model import CHANNELS, for_config
 from kaggle_cifar.train import Training, train_step
+
+GiB = 2 ** 30
 
 # Ops whose result the host must read before it can go on: a scalar (.item(), bool(t), int(t)), or
 # an output whose size depends on the values.
@@ -89,10 +92,11 @@ class MemoryEstimate:
     weights: int       # weights, gradients and optimizer state (and the EMA copy)
     activations: int   # what one training step saves for its backward pass, in 16-bit
     predict: int       # a test chunk (uint8) while predicting
+    evaluation: int = 0  # a forward pass at the run's predict batch: its largest layer's input, output and a residual
 
     @property
     def total(self) -> int:
-        return self.images + self.weights + max(self.activations, self.predict)
+        return self.images + self.weights + max(self.activations, self.predict + self.evaluation)
 
 
 def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
@@ -110,6 +114,14 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     x = torch.zeros(cfg.batch_size, CHANNELS, *image_shape, device="meta", dtype=torch.uint8)
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model(x)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, out: outputs.append(out.numel() * out.element_size())
+                                     if isinstance(out, torch.Tensor) else None)
+             for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model.eval()(torch.zeros(cfg.predict_batch, CHANNELS, *image_shape, device="meta", dtype=torch.uint8))
+    for hook in hooks:
+        hook.remove()
     params = sum(p.numel() for p in model.parameters())
     # Muon keeps one momentum per conv and linear weight; its AdamW's two are on BatchNorm and biases (<1%)
     optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 1, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.base_optimizer, 2)
@@ -117,7 +129,26 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     copies = 2 + optimizer_slots + (cfg.ema_decay > 0)  # weights, gradients, optimizer state, EMA
     image_bytes = CHANNELS * image_shape[0] * image_shape[1]
     return MemoryEstimate(images=2 * train_images * image_bytes, weights=4 * params * copies,
-                          activations=sum(saved.values()), predict=CHUNK * image_bytes)
+                          activations=sum(saved.values()), predict=CHUNK * image_bytes,
+                          evaluation=3 * max(outputs, default=0))
+
+
+def check_fits(cfg: TrainConfig, train_images: int, num_classes: int, image_shape: tuple[int, int],
+               device: torch.device) -> MemoryEstimate:
+    """The run's estimate, refused before training when it exceeds 90% of the GPU's memory (the
+    rest: the CUDA context, cuDNN's workspaces, the allocator's rounding): an out-of-memory error
+    would come at the first epoch's end, before its checkpoint, on every resume."""
+    estimate = estimate_memory(cfg, train_images, num_classes, image_shape)
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+        if estimate.total > 0.9 * total:
+            raise ConfigError(
+                f"this run needs about {estimate.total / GiB:.1f} GiB of {device}'s {total / GiB:.1f} GiB (training "
+                f"images {estimate.images / GiB:.1f}, weights and optimizer {estimate.weights / GiB:.1f}, a training "
+                f"step's activations {estimate.activations / GiB:.1f}, a prediction batch of {cfg.predict_batch} "
+                f"{(estimate.predict + estimate.evaluation) / GiB:.1f}): lower --batch-size (activations scale with "
+                f"it) or --image-size")
+    return estimate
 
 
 def overflow_step_changes_nothing(t: Training, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> bool:

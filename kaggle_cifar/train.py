@@ -283,13 +283,14 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     return metrics
 
 
-def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, policy: Policy) -> dict:
+def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, policy: Policy,
+             batch_size: int = PREDICT_BATCH) -> dict:
     """Loss and accuracy on held-out images, without test-time views (NaN without any: a full fit
     with no holdout)."""
     if not len(images):
         return {"val_loss": math.nan, "val_acc": math.nan}
     model.eval()
-    probs = stream_probs([model], images, TTA_VIEWS["none"], policy).cpu().numpy()
+    probs = stream_probs([model], images, TTA_VIEWS["none"], policy, batch_size).cpu().numpy()
     targets = targets.cpu().numpy()
     return {"val_loss": nll(probs, targets), "val_acc": accuracy(probs, targets)}
 
@@ -319,15 +320,15 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     fold_dir.write_log(history)  # (again: a fold finished anew from its last checkpoint gets its log back)
     fold_dir.save_model(meta, model.state_dict())
     forwards = len(DISTINCT_VIEWS) * (len(data.val_images) + len(data.holdout_images))
-    models = for_inference([model], policy, forwards, PREDICT_BATCH)
+    models = for_inference([model], policy, forwards, cfg.predict_batch)
     oof_by_tta = {name: p.cpu().numpy() for name, p in view_set_probs(
-        models, data.val_images, policy, desc=f"fold {data.fold}: held-out images, every view").items()} \
+        models, data.val_images, policy, cfg.predict_batch, f"fold {data.fold}: held-out images, every view").items()} \
         if len(data.val_images) else {}
     if oof_by_tta:
         fold_dir.write_oof(oof_by_tta[cfg.tta])
     if len(data.holdout_images):
         fold_dir.write_holdout({name: p.cpu().numpy() for name, p in view_set_probs(
-            models, data.holdout_images, policy, desc=f"fold {data.fold}: holdout, every view").items()})
+            models, data.holdout_images, policy, cfg.predict_batch, f"fold {data.fold}: holdout, every view").items()})
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
     result = {"fold": data.fold, "accuracy": accuracy_by_tta.get(cfg.tta), "accuracy_by_tta": accuracy_by_tta,
@@ -368,7 +369,8 @@ def epoch_row(t: Training, cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, 
                                f"{kept} (try a lower --lr)")
     evaluated = len(data.val_targets) if last else EPOCH_EVAL_IMAGES
     t_eval = time.perf_counter()
-    metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated], t.policy)
+    metrics |= evaluate(t.eval_model, data.val_images[:evaluated], data.val_targets[:evaluated], t.policy,
+                        cfg.predict_batch)
     metrics["eval_seconds"] = time.perf_counter() - t_eval
     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.4f}")
     return {"epoch": epoch + 1, "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],

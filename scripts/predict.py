@@ -23,8 +23,9 @@ def main() -> int:
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=PREDICT_BATCH,
-                        help=f"inference batch size (default: {PREDICT_BATCH})")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=None,
+                        help=f"inference batch size (default: {PREDICT_BATCH}, fewer for runs with a larger "
+                             "--image-size: the smallest of their configs' predict_batch)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the CSV to this file (atomically) instead of stdout")
     args = parser.parse_args()

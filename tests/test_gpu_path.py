@@ -345,6 +345,34 @@ def test_a_training_step_that_fails_to_compile_says_so_once_and_trains_on_withou
     assert any(not torch.equal(a, p) for a, p in zip(before, t.model.parameters()))  # both steps trained
 
 
+def test_a_run_too_large_for_its_gpu_is_refused_before_training_and_predictions_batch_by_image_area(monkeypatch):
+    """timm's resnet50 at --image-size 224 fits a T4 at batch 128 only if its evaluation and
+    predict batches shrink with the image area: at 2,048 images a pass they alone would take 18 GiB,
+    failing at the end of epoch 1, before its checkpoint, on every resume."""
+    big = TrainConfig(arch="resnet50", image_size=224)
+    assert TrainConfig().predict_batch == 2048 and big.predict_batch == 2048 * 32 * 32 // (224 * 224) == 41
+    t4 = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15 * 2**30, 15 * 2**30))
+    fits = probe.check_fits(big, 50_000, 10, (32, 32), t4)
+    assert 9 * 2**30 < fits.total < 0.9 * 15 * 2**30 and fits.evaluation < 2**30
+    at_2048 = probe.estimate_memory(dataclasses.replace(big, image_size=32 * 7), 50_000)
+    assert at_2048.evaluation * 2048 / 41 > 15 * 2**30  # what a 2,048-image evaluation batch would have taken
+    with pytest.raises(ConfigError, match=r"this run needs about \d+\.\d GiB of cuda:0's 15.0 GiB .* lower --batch-size"):
+        probe.check_fits(dataclasses.replace(big, batch_size=256), 50_000, 10, (32, 32), t4)
+
+
+def test_training_evaluates_and_predicts_in_the_runs_predict_batch(tmp_path, monkeypatch):
+    from kaggle_cifar import train
+
+    batches, real_stream, real_views = [], train.stream_probs, train.view_set_probs
+    monkeypatch.setattr(train, "stream_probs", lambda *a, **k: batches.append(a[4]) or real_stream(*a, **k))
+    monkeypatch.setattr(train, "view_set_probs", lambda *a, **k: batches.append(a[3]) or real_views(*a, **k))
+    competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    cfg = TrainConfig(folds=2, epochs=1, width=8, batch_size=4, image_size=64)
+    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", CPU)
+    assert len(batches) == 2 * 2 and set(batches) == {cfg.predict_batch} == {512}  # each fold: its epoch, its OOF
+
+
 def test_the_default_run_fits_a_16_gb_t4():
     full = probe.estimate_memory(TrainConfig(), train_images=50_000)
     assert full.total < 14 * 2**30  # of the T4's 15 GiB, leaving the CUDA context and workspaces room

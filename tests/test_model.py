@@ -89,7 +89,8 @@ def test_width_is_refused_where_the_architecture_has_its_own():
     assert TrainConfig(arch="fast_cifar", width=16).width == 16
 
 
-@pytest.mark.parametrize("capability,width,channels_last", [("AVX2", 4, False), ("AVX2", 8, True), ("AVX512", 4, True)])
+@pytest.mark.parametrize("capability,width,channels_last", [("AVX2", 4, False), ("AVX2", 8, False), ("AVX2", 16, True),
+                                                            ("AVX512", 4, False), ("AVX512", 8, False), ("AVX512", 16, True)])
 def test_narrow_models_run_nchw_on_cpus_where_onednn_fails_in_channels_last(monkeypatch, capability, width,
                                                                              channels_last):
     from kaggle_cifar.config import TrainConfig
