@@ -106,8 +106,12 @@ class FoldDir:
     def write_result(self, result: dict) -> None:
         write_text(self.path / "result.json", json.dumps(result, indent=2) + "\n")
 
-    def save_last(self, state: dict) -> None:
-        checkpoint.save(self.last, state)
+    def save_last(self, state: dict, background: checkpoint.Background | None = None) -> None:
+        """last.pt, atomically; with `background`, written by its thread from a host copy."""
+        if background is not None:
+            background.save(self.last, state)
+        else:
+            checkpoint.save(self.last, state)
 
     def load_last(self, meta: dict, device) -> dict:
         try:

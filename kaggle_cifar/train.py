@@ -15,6 +15,7 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from kaggle_cifar import checkpoint
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy
@@ -296,12 +297,13 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor
 
 
 def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, history: list[dict], board,
-                       plan) -> None:
-    """The epoch's resume state (atomically: a kill leaves the previous one), its log row with the
-    time that save took (outside the epoch's "seconds"), its TensorBoard scalars."""
+                       plan, background: checkpoint.Background | None = None) -> None:
+    """The epoch's resume state (atomically: a kill leaves the previous one; with `background`,
+    written while the next epoch trains), its log row with the time the training waited for it
+    (outside the epoch's "seconds"), its TensorBoard scalars."""
     t0 = time.perf_counter()
     planned = {"plan": plan.state_dict()} if plan is not None else {}
-    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, **planned, **t.state_dict()})
+    fold_dir.save_last({"meta": meta, "epoch": epoch, "history": history, **planned, **t.state_dict()}, background)
     history[-1]["checkpoint_seconds"] = time.perf_counter() - t0  # in last.pt from the next epoch's save on
     fold_dir.write_log(history)
     if board is not None:
@@ -432,6 +434,7 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Poli
     own = progress is None
     progress = progress or Progress({data.fold: 0})
     progress.start(data.fold, steps * t.batch_size, len(history) * t.steps_per_epoch * t.batch_size)
+    background = checkpoint.Background()
     try:
         with tensorboard_writer(fold_dir) as board:
             while (done := len(history) * t.steps_per_epoch) < steps:  # every epoch but the last is whole
@@ -445,11 +448,13 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Poli
                     t.use(precision.policy)
                     if plan is not None:
                         plan.speed_changed()
-                log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan)
+                log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan, background)
                 if epoch_end is not None:
                     epoch_end(history)
+        background.wait()  # the last checkpoint on disk, or its error, before the fold can count as finished
         result = finish(fold_dir, cfg, data, t, meta, history, plan)
     finally:
+        background.wait(raising=False)  # interrupted: the checkpoint handed over still completes
         if own:
             progress.close()
     progress.fold_finished()

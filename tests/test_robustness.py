@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import pytest
 import torch
@@ -265,3 +266,44 @@ def test_a_network_that_cannot_take_the_images_is_refused_before_the_run_dir_is_
                                           r"Input height \(32\) doesn't match model \(224\).*--image-size 224"):
         run(TrainConfig(folds=2, epochs=1, arch="vit_tiny_patch16_224", batch_size=4), small, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_next_epoch_trains_while_a_checkpoint_is_written_and_resume_still_replays(small, tmp_path, monkeypatch):
+    """A fast GPU's epoch lasts about as long as an fsynced 90 MB write: the write goes to a
+    thread, from a copy taken at the epoch's end, so it holds that epoch's state exactly."""
+    next_epoch_started, overlapped, real_save, real_epoch = threading.Event(), [], checkpoint.save, train.train_one_epoch
+
+    def slow_save(path, state):
+        next_epoch_started.clear()
+        overlapped.append(next_epoch_started.wait(timeout=3))  # a synchronous write would wait here in vain
+        real_save(path, state)
+
+    def epoch(t, cfg, data, e, *rest):
+        next_epoch_started.set()
+        return real_epoch(t, cfg, data, e, *rest)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    monkeypatch.setattr(train, "train_one_epoch", epoch)
+    cfg = TrainConfig(folds=2, epochs=3, width=8, batch_size=8, lr=0.05)
+    train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
+    assert overlapped[:2] == [True, True]  # epochs 2 and 3 of fold 0 trained while epochs 1 and 2 were written
+    state = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 3  # the last epoch's own state
+
+
+def test_a_checkpoint_that_fails_in_the_background_stops_the_fold_and_keeps_the_previous_one(small, tmp_path,
+                                                                                              monkeypatch):
+    calls, real_save = [], checkpoint.save
+
+    def full_disk_on_the_second(path, state):
+        calls.append(state["epoch"])
+        if len(calls) == 2:
+            raise CheckpointError(f"{path}: could not be written (disk full); the previous version, if any, is kept")
+        real_save(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", full_disk_on_the_second)
+    cfg = TrainConfig(folds=2, epochs=4, width=8, batch_size=8, lr=0.05)
+    with pytest.raises(CheckpointError, match="disk full"):
+        train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
+    assert torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "run" / "fold0" / "result.json").exists() and calls == [0, 1]  # raised at the next save
