@@ -271,22 +271,28 @@ def test_a_network_that_cannot_take_the_images_is_refused_before_the_run_dir_is_
 def test_the_next_epoch_trains_while_a_checkpoint_is_written_and_resume_still_replays(small, tmp_path, monkeypatch):
     """A fast GPU's epoch lasts about as long as an fsynced 90 MB write: the write goes to a
     thread, from a copy taken at the epoch's end, so it holds that epoch's state exactly."""
-    next_epoch_started, overlapped, real_save, real_epoch = threading.Event(), [], checkpoint.save, train.train_one_epoch
+    next_epoch_trained, overlapped, kept, training = threading.Event(), [], [], []
+    real_save, real_epoch = checkpoint.save, train.train_one_epoch
 
     def slow_save(path, state):
-        next_epoch_started.clear()
-        overlapped.append(next_epoch_started.wait(timeout=3))  # a synchronous write would wait here in vain
+        next_epoch_trained.clear()
+        overlapped.append(next_epoch_trained.wait(timeout=3))  # a synchronous write would wait here in vain
+        live = training[-1].model.state_dict()  # trained on since: the state written must not have moved with it
+        kept.append(not all(torch.equal(state["model"][k], live[k]) for k in live))
         real_save(path, state)
 
     def epoch(t, cfg, data, e, *rest):
-        next_epoch_started.set()
-        return real_epoch(t, cfg, data, e, *rest)
+        metrics = real_epoch(t, cfg, data, e, *rest)
+        training.append(t)
+        next_epoch_trained.set()
+        return metrics
 
     monkeypatch.setattr(checkpoint, "save", slow_save)
     monkeypatch.setattr(train, "train_one_epoch", epoch)
     cfg = TrainConfig(folds=2, epochs=3, width=8, batch_size=8, lr=0.05)
     train_folds(cfg, small, tmp_path / "run", small / ".cache", CPU)
     assert overlapped[:2] == [True, True]  # epochs 2 and 3 of fold 0 trained while epochs 1 and 2 were written
+    assert kept[:2] == [True, True]  # each written from its own epoch's copy
     state = torch.load(tmp_path / "run" / "fold0" / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 3  # the last epoch's own state
 
