@@ -268,7 +268,7 @@ def test_a_network_that_cannot_take_the_images_is_refused_before_the_run_dir_is_
     assert not (tmp_path / "run").exists()
 
 
-def test_the_next_epoch_trains_while_a_checkpoint_is_written_and_resume_still_replays(small, tmp_path, monkeypatch):
+def test_the_next_epoch_trains_while_a_checkpoint_is_written_from_its_own_copy(small, tmp_path, monkeypatch):
     """A fast GPU's epoch lasts about as long as an fsynced 90 MB write: the write goes to a
     thread, from a copy taken at the epoch's end, so it holds that epoch's state exactly."""
     next_epoch_trained, overlapped, kept, training = threading.Event(), [], [], []
