@@ -104,22 +104,25 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     """Peak device memory of a run of `cfg` on `train_images` images, from the model built on the
     meta device: tensors there have shapes and dtypes but no storage, so nothing is computed or
     allocated. The allocator's rounding, cuDNN's workspaces and the CUDA context come on top."""
-    model = for_config(cfg, num_classes).to("meta").to(torch.bfloat16)
+    model = for_config(cfg, num_classes).to("meta")
     saved: dict[tuple, int] = {}
 
+    def nbytes(t: torch.Tensor) -> int:  # float activations as autocast keeps them: 16-bit
+        return t.numel() * (2 if t.is_floating_point() else t.element_size())
+
     def keep(t: torch.Tensor):
-        saved[(tuple(t.shape), t.dtype, id(t))] = t.numel() * t.element_size()
+        saved[(tuple(t.shape), t.dtype, id(t))] = nbytes(t)
         return t
 
     x = torch.zeros(cfg.batch_size, CHANNELS, *image_shape, device="meta", dtype=torch.uint8)
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model(x)
     outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, out: outputs.append(out.numel() * out.element_size())
+    hooks = [m.register_forward_hook(lambda m, i, out: outputs.append(nbytes(out))
                                      if isinstance(out, torch.Tensor) else None)
              for m in model.modules() if not list(m.children())]
     with torch.no_grad():
-        model.eval()(torch.zeros(cfg.predict_batch, CHANNELS, *image_shape, device="meta", dtype=torch.uint8))
+        model(torch.zeros(cfg.predict_batch, CHANNELS, *image_shape, device="meta", dtype=torch.uint8))  # the shapes of eval's
     for hook in hooks:
         hook.remove()
     params = sum(p.numel() for p in model.parameters())

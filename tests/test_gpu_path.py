@@ -346,19 +346,19 @@ def test_a_training_step_that_fails_to_compile_says_so_once_and_trains_on_withou
 
 
 def test_a_run_too_large_for_its_gpu_is_refused_before_training_and_predictions_batch_by_image_area(monkeypatch):
-    """timm's resnet50 at --image-size 224 fits a T4 at batch 128 only if its evaluation and
-    predict batches shrink with the image area: at 2,048 images a pass they alone would take 18 GiB,
-    failing at the end of epoch 1, before its checkpoint, on every resume."""
+    """timm's resnet50 at --image-size 224: its evaluation and predict batches shrink with the image
+    area (at 2,048 images a pass one batch alone would need more than its whole training step); a
+    batch size past the T4's memory is refused before training, not at the end of epoch 1, before
+    its checkpoint, on every resume."""
     big = TrainConfig(arch="resnet50", image_size=224)
     assert TrainConfig().predict_batch == 2048 and big.predict_batch == 2048 * 32 * 32 // (224 * 224) == 41
     t4 = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15 * 2**30, 15 * 2**30))
     fits = probe.check_fits(big, 50_000, 10, (32, 32), t4)
-    assert 9 * 2**30 < fits.total < 0.9 * 15 * 2**30 and fits.evaluation < 2**30
-    at_2048 = probe.estimate_memory(dataclasses.replace(big, image_size=32 * 7), 50_000)
-    assert at_2048.evaluation * 2048 / 41 > 15 * 2**30  # what a 2,048-image evaluation batch would have taken
+    assert 5 * 2**30 < fits.total < 0.9 * 15 * 2**30 and fits.evaluation < 2**30
+    assert fits.evaluation * 2048 / 41 > fits.activations  # what a 2,048-image evaluation batch would have taken
     with pytest.raises(ConfigError, match=r"this run needs about \d+\.\d GiB of cuda:0's 15.0 GiB .* lower --batch-size"):
-        probe.check_fits(dataclasses.replace(big, batch_size=256), 50_000, 10, (32, 32), t4)
+        probe.check_fits(dataclasses.replace(big, batch_size=512), 50_000, 10, (32, 32), t4)
 
 
 def test_training_evaluates_and_predicts_in_the_runs_predict_batch(tmp_path, monkeypatch):
@@ -380,7 +380,7 @@ def test_the_default_run_fits_a_16_gb_t4():
     assert probe.estimate_memory(TrainConfig(optimizer="lookahead_muon"), 50_000).weights == 4 * 4 * 11_173_962  # + slow
     double = probe.estimate_memory(TrainConfig(batch_size=256), train_images=50_000)
     assert 1.9 < double.activations / full.activations < 2.1  # activations scale with the batch
-    assert 400 * 2**20 < full.activations < 2 * 2**30
+    assert 250 * 2**20 < full.activations < 2 * 2**30  # 16-bit: about 300 MiB
 
 
 def test_predict_reads_each_checkpoint_on_the_cpu(tmp_path, monkeypatch):
