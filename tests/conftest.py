@@ -48,6 +48,22 @@ def make_competition(root: Path, per_class: int = 20, n_test: int = 24, seed: in
     return root
 
 
+def kill_in(monkeypatch, fold: int, epoch: int):
+    """train.train_one_epoch interrupted (as by Ctrl-C) when fold `fold` starts epoch `epoch`
+    (from 0); returns the real one, to put back for the resume."""
+    from kaggle_cifar import train
+
+    real_epoch = train.train_one_epoch
+
+    def killed(t, cfg, data, e, *rest):
+        if data.fold == fold and e == epoch:
+            raise KeyboardInterrupt("simulated kill")
+        return real_epoch(t, cfg, data, e, *rest)
+
+    monkeypatch.setattr(train, "train_one_epoch", killed)
+    return real_epoch
+
+
 @pytest.fixture
 def competition(tmp_path) -> Path:
     return make_competition(tmp_path / "input")

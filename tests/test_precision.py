@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_competition
+from conftest import kill_in, make_competition
 from kaggle_cifar import budget, device, distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -72,14 +72,7 @@ def test_a_resumed_run_measures_the_precision_again(native, tmp_path, monkeypatc
     """A resume may be on another day, beside other work: its precision is chosen anew."""
     calibrations(monkeypatch, {"bf16 autocast": 0.1, "float32": 0.3})
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
-    real_epoch = train.train_one_epoch
-
-    def killed_in_fold_1(t, cfg, data, epoch, *rest):
-        if data.fold == 1 and epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real_epoch(t, cfg, data, epoch, *rest)
-
-    monkeypatch.setattr(train, "train_one_epoch", killed_in_fold_1)
+    real_epoch = kill_in(monkeypatch, fold=1, epoch=1)
     with pytest.raises(KeyboardInterrupt):
         train_folds(CFG, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)

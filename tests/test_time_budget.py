@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CALIBRATION, make_competition
+from conftest import CALIBRATION, kill_in, make_competition
 from kaggle_cifar import budget, distributed, train
 from kaggle_cifar.config import TrainConfig, parse_duration
 from kaggle_cifar.cv import train_folds
@@ -97,14 +97,7 @@ def test_a_slower_machine_gets_fewer_epochs_and_a_fold_that_slows_down_is_planne
 
 def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
     clock = StepClock(monkeypatch)
-    real_epoch = train.train_one_epoch
-
-    def killed_in_fold_1(t, cfg, data, epoch, *rest):
-        if data.fold == 1 and epoch == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_epoch(t, cfg, data, epoch, *rest)
-
-    monkeypatch.setattr(train, "train_one_epoch", killed_in_fold_1)
+    real_epoch = kill_in(monkeypatch, fold=1, epoch=3)
     with pytest.raises(KeyboardInterrupt):
         train_folds(CFG, small, tmp_path / "run", small / ".cache", CPU)
     planned = torch.load(tmp_path / "run" / "fold1" / "last.pt", weights_only=True)["plan"]["epochs"]
