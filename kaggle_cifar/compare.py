@@ -33,8 +33,8 @@ def row(run: RunDir) -> Row:
     else:  # the folds' held-out accuracy, their mean
         by_view_set = {name: float(np.mean(accs)) for name, accs in summary.get("fold_accuracy_by_tta", {}).items()}
     seconds = sum(fold.read_result()["seconds"] for fold in run.folds(cfg))
-    precisions = dict.fromkeys(p for fold in summary.get("precision_by_fold", []) for p in (fold or "").split(" then "))
-    device = (f"{summary['device']}, {' then '.join(p for p in precisions if p)}" if "device" in summary
+    precisions = dict.fromkeys(p for fold in summary.get("precision_by_fold", []) if fold for p in fold.split(" then "))
+    device = (f"{summary['device']}, {' then '.join(precisions)}" if "device" in summary
               else summary.get("computed_on", "-").removeprefix("device ").split(", training")[0])  # where, in what precision
     return Row(run, cfg, headline(summary), by_view_set, seconds, device)
 

@@ -4,10 +4,10 @@ host rows onto it."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import re
 import shutil
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +131,7 @@ class Policy:
         if precision == "bf16" and not native:
             raise ConfigError(f"--precision bf16: {device} has no bf16 arithmetic of its own (Ampere and later GPUs, "
                               "CPUs with AVX-512 BF16 or AMX), so it would be emulated, slowly: use --precision auto")
-        if precision == "float32" or not native and device.type != "cuda":
+        if precision == "float32" or (not native and device.type != "cuda"):
             return cls(device, None, torch.float32, compile)
         if not native:  # Muon's Newton-Schulz in fp16 too: its input is normalised, and tensor cores compute fp16
             return cls(device, torch.float16, torch.float16, compile)

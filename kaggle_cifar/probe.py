@@ -137,20 +137,22 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
 
 
 def check_fits(cfg: TrainConfig, train_images: int, num_classes: int, image_shape: tuple[int, int],
-               device: torch.device) -> MemoryEstimate:
-    """The run's estimate, refused before training when it exceeds 90% of the GPU's memory (the
-    rest: the CUDA context, cuDNN's workspaces, the allocator's rounding): an out-of-memory error
-    would come at the first epoch's end, before its checkpoint, on every resume."""
+               device: torch.device) -> MemoryEstimate | None:
+    """On a GPU, the run's estimate, refused before training when it exceeds 90% of the GPU's
+    memory (the rest: the CUDA context, cuDNN's workspaces, the allocator's rounding): an
+    out-of-memory error would come at the first epoch's end, before its checkpoint, on every
+    resume. Elsewhere nothing is estimated (None)."""
+    if device.type != "cuda":
+        return None
     estimate = estimate_memory(cfg, train_images, num_classes, image_shape)
-    if device.type == "cuda":
-        total = torch.cuda.mem_get_info(device)[1]
-        if estimate.total > 0.9 * total:
-            raise ConfigError(
-                f"this run needs about {estimate.total / GiB:.1f} GiB of {device}'s {total / GiB:.1f} GiB (training "
-                f"images {estimate.images / GiB:.1f}, weights and optimizer {estimate.weights / GiB:.1f}, a training "
-                f"step's activations {estimate.activations / GiB:.1f}, a prediction batch of {cfg.predict_batch} "
-                f"{(estimate.predict + estimate.evaluation) / GiB:.1f}): lower --batch-size (activations scale with "
-                f"it) or --image-size")
+    total = torch.cuda.mem_get_info(device)[1]
+    if estimate.total > 0.9 * total:
+        raise ConfigError(
+            f"this run needs about {estimate.total / GiB:.1f} GiB of {device}'s {total / GiB:.1f} GiB (training "
+            f"images {estimate.images / GiB:.1f}, weights and optimizer {estimate.weights / GiB:.1f}, a training "
+            f"step's activations {estimate.activations / GiB:.1f}, a prediction batch of {cfg.predict_batch} "
+            f"{(estimate.predict + estimate.evaluation) / GiB:.1f}): lower --batch-size (activations scale with "
+            f"it) or --image-size")
     return estimate
 
 
