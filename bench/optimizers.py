@@ -1,7 +1,9 @@
-"""The optimizer's own time per step, apart from the forward and backward passes: optimizer.step()
-on random gradients of the model's weights, for SGD (fused) and timm's Muon with its Newton-Schulz
-orthogonalisation in bf16 (timm's default) and in float32 (this project's choice where bf16 is not
-native). Compare with the whole training step's time (bench/bench.py's images/s at the same batch).
+"""The optimizer's own time and dispatched ops per step, apart from the forward and backward
+passes: optimizer.step() on random gradients of the model's weights, for SGD (fused), timm's Muon
+(its loop over the weights, Newton-Schulz in bf16) and this project's batched Muon, one batch per
+weight shape (a CPU's) or in padded batches (a bf16 GPU's), its Newton-Schulz in bf16 and in
+float32 (this project's choice where bf16 is not native). Compare with the whole training step's
+time (bench/bench.py's images/s at the same batch).
 
     python bench/optimizers.py --arch resnet18_cifar --width 16
     python bench/optimizers.py --arch fast_cifar --width 64
@@ -15,15 +17,25 @@ import time
 from common import Table  # bench/common.py, beside this script; first, before torch loads
 import torch
 
+from timm.optim import create_optimizer_v2
+
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.device import GPU_MUON_BUCKETS, cpu_name
 from kaggle_cifar.model import ARCHS, build_model
 from kaggle_cifar.optim import build_optimizer
+from kaggle_cifar.probe import DispatchedOps
 
-SETTINGS = {  # name: (the config's optimizer settings, Muon's Newton-Schulz dtype)
-    "sgd (fused)": ({"optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4}, torch.float32),
-    "muon, Newton-Schulz in bf16": ({"optimizer": "muon"}, torch.bfloat16),
-    "muon, Newton-Schulz in float32": ({"optimizer": "muon"}, torch.float32),
+MUON = TrainConfig(optimizer="muon")
+SETTINGS = {  # name: the optimizer of a model
+    "sgd (fused)": lambda model: build_optimizer(
+        TrainConfig(optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=5e-4), model, torch.float32),
+    "timm's muon (bf16)": lambda model: create_optimizer_v2(model, "muon", lr=MUON.lr, weight_decay=MUON.weight_decay,
+                                                            momentum=MUON.momentum),
+    "muon per shape, bf16": lambda model: build_optimizer(MUON, model, torch.bfloat16),
+    f"muon in {GPU_MUON_BUCKETS} padded batches, bf16": lambda model: build_optimizer(MUON, model, torch.bfloat16,
+                                                                                     GPU_MUON_BUCKETS),
+    "muon per shape, float32": lambda model: build_optimizer(MUON, model, torch.float32),
 }
 
 
@@ -38,16 +50,19 @@ def main() -> int:
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     table = Table()
-    for name, (settings, dtype) in SETTINGS.items():
-        optimizer = build_optimizer(TrainConfig(**settings), model, dtype)
+    for name, make in SETTINGS.items():
+        optimizer = make(model)
         for _ in range(2):
+            optimizer.step()
+        with DispatchedOps() as dispatched:
             optimizer.step()
         t0 = time.perf_counter()
         for _ in range(args.steps):
             optimizer.step()
-        table.add(optimizer=name, **{"ms per step": f"{(time.perf_counter() - t0) / args.steps * 1000:.1f}"})
-    print(f"\n{args.arch} at width {args.width} on the CPU ({torch.backends.cpu.get_cpu_capability()}), "
-          f"torch {torch.__version__}\n")
+        table.add(optimizer=name, **{"ms per step": f"{(time.perf_counter() - t0) / args.steps * 1000:.1f}",
+                                     "ops per step": dispatched.count})
+    print(f"\n{args.arch} at width {args.width} on the CPU ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}\n")
     print(table)
     return 0
 

@@ -18,6 +18,9 @@ from kaggle_cifar.config import PRECISIONS
 from kaggle_cifar.errors import ConfigError
 
 TRITON_MIN_CAPABILITY = (7, 0)  # torch.compile's GPU backend (Triton) refuses older GPUs, e.g. the P100 (6.0)
+# ResNet18's 21 weight updates in 3 padded batches: 70 ops a Muon step (12 batches unpadded: 250) for
+# 18% more Newton-Schulz FLOPs (optim.partition); 4 batches: 90 ops, 7% more.
+GPU_MUON_BUCKETS = 3
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores; before it bf16 is emulated, slowly
 
 
@@ -118,6 +121,12 @@ class Policy:
     # than from the CPU's capability: on this project's Intel Xeon bf16 trained 1.6x float32's
     # images/s alone, and 0.1-0.4x with another process beside it.
     measure_precision: bool = False
+    # How many batches Muon orthogonalises its updates in (optim.Muon). A GPU with bf16 tensor cores
+    # does a step's arithmetic in about the time the host takes to launch its kernels, so there few
+    # batches, padded: fewer launches for a little more arithmetic. Elsewhere the arithmetic is the
+    # cost (a T4's or P100's fp16, a CPU's): None, one batch per weight shape, unpadded. README's GPU
+    # estimates give the arithmetic of both.
+    muon_buckets: int | None = None
 
     @classmethod
     def of(cls, device: torch.device, precision: str = "auto", compile: bool | None = None) -> "Policy":
@@ -131,12 +140,13 @@ class Policy:
         if precision == "bf16" and not native:
             raise ConfigError(f"--precision bf16: {device} has no bf16 arithmetic of its own (Ampere and later GPUs, "
                               "CPUs with AVX-512 BF16 or AMX), so it would be emulated, slowly: use --precision auto")
+        buckets = GPU_MUON_BUCKETS if native and device.type == "cuda" else None
         if precision == "float32" or (not native and device.type != "cuda"):
-            return cls(device, None, torch.float32, compile)
+            return cls(device, None, torch.float32, compile, muon_buckets=buckets)
         if not native:  # Muon's Newton-Schulz in fp16 too: its input is normalised, and tensor cores compute fp16
             return cls(device, torch.float16, torch.float16, compile)
         measure = precision == "auto" and device.type == "cpu" and not compile
-        return cls(device, torch.bfloat16, torch.bfloat16, compile, measure)
+        return cls(device, torch.bfloat16, torch.bfloat16, compile, measure, buckets)
 
     def precision_candidates(self) -> tuple["Policy", ...]:
         """The policies a measurement chooses between (bf16 first), or this one alone."""

@@ -18,6 +18,7 @@ from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.inference import CHUNK
 from kaggle_cifar.model import CHANNELS, for_config
+from kaggle_cifar.optim import Muon
 from kaggle_cifar.train import Training, train_step
 
 GiB = 2 ** 30
@@ -51,9 +52,30 @@ class HostSyncs(TorchDispatchMode):
         return sum(self.ops.values())
 
 
+class DispatchedOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the `with` block, by name: on a GPU each one that
+    computes is a kernel launch the host issues (a view is none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return sum(self.ops.values())
+
+
 def host_step_counters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The step counters an optimizer keeps in host memory on any device (torch's and timm's, unless
-    capturable or fused): Muon's AdamW part reads them each step, which waits for no GPU."""
+    capturable or fused): timm's NAdamW, say, reads them each step, which waits for no GPU. Muon
+    keeps none there: its AdamW is torch's fused kernel, counting on the device."""
+    if isinstance(getattr(optimizer, "_base_optimizer", optimizer), Muon):
+        return []
     return [step for group in optimizer.param_groups if not (group.get("capturable") or group.get("fused"))
             for p in group["params"] if isinstance(step := optimizer.state.get(p, {}).get("step"), torch.Tensor)]
 
@@ -126,8 +148,10 @@ def estimate_memory(cfg: TrainConfig, train_images: int, num_classes: int = 10,
     for hook in hooks:
         hook.remove()
     params = sum(p.numel() for p in model.parameters())
-    # Muon keeps one momentum per conv and linear weight; its AdamW's two are on BatchNorm and biases (<1%)
-    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 1, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.base_optimizer, 2)
+    # Muon keeps a momentum per conv and linear weight, and its batched updates a float32 copy and two
+    # 16-bit iterates of them, padded (optim.Muon): 3 copies and their padding, rounded up to 4. Its
+    # AdamW's two are on BatchNorm and biases (<1%).
+    optimizer_slots = {"sgd": 1, "momentum": 1, "muon": 4, "lamb": 2, "adamw": 2, "adam": 2}.get(cfg.base_optimizer, 2)
     optimizer_slots += cfg.optimizer != cfg.base_optimizer  # Lookahead's slow weights
     copies = 2 + optimizer_slots + (cfg.ema_decay > 0)  # weights, gradients, optimizer state, EMA
     image_bytes = CHANNELS * image_shape[0] * image_shape[1]

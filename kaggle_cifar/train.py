@@ -188,7 +188,7 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA,
     computed as `policy` says (compiled with `backend` when it compiles training)."""
     model = policy.place(initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images))
-    optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype)
+    optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype, policy.muon_buckets)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = one_cycle(optimizer, cfg, steps_of(epochs or cfg.epochs, steps_per_epoch))

@@ -64,6 +64,20 @@ def kill_in(monkeypatch, fold: int, epoch: int):
     return real_epoch
 
 
+def record_newton_schulz(monkeypatch) -> list:
+    """The dtype of every weight's orthogonalisation in Muon's steps from now on, in order."""
+    from kaggle_cifar.optim import Bucket
+
+    used, real = [], Bucket.orthogonalise
+
+    def recorded(bucket, dtype, *args, **kwargs):
+        used.extend([dtype] * len(bucket.slots))
+        return real(bucket, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(Bucket, "orthogonalise", recorded)
+    return used
+
+
 @pytest.fixture
 def competition(tmp_path) -> Path:
     return make_competition(tmp_path / "input")

@@ -36,5 +36,14 @@ def test_the_architecture_table_measures_each_architecture(tmp_path):
 def test_the_optimizer_table_times_each_optimizer_step():
     out = bench("optimizers.py", "--width", "4", "--steps", "1")
     table = out[out.index("| optimizer |"):].splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| sgd (fused)", "| muon, Newton-Schulz in bf16",
-                                                           "| muon, Newton-Schulz in float32"]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| sgd (fused)", "| timm's muon (bf16)", "| muon per shape, bf16",
+                                                           "| muon in 3 padded batches, bf16", "| muon per shape, float32"]
+
+
+def test_the_gpu_estimate_counts_each_muon_step_on_each_gpu():
+    out = bench("gpu_estimate.py", "--width", "4")
+    table = out[out.index("| gpu |"):].splitlines()
+    assert [tuple(row.split(" | ")[:2]) for row in table[2:]] == [
+        ("| H100 SXM", "timm's"), ("| H100 SXM", "batched (3)"), ("| H100 SXM", "batched (per shape)"),
+        ("| T4", "timm's"), ("| T4", "batched (per shape)"), ("| T4", "batched (3)")]
+    assert "Not measured on a GPU." in out

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import kill_in, make_competition
+from conftest import kill_in, make_competition, record_newton_schulz
 from kaggle_cifar import budget, device, distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -126,18 +126,9 @@ class SwitchAfter:
 
 @pytest.mark.parametrize("optimizer", ["muon", "lookahead_muon"])
 def test_a_fold_switched_to_float32_trains_on_in_float32_muon_included(native, optimizer, tmp_path, monkeypatch):
-    from timm.optim import muon as timm_muon
-
     from kaggle_cifar.rundir import RunDir
 
-    orthogonalised = []
-    newton_schulz = timm_muon.zeropower_via_newtonschulz
-
-    def recorded(G, *args, dtype=torch.bfloat16, **kwargs):
-        orthogonalised.append(dtype)
-        return newton_schulz(G, *args, dtype=dtype, **kwargs)
-
-    monkeypatch.setattr(timm_muon, "zeropower_via_newtonschulz", recorded)
+    orthogonalised = record_newton_schulz(monkeypatch)
     cfg = dataclasses.replace(CFG, folds=1, holdout=4, epochs=4, optimizer=optimizer, lr=0.02)
     data = synthetic_fold(16, CPU)
     run = RunDir(tmp_path / "run")
