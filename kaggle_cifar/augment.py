@@ -164,12 +164,16 @@ def translate(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
 
 
-# Test-time views: (horizontal flip, dy, dx). flip_translate is the flip pair at the original
-# position and shifted one pixel each diagonal way, as the fastest CIFAR-10 trainers use.
+# Test-time views: (horizontal flip, dy, dx), averaged with equal weights, a view listed twice
+# weighing twice (and predicted once). flip_translate is the flip pair at the original position and
+# shifted one pixel each diagonal way, as the fastest CIFAR-10 trainers use; its weighted form is
+# airbench's, the untranslated pair weighing as much as the four shifted views together. Every set
+# starts with the untranslated, unflipped view (gated TTA's first pass: inference.gated_probs).
 TTA_VIEWS = {
     "none": [(False, 0, 0)],
     "flip": [(False, 0, 0), (True, 0, 0)],
     "flip_translate": [(f, d, d) for f in (False, True) for d in (0, -1, 1)],
+    "flip_translate_weighted": [(f, d, d) for f in (False, True) for d in (0, 0, -1, 1)],
 }
 
 

@@ -51,6 +51,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def add_input_flag(parser: argparse.ArgumentParser, of_the_run: bool = False) -> None:
     """--input; for a script that reads a finished run (`of_the_run`), its default is the folder the
     run was trained from (`inputs_of_the_run`)."""

@@ -122,6 +122,14 @@ class TrainConfig:
     auto_augment: str = _opt("", "RandAugment-style ops after flip/crop, drawn per image on the device: "
                                  "randaugment, trivialaugment, or empty for none")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
+    mixup: float = _opt(0.0, "mixup's alpha: a batch blended with itself reversed, images and labels, by a share "
+                             "drawn from Beta(alpha, alpha) (timm's Mixup, one draw a batch; 0: off)")
+    cutmix: float = _opt(0.0, "cutmix's alpha: a box of each image replaced by the reversed batch's, the labels "
+                              "mixed by its area, drawn from Beta(alpha, alpha) (timm's; 0: off)")
+    mixup_prob: float = _opt(1.0, "share of the batches mixed, with --mixup or --cutmix")
+    mixup_switch_prob: float = _opt(0.5, "with both --mixup and --cutmix: share of the mixed batches that cutmix")
+    mixup_epochs: float = _opt(1.0, "share of the epochs, from the first, whose batches are mixed; the rest train on "
+                                    "clean images (timm's --mixup-off-epoch, as a share of the planned epochs)")
     albumentations: str = _opt("", "an albumentations pipeline saved with A.save (JSON, or YAML by its suffix), applied "
                                    "to each training image in worker processes before the device's flip/crop (off "
                                    "with --flip none --crop-pad 0), seeded per (seed, fold, epoch, batch); empty: none")
@@ -134,7 +142,8 @@ class TrainConfig:
                                  "(BatchNorm statistics too), as feature extraction does; then everything trains")
     # flip_translate: ahead of flip in every full-data measurement, at every length (bench/RESULTS.md),
     # for 6 forward passes an image instead of 2; on a CPU, predict --tta flip is the cheaper choice.
-    tta: str = _opt("flip_translate", "test-time views for OOF and predict: none, flip or flip_translate")
+    tta: str = _opt("flip_translate", "test-time views for OOF and predict: none, flip, flip_translate or "
+                                      "flip_translate_weighted (its untranslated pair weighing as its 4 shifted views)")
     pseudo_labels: str = _opt("", "a finished run with the same fold split: fold k adds to its training set the test "
                                   "images that run's fold k predicts with probability >= --pseudo-threshold "
                                   "(empty: off); an epoch is then a pass over the enlarged set")
@@ -197,6 +206,13 @@ class TrainConfig:
             ("auto_augment", self.auto_augment in ("", *AUTO_AUGMENT_POLICIES),
              f"empty or one of {', '.join(AUTO_AUGMENT_POLICIES)}"),
             ("cutout", self.cutout >= 0, "0 or more"),
+            ("mixup", self.mixup >= 0, "0 or more"),
+            ("cutmix", self.cutmix >= 0, "0 or more"),
+            ("batch_size", self.batch_size % 2 == 0 or not (self.mixup or self.cutmix),
+             "even with --mixup or --cutmix (timm's Mixup takes even batches)"),
+            ("mixup_prob", 0 <= self.mixup_prob <= 1, "in [0, 1]"),
+            ("mixup_switch_prob", 0 <= self.mixup_switch_prob <= 1, "in [0, 1]"),
+            ("mixup_epochs", 0 <= self.mixup_epochs <= 1, "in [0, 1]"),
             ("normalization", self.normalization in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
             ("freeze_epochs", self.freeze_epochs >= 0, "0 or more"),
             ("freeze_epochs", self.freeze_epochs < self.epochs or bool(self.time_budget),

@@ -189,7 +189,8 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
             probs[scored_by[scored] == fold_dir.fold] = fold_dir.read_oof()
     summary = oof_summary(probs, targets, scored_by[scored], labels.classes, full_fit=cfg.full_fit)
     results = [fold_dir.read_result() for fold_dir in folds]
-    summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in TTA_VIEWS} \
+    every_fold = [name for name in TTA_VIEWS if all(name in r["accuracy_by_tta"] for r in results)]  # older folds: fewer
+    summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in every_fold} \
         if scored.any() else {}
     if policy is not None:  # the device line the run started with; the precision each fold trained in
         summary["computed_on"], summary["device"] = policy.describe(), policy.where()

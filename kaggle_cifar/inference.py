@@ -1,13 +1,15 @@
 """Class probabilities of uint8 NHWC images under one or more models and test-time views, named in
 the order they compose: one device batch (`batch_probs`) -> a whole image set streamed to the device
-in chunks (`stream_probs`) -> every TTA view set at once (`view_set_probs`). Ensembles over runs and
-the submission are built on these in predict.py; a finished fold's model is loaded here, and
-compiled where the device policy says (`for_inference`)."""
+in chunks (`stream_probs`) -> every TTA view set at once (`view_set_probs`), or a view set only where
+the first view is unsure (`gated_probs`). Ensembles over runs and the submission are built on these
+in predict.py; a finished fold's model is loaded here, and compiled where the device policy says
+(`for_inference`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 
 import numpy as np
 import torch
@@ -66,13 +68,14 @@ def for_inference(models: list[Classifier], policy: Policy, forwards: int, batch
 
 
 def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list, policy: Policy) -> torch.Tensor:
-    """Mean softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32."""
+    """Mean softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32.
+    A view listed twice weighs twice, predicted once."""
     probs = 0
     for model in models:
-        for view in views:
+        for view, weight in Counter(views).items():
             with policy.autocast():
                 logits = model(tta_view(batch, view))
-            probs = probs + logits.float().softmax(1)
+            probs = probs + weight * logits.float().softmax(1)
     return probs / (len(models) * len(views))
 
 
@@ -86,7 +89,7 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
     if training:
         raise ValueError(f"stream_probs needs models in eval mode; call .eval() on {', '.join(training)} first")
     out, device = None, policy.device
-    forwards = len(models) * len(views)  # what the progress counts: images x views x models
+    forwards = len(models) * len(set(views))  # what the progress counts: images x views x models
     with contextlib.nullcontext(bar) if bar is not None else \
             tqdm(total=len(images) * forwards, desc=desc, unit="img", unit_scale=True, disable=desc is None) as bar:
         for start in range(0, len(images), CHUNK):
@@ -102,6 +105,24 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
 
 
 DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for view in view_set))
+
+
+@torch.no_grad()
+def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, gate: float,
+                policy: Policy, batch_size: int = PREDICT_BATCH, desc: str | None = None) -> tuple[torch.Tensor, int]:
+    """stream_probs with `views` where the first view alone is unsure, and the first view's elsewhere:
+    every image goes through `views[0]`; those whose top probability there is under `gate` through
+    the other views too, and get the mean over all of `views`. Returns the probabilities and how
+    many images took every view (the host reads which ones: one wait)."""
+    first = stream_probs(models, images, views[:1], policy, batch_size, desc and f"{desc}, first view")
+    unsure = (first.max(1).values < gate).nonzero().flatten().cpu()
+    rest = [view for view in views if view != views[0]]
+    if len(unsure) and rest:
+        chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
+        others = stream_probs(models, chosen, rest, policy, batch_size, desc and f"{desc}, other views of the unsure")
+        first_weight = (len(views) - len(rest)) / len(views)
+        first[unsure.to(first.device)] = first_weight * first[unsure.to(first.device)] + (1 - first_weight) * others
+    return first, len(unsure)
 
 
 def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,

@@ -15,7 +15,7 @@ from kaggle_cifar import budget, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
-from kaggle_cifar.inference import for_inference, load_fold_models, stream_probs
+from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, submission_frame
 
@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   tta: str | None = None, batch_size: int | None = None,
+                   gate: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
-    `run_dirs`, with the `tta` views (default: the first run's), computed as the context's device
-    policy says (in the precision measured faster, where it measures), `batch_size` images a forward
-    pass (default: the smallest of the runs' predict_batch); on every rank."""
+    `run_dirs`, with the `tta` views (default: the first run's; with a `gate`, only for the images
+    whose top probability under the first view is below it: inference.gated_probs), computed as the
+    context's device policy says (in the precision measured faster, where it measures), `batch_size`
+    images a forward pass (default: the smallest of the runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
@@ -38,20 +40,28 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
 
     rows = distributed.shard(len(images), ctx)
     policy = budget.fastest_for_inference(models, images[rows], ctx.policy)
-    models = for_inference(models, policy, (rows.stop - rows.start) * len(views), batch_size)
+    n_local, distinct = rows.stop - rows.start, len(set(views))
+    models = for_inference(models, policy, n_local * distinct, batch_size)
+    desc = "predict (images x views x folds)" if ctx.world_size == 1 else f"predict rank {ctx.rank}"
     t0 = time.perf_counter()
-    local = stream_probs(models, images[rows], views, policy, batch_size, desc="predict (images x views x folds)" if ctx.world_size == 1 else f"predict rank {ctx.rank}")
+    if gate:
+        local, unsure = gated_probs(models, images[rows], views, gate, policy, batch_size, desc)
+        forwards = n_local + unsure * (distinct - 1)
+        log.info("rank %d: gated TTA: %d of %d images (%.1f%%) under top probability %g with the first view "
+                 "took all %d views", ctx.rank, unsure, n_local, 100 * unsure / max(n_local, 1), gate, distinct)
+    else:
+        local, forwards = stream_probs(models, images[rows], views, policy, batch_size, desc), n_local * distinct
     synchronize(ctx.device)
-    seconds, n_local = time.perf_counter() - t0, rows.stop - rows.start
-    log.info("rank %d: %d images x %d views x %d folds in %.1fs (%.0f images/s per view and fold)",
-             ctx.rank, n_local, len(views), len(models), seconds, n_local * len(views) * len(models) / seconds)
+    seconds = time.perf_counter() - t0
+    log.info("rank %d: %d images, %d views an image on average, x %d folds in %.1fs (%.0f images/s per view and fold)",
+             ctx.rank, n_local, round(forwards / max(n_local, 1)), len(models), seconds, forwards * len(models) / seconds)
     return ids, distributed.gather_rows(local, len(images), ctx).cpu().numpy(), classes
 
 
 def submission_csv(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int | None = None) -> str | None:
+                   tta: str | None = None, batch_size: int | None = None, gate: float = 0.0) -> str | None:
     """The ensemble's submission CSV, validated (on rank 0; None elsewhere)."""
-    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size)
+    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, gate)
     if not ctx.is_main:
         return None
     return render(submission_frame(ids, probs, classes), ids, classes)

@@ -49,7 +49,7 @@ def headline(summary: dict) -> tuple[str, str, float] | None:
 def holdout_summary(fold_probs: list[dict[str, np.ndarray]], targets: np.ndarray) -> dict:
     """Accuracy on images no fold trained on, for each TTA view set: each fold alone, and the fold
     ensemble (probabilities averaged over folds), which is what a submission uses."""
-    names = list(fold_probs[0])
+    names = [name for name in fold_probs[0] if all(name in p for p in fold_probs)]  # older folds: fewer view sets
     return {
         "images": int(len(targets)),
         "single_fold_accuracy": {name: [accuracy(p[name], targets) for p in fold_probs] for name in names},

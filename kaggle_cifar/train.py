@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -80,6 +82,40 @@ def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
+class Mixing:
+    """timm's Mixup and CutMix of the device batch (one draw a batch, timm's "batch" mode), for the
+    first `cfg.mixup_epochs` share of the planned steps. timm draws from numpy's global generator;
+    here its draws come from a generator of the epoch's own, swapped in around each call, so a
+    resumed run replays them and nothing else's draws move. The images are blended in float and
+    rounded back to uint8: the model keeps one input dtype (one compiled graph), for a rounding
+    under half a grey level. The labels come out as probabilities, which the cross-entropy smooths
+    as it smooths hard ones (smoothing is linear: the same as timm's smoothed mixed targets)."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int):
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=0.0, num_classes=num_classes)
+        self.share = cfg.mixup_epochs
+        self.state = None
+
+    def epoch(self, seed: int, first_step: int, total_steps: int) -> "Mixing | None":
+        """This mixing, seeded for an epoch whose first step is `first_step` of `total_steps`, or
+        None if that epoch trains on clean images."""
+        if first_step >= self.share * total_steps:
+            return None
+        self.state = np.random.RandomState(seed).get_state()
+        return self
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outer = np.random.get_state()
+        np.random.set_state(self.state)
+        try:
+            mixed, probabilities = self.mixup(images.float(), targets)
+        finally:
+            self.state = np.random.get_state()
+            np.random.set_state(outer)
+        return mixed.round_().to(torch.uint8), probabilities
+
+
 @dataclass
 class Training:
     """Everything a training step changes, and what last.pt saves of it."""
@@ -93,6 +129,7 @@ class Training:
     criterion: torch.nn.Module
     batch_size: int
     steps_per_epoch: int
+    mixing: Mixing | None = None
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss and logits, its (scaled) gradients computed. Where the compiled step
@@ -190,6 +227,8 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     model = policy.place(initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images))
     optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype, policy.muon_buckets)
     batch_size = min(cfg.batch_size, len(data.train_targets))
+    if cfg.mixup or cfg.cutmix:  # timm's Mixup takes even batches (a fold smaller than one drops an image)
+        batch_size -= batch_size % 2
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = one_cycle(optimizer, cfg, steps_of(epochs or cfg.epochs, steps_per_epoch))
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.loss_scaling)
@@ -198,7 +237,9 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step_model = policy.compiled(model, backend) if policy.compile_training else model
-    return Training(model, step_model, policy, optimizer, scheduler, scaler, ema, criterion, batch_size, steps_per_epoch)
+    mixing = Mixing(cfg, len(data.classes)) if cfg.mixup or cfg.cutmix else None
+    return Training(model, step_model, policy, optimizer, scheduler, scaler, ema, criterion, batch_size, steps_per_epoch,
+                    mixing)
 
 
 def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
@@ -233,6 +274,8 @@ def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, ste
     order = torch.randperm(len(data.train_targets), device=device, generator=generator)
     batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)[:steps]
     flips = epoch_flips(cfg, data, epoch)
+    mixing = t.mixing and t.mixing.epoch(run_seed(cfg, data.fold, epoch), epoch * t.steps_per_epoch,
+                                         t.scheduler.total_steps)
     host_batches = host.epoch(list(batches.cpu().numpy()), run_seed(cfg, data.fold, epoch)) if host else None
     for step, idx in enumerate(batches):
         if host_batches is None:
@@ -241,7 +284,8 @@ def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, ste
             t_wait = time.perf_counter()
             images = next(host_batches).to(device, non_blocking=True)
             waited[0] += (time.perf_counter() - t_wait) if step else 0.0
-        yield augment(images, cfg, generator, None if flips is None else flips[idx]), data.train_targets[idx]
+        images, targets = augment(images, cfg, generator, None if flips is None else flips[idx]), data.train_targets[idx]
+        yield mixing(images, targets) if mixing else (images, targets)
 
 
 def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm,
@@ -264,7 +308,8 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
         loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
         loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
-        correct += torch.where(step_skipped, 0, (logits.argmax(1) == targets).sum())
+        labels = targets.argmax(1) if targets.ndim > 1 else targets  # a mixed batch: each image's larger share
+        correct += torch.where(step_skipped, 0, (logits.argmax(1) == labels).sum())
         skipped += step_skipped
         bar.update(t.batch_size)
     if hasattr(t.optimizer, "sync_lookahead"):  # Lookahead's slow weights end the epoch: evaluated, saved, resumed from

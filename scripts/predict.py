@@ -19,7 +19,13 @@ def main() -> int:
     cli.add_io_flags(parser, of_the_run=True)
     cli.add_device_flags(parser)
     parser.add_argument("--tta", default=None,
-                        help="test-time views: none (1), flip (2), flip_translate (6) (default: the --tta of --run-dir's run)")
+                        help="test-time views: none (1), flip (2), flip_translate (6), flip_translate_weighted (the 6, "
+                             "the untranslated pair weighing as much as the 4 shifted views) (default: the --tta of "
+                             "--run-dir's run)")
+    parser.add_argument("--tta-gate", type=cli.probability, default=0.0, metavar="P",
+                        help="the other views only for images whose top probability under the first (untranslated, "
+                             "unflipped) view is below P; the rest keep that view's prediction (default 0: every "
+                             "view on every image)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
@@ -43,7 +49,7 @@ def main() -> int:
     try:
         cli.resolve_paths(args, ctx)
         csv = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
-                             args.batch_size)
+                             args.batch_size, args.tta_gate)
     finally:
         distributed.teardown(ctx)
     if csv is not None:

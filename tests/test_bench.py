@@ -47,3 +47,14 @@ def test_the_gpu_estimate_counts_each_muon_step_on_each_gpu():
         ("| H100 SXM", "timm's"), ("| H100 SXM", "batched (3)"), ("| H100 SXM", "batched (per shape)"),
         ("| T4", "timm's"), ("| T4", "batched (per shape)"), ("| T4", "batched (3)")]
     assert "Not measured on a GPU." in out
+
+
+def test_the_tta_gate_table_scores_every_view_set_and_gate_on_the_holdout(competition, tmp_path):
+    run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
+               *TINY, "--holdout", "12")
+    out = bench("tta_gate.py", "--run-dir", str(tmp_path / "run"), "--gates", "0.5", "1.0")
+    table = out[out.index("| views |"):].splitlines()
+    rows = [row.split(" | ")[:2] for row in table[2:]]
+    assert rows == [[f"| {name}", gate] for name in ("flip", "flip_translate", "flip_translate_weighted")
+                    for gate in ("-", "0.5", "1.0")]
+    assert "12 holdout images" in out

@@ -34,8 +34,9 @@ def weights(path):
 
 
 @pytest.mark.parametrize("changes", [{"auto_augment": "randaugment"},  # its per-image draws must replay too
-                                     {"optimizer": "lookahead_muon"}],  # its slow weights and step count too
-                         ids=["randaugment", "lookahead"])
+                                     {"optimizer": "lookahead_muon"},  # its slow weights and step count too
+                                     {"mixup": 0.4, "cutmix": 1.0, "mixup_epochs": 0.75}],  # timm's numpy draws too
+                         ids=["randaugment", "lookahead", "mixup_cutmix"])
 def test_killed_run_resumes_to_the_same_weights(small, tmp_path, monkeypatch, changes):
     cfg = dataclasses.replace(CFG, **changes)
     run(cfg, small, tmp_path / "straight")
