@@ -67,21 +67,25 @@ def for_inference(models: list[Classifier], policy: Policy, forwards: int, batch
     return [FrozenForward(model, batch_size, policy).eval() for model in models]
 
 
-def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list, policy: Policy) -> torch.Tensor:
+def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list, policy: Policy,
+                weights: list[float] | None = None) -> torch.Tensor:
     """Mean softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32.
-    A view listed twice weighs twice, predicted once."""
+    A view listed twice weighs twice, predicted once; `weights` (summing to 1) weigh the models,
+    equal by default."""
+    weights = weights or [1 / len(models)] * len(models)
     probs = 0
-    for model in models:
-        for view, weight in Counter(views).items():
+    for model, model_weight in zip(models, weights, strict=True):
+        for view, count in Counter(views).items():
             with policy.autocast():
                 logits = model(tta_view(batch, view))
-            probs = probs + weight * logits.float().softmax(1)
-    return probs / (len(models) * len(views))
+            probs = probs + (model_weight * count / len(views)) * logits.float().softmax(1)
+    return probs
 
 
 @torch.no_grad()
 def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, policy: Policy,
-                 batch_size: int = PREDICT_BATCH, desc: str | None = None, bar: tqdm | None = None) -> torch.Tensor:
+                 batch_size: int = PREDICT_BATCH, desc: str | None = None, bar: tqdm | None = None,
+                 weights: list[float] | None = None) -> torch.Tensor:
     """batch_probs of every image of a host array or device tensor, streamed in chunks: (N, C) on
     the policy's device.
     The models must be in eval mode (BatchNorm's running statistics, no dropout)."""
@@ -96,7 +100,7 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
             chunk = images[start:start + CHUNK]
             chunk = (to_device(chunk, device) if isinstance(chunk, np.ndarray) else chunk.to(device)).permute(0, 3, 1, 2)
             for b in range(0, len(chunk), batch_size):
-                probs = batch_probs(models, chunk[b:b + batch_size], views, policy)
+                probs = batch_probs(models, chunk[b:b + batch_size], views, policy, weights)
                 if out is None:
                     out = torch.empty((len(images), probs.shape[1]), dtype=torch.float32, device=device)
                 out[start + b:start + b + len(probs)] = probs
@@ -109,17 +113,19 @@ DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for 
 
 @torch.no_grad()
 def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, gate: float,
-                policy: Policy, batch_size: int = PREDICT_BATCH, desc: str | None = None) -> tuple[torch.Tensor, int]:
+                policy: Policy, batch_size: int = PREDICT_BATCH, desc: str | None = None,
+                weights: list[float] | None = None) -> tuple[torch.Tensor, int]:
     """stream_probs with `views` where the first view alone is unsure, and the first view's elsewhere:
     every image goes through `views[0]`; those whose top probability there is under `gate` through
     the other views too, and get the mean over all of `views`. Returns the probabilities and how
     many images took every view (the host reads which ones: one wait)."""
-    first = stream_probs(models, images, views[:1], policy, batch_size, desc and f"{desc}, first view")
+    first = stream_probs(models, images, views[:1], policy, batch_size, desc and f"{desc}, first view", weights=weights)
     unsure = (first.max(1).values < gate).nonzero().flatten().cpu()
     rest = [view for view in views if view != views[0]]
     if len(unsure) and rest:
         chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
-        others = stream_probs(models, chosen, rest, policy, batch_size, desc and f"{desc}, other views of the unsure")
+        others = stream_probs(models, chosen, rest, policy, batch_size, desc and f"{desc}, other views of the unsure",
+                              weights=weights)
         first_weight = (len(views) - len(rest)) / len(views)
         first[unsure.to(first.device)] = first_weight * first[unsure.to(first.device)] + (1 - first_weight) * others
     return first, len(unsure)

@@ -1,7 +1,7 @@
-"""The test set's prediction: the fold ensemble of one or more finished runs (every fold weighs the
-same) with test-time views, sharded over torchrun ranks; then the submission CSV. The test cache is
-streamed to the device in large chunks and every fold model stays resident, so each chunk crosses
-the bus once."""
+"""The test set's prediction: the fold ensemble of one or more finished runs (every fold weighing
+the same, or each run as its out-of-fold predictions say) with test-time views, sharded over
+torchrun ranks; then the submission CSV. The test cache is streamed to the device in large chunks
+and every fold model stays resident, so each chunk crosses the bus once."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
 from kaggle_cifar import budget, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
+from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, submission_frame
@@ -22,17 +25,56 @@ from kaggle_cifar.submission import render, submission_frame
 log = logging.getLogger(__name__)
 
 
+def blend_weights(probs: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
+    """The weights (non-negative, summing to 1) whose blend of the models' probabilities of the same
+    images has the least log loss on `targets`. The loss is convex in the weights, so torch's L-BFGS
+    on their softmax parameters finds its minimum."""
+    true = torch.tensor(np.stack([p[np.arange(len(targets)), targets] for p in probs]), dtype=torch.float64)
+    theta = torch.zeros(len(probs), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = -(theta.softmax(0) @ true).clamp_min(1e-12).log().mean()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return theta.detach().softmax(0).numpy()
+
+
+def oof_weights(runs: list[RunDir], classes: list[str]) -> np.ndarray:
+    """Each run's weight, fitted on the out-of-fold probabilities of the runs (blend_weights): every
+    run must hold out the same images in the same folds, so that they score the same images."""
+    for run in runs[1:]:
+        if not run.split_is(runs[0].folds_csv()):
+            raise RunDirError(f"--weights oof: {run} holds out other images than {runs[0]} (their folds.csv differ): "
+                              f"weights fitted on out-of-fold predictions need the same split (the same --folds, "
+                              f"--holdout and --seed); use --weights equal")
+    frames = [run.read_oof_csv() for run in runs]
+    targets = pd.Categorical(frames[0]["label"], categories=classes).codes
+    weights = blend_weights([f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], targets)
+    log.info("ensemble weights fitted on %d out-of-fold predictions: %s", len(targets),
+             ", ".join(f"{run} {w:.3f}" for run, w in zip(runs, weights)))
+    return weights
+
+
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int | None = None,
-                   gate: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   tta: str | None = None, batch_size: int | None = None, gate: float = 0.0,
+                   weights: str = "equal") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
-    `run_dirs`, with the `tta` views (default: the first run's; with a `gate`, only for the images
-    whose top probability under the first view is below it: inference.gated_probs), computed as the
-    context's device policy says (in the precision measured faster, where it measures), `batch_size`
-    images a forward pass (default: the smallest of the runs' predict_batch); on every rank."""
+    `run_dirs` (`weights`: every fold the same, or each run's folds sharing its weight fitted on the
+    runs' OOF predictions: oof_weights), with the `tta` views (default: the first run's; with a
+    `gate`, only for the images whose top probability under the first view is below it:
+    inference.gated_probs), computed as the context's device policy says (in the precision measured
+    faster, where it measures), `batch_size` images a forward pass (default: the smallest of the
+    runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
+    run_weights = oof_weights(runs, classes) if weights == "oof" else [1.0] * len(runs)
+    model_weights = np.concatenate([np.full(cfg.folds, w) for w, (cfg, _) in zip(run_weights, configs)])
+    model_weights = list(model_weights / model_weights.sum())
     ids, images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
     models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.policy)]
     views = TTA_VIEWS[tta or configs[0][0].tta]
@@ -45,12 +87,13 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     desc = "predict (images x views x folds)" if ctx.world_size == 1 else f"predict rank {ctx.rank}"
     t0 = time.perf_counter()
     if gate:
-        local, unsure = gated_probs(models, images[rows], views, gate, policy, batch_size, desc)
+        local, unsure = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights)
         forwards = n_local + unsure * (distinct - 1)
         log.info("rank %d: gated TTA: %d of %d images (%.1f%%) under top probability %g with the first view "
                  "took all %d views", ctx.rank, unsure, n_local, 100 * unsure / max(n_local, 1), gate, distinct)
     else:
-        local, forwards = stream_probs(models, images[rows], views, policy, batch_size, desc), n_local * distinct
+        local = stream_probs(models, images[rows], views, policy, batch_size, desc, weights=model_weights)
+        forwards = n_local * distinct
     synchronize(ctx.device)
     seconds = time.perf_counter() - t0
     log.info("rank %d: %d images, %d views an image on average, x %d folds in %.1fs (%.0f images/s per view and fold)",
@@ -59,9 +102,10 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
 
 
 def submission_csv(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
-                   tta: str | None = None, batch_size: int | None = None, gate: float = 0.0) -> str | None:
+                   tta: str | None = None, batch_size: int | None = None, gate: float = 0.0,
+                   weights: str = "equal") -> str | None:
     """The ensemble's submission CSV, validated (on rank 0; None elsewhere)."""
-    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, gate)
+    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, gate, weights)
     if not ctx.is_main:
         return None
     return render(submission_frame(ids, probs, classes), ids, classes)

@@ -29,6 +29,10 @@ def main() -> int:
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")
+    parser.add_argument("--weights", choices=["equal", "oof"], default="equal",
+                        help="how the runs of an --ensemble weigh: equal (every fold the same) or oof (each run's "
+                             "weight fitted on the runs' out-of-fold predictions by least log loss; the runs must "
+                             "share their fold split)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=None,
                         help=f"inference batch size (default: {PREDICT_BATCH}, fewer for runs with a larger "
                              "--image-size: the smallest of their configs' predict_batch)")
@@ -49,7 +53,7 @@ def main() -> int:
     try:
         cli.resolve_paths(args, ctx)
         csv = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
-                             args.batch_size, args.tta_gate)
+                             args.batch_size, args.tta_gate, args.weights)
     finally:
         distributed.teardown(ctx)
     if csv is not None:

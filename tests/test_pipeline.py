@@ -22,7 +22,8 @@ from kaggle_cifar.data import cached_images
 from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import load_fold_models, stream_probs
-from kaggle_cifar.predict import ensemble_probs
+from kaggle_cifar.predict import blend_weights, ensemble_probs, oof_weights
+from kaggle_cifar.report import nll
 from kaggle_cifar.rundir import RunDir, run_meta
 
 CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision makes every run
@@ -217,9 +218,47 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
     sub = pd.read_csv(io.StringIO(proc.stdout))
     assert sub["label"].tolist() == np.asarray(classes)[probs.argmax(1)].tolist()
 
+    with pytest.raises(RunDirError, match=r"--weights oof: .* holds out other images than .*use --weights equal"):
+        ensemble_probs(competition, [a, b], cache, cpu, weights="oof")  # 2 folds against 3
     (b / "classes.json").write_text(json.dumps(["ant", "bee", "cow"]) + "\n")
     with pytest.raises(RunDirError, match=r"trained on the classes \['ant', 'bee', 'cow'\]"):
         ensemble_probs(competition, [a, b], cache, cpu)
+
+
+def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_path):
+    """Runs with the same fold split (another width here) weigh as their OOF blend fits, each run's
+    folds sharing its weight; the weights are logged."""
+    a, c = tmp_path / "a", tmp_path / "c"
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
+    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(c), *TINY, "--width", "4", "--epochs", "1")
+    cpu, cache = distributed.setup("cpu"), competition / ".cache"
+    weights = oof_weights([RunDir(a), RunDir(c)], json.loads((a / "classes.json").read_text()))
+    assert weights.sum() == pytest.approx(1) and weights[0] != pytest.approx(0.5, abs=0.01)
+    probs_a, probs_c = (ensemble_probs(competition, [run], cache, cpu)[1] for run in (a, c))
+    blended = ensemble_probs(competition, [a, c], cache, cpu, weights="oof")[1]
+    np.testing.assert_allclose(blended, weights[0] * probs_a + weights[1] * probs_c, atol=1e-6)
+    proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
+                      "--weights", "oof")
+    assert f"ensemble weights fitted on 60 out-of-fold predictions: {a} {weights[0]:.3f}, {c} {weights[1]:.3f}" \
+        in proc.stderr
+
+
+def test_blend_weights_find_the_least_log_loss():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 400)
+    truth = np.eye(3)[targets]
+    good = 0.7 * truth + 0.1  # right with 0.8
+    noise = rng.dirichlet(np.ones(3), 400)
+    first = np.arange(400)[:, None] < 100  # sure of a quarter of the images, unsure of the rest
+    sure_early = np.where(first, 0.9 * truth + 0.1 / 3, 1 / 3)
+    sure_late = np.where(first, 1 / 3, 0.6 * truth + 0.4 / 3)
+    assert blend_weights([good, noise], targets)[0] > 0.95
+    weights = blend_weights([sure_early, sure_late], targets)
+    grid = np.linspace(0, 1, 1001)
+    losses = [nll(w * sure_early + (1 - w) * sure_late, targets) for w in grid]
+    assert nll(weights[0] * sure_early + weights[1] * sure_late, targets) <= min(losses) + 1e-6
+    # 100 log(1/3 + 0.6 w) + 300 log(0.6 + 0.4/3 - 0.4 w) is largest at w = 1/24: a mixture, not one model
+    assert weights[0] == pytest.approx(1 / 24, abs=1e-3)
 
 
 def test_runs_are_compared_in_one_table_and_one_picture(competition, tmp_path):
