@@ -61,15 +61,16 @@ def describe(summary: dict, tta: str) -> str:
     """The report as a short text table: the TTA gain per fold, and the ensemble gain on the holdout."""
     by_tta = summary["fold_accuracy_by_tta"]
     names = list(by_tta)
+    width = {n: max(8, len(n) + 2) for n in names}  # a column a view set, as wide as its name
     estimate = headline(summary)
     if estimate is None:
         lines = ["no accuracy estimate: a full fit (--folds 1) without --holdout holds no image out"]
     else:
         name, what, value = estimate
         lines = [f"{name} accuracy ({what}, TTA {tta}): {value:.4f}",
-                 f"{'held-out accuracy, TTA:':<34}" + "".join(f"{n:>16}" for n in names)]
+                 f"{'held-out accuracy, TTA:':<34}" + "".join(f"{n:>{width[n]}}" for n in names)]
         for fold in range(len(summary["fold_accuracy"])):
-            lines.append(f"{f'  fold {fold}':<34}" + "".join(f"{by_tta[n][fold]:>16.4f}" for n in names))
+            lines.append(f"{f'  fold {fold}':<34}" + "".join(f"{by_tta[n][fold]:>{width[n]}.4f}" for n in names))
     if "time_budget" in summary:
         spent = summary["time_budget"]
         lines.append(f"time budget {spent['budget_s']:.0f} s, used {spent['used_s']:.0f} s "
@@ -78,6 +79,6 @@ def describe(summary: dict, tta: str) -> str:
         holdout = summary["holdout"]
         single = holdout["single_fold_accuracy"]
         lines.append(f"holdout ({holdout['images']:,} images no fold trained on):")
-        lines.append(f"{'  single fold (mean over folds)':<34}" + "".join(f"{np.mean(single[n]):>16.4f}" for n in names))
-        lines.append(f"{'  fold ensemble':<34}" + "".join(f"{holdout['ensemble_accuracy'][n]:>16.4f}" for n in names))
+        lines.append(f"{'  single fold (mean over folds)':<34}" + "".join(f"{np.mean(single[n]):>{width[n]}.4f}" for n in names))
+        lines.append(f"{'  fold ensemble':<34}" + "".join(f"{holdout['ensemble_accuracy'][n]:>{width[n]}.4f}" for n in names))
     return "\n".join(lines)

@@ -95,8 +95,10 @@ def test_report_pictures_are_made_by_training_and_by_report_script(competition, 
             assert image.size[0] > 300 and image.size[1] > 150
             assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
         p.unlink()
-    proc = run_script("report.py", str(run))  # the run dir alone: it knows its input
-    assert len(proc.stdout.split()) == 4 and all((run / "report" / p.name).exists() for p in pictures)
+    proc = run_script("report.py", "--run-dir", str(run))  # the run dir alone: it knows its input
+    assert proc.stdout.startswith("CV accuracy (out-of-fold, TTA flip_translate): ")  # the report as training ended it
+    assert {Path(line).name for line in proc.stdout.splitlines()[-4:]} == {p.name for p in pictures}
+    assert all(p.exists() for p in pictures)
 
 
 def test_config_round_trips_and_flags_override_it(competition, tmp_path):
