@@ -1,7 +1,9 @@
 """torch.distributed under torchrun, and the single-process case as world size 1.
 
 Folds are independent, so ranks split whole folds (fold i on rank i mod N) and shards of the test
-set; no gradient is ever all-reduced. NCCL on GPUs, gloo on CPU (so tests run 2 processes here)."""
+set; no gradient is ever all-reduced. NCCL on GPUs, gloo on CPU (so tests run 2 processes here).
+Under `torchrun --max-restarts` a failed rank's whole group is started again and every fold resumes
+from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from kaggle_cifar import device as devices
+from kaggle_cifar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,13 @@ def setup(device: str | None = None, precision: str = "auto", compile: bool | No
     device.select) and how it computes there (device.Policy)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Workers restarted on torchrun's shared rendezvous store: of 3 restarts in a row after a killed
+        # rank (torch 2.14.1, gloo) one failed to connect and two hung; with a store of their own for
+        # each attempt, 3 of 3 resumed (bench/RESULTS.md).
+        raise ConfigError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                          "environment: on torchrun's shared store a restarted process group can fail to connect or "
+                          "hang; e.g. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 3 ...")
     device = devices.select(device, local_rank, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
