@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, make_competition, run_script
 
 
 def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node=2"),
@@ -57,6 +57,21 @@ sys.meta_path.insert(0, KillRank1())
 """
 
 
+# float32: in bf16 the rounding depends on the thread count, which differs (2 threads against 1 each).
+# SGD: its update is linear in the gradient, so two ranks' gradients, averaged in another order,
+# stay within float32 rounding of one process's; Muon's Newton-Schulz iterations amplify those bits.
+SETTINGS = [*TINY, "--precision", "float32", "--optimizer", "sgd"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, Path]:
+    """A competition, and a run of it in one process: what every launch below must reproduce."""
+    root = tmp_path_factory.mktemp("one_process")
+    competition = make_competition(root / "input")
+    run_script("train_folds.py", "--input", str(competition), *SETTINGS, "--run-dir", str(root / "single"))
+    return competition, root / "single"
+
+
 def same_weights(a: Path, b: Path, folds: int = 2) -> None:
     for fold in range(folds):
         x = torch.load(a / f"fold{fold}" / "model.pt", weights_only=True)["model"]
@@ -65,13 +80,9 @@ def same_weights(a: Path, b: Path, folds: int = 2) -> None:
             torch.testing.assert_close(y[name], x[name], msg=name)
 
 
-def test_two_processes_give_the_same_run_and_submission_as_one(competition, tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    # float32: in bf16 the rounding depends on the thread count, which differs (2 threads against 1 each).
-    # SGD: its update is linear in the gradient, so two ranks' gradients, averaged in another order,
-    # stay within float32 rounding of one process's; Muon's Newton-Schulz iterations amplify those bits.
-    flags = ["--input", str(competition), *TINY, "--precision", "float32", "--optimizer", "sgd"]
-    run_script("train_folds.py", *flags, "--run-dir", str(single))
+def test_two_processes_give_the_same_run_and_submission_as_one(one_process, tmp_path):
+    (competition, single), multi = one_process, tmp_path / "multi"
+    flags = ["--input", str(competition), *SETTINGS]
     torchrun("train_folds.py", *flags, "--run-dir", str(multi))
     same_weights(single, multi)
     pd.testing.assert_frame_equal(pd.read_csv(multi / "oof.csv"), pd.read_csv(single / "oof.csv"), atol=1e-5)
@@ -83,10 +94,9 @@ def test_two_processes_give_the_same_run_and_submission_as_one(competition, tmp_
     assert np.array_equal(pd.read_csv(multi / "folds.csv"), pd.read_csv(single / "folds.csv"))
 
 
-def test_a_rank_killed_mid_fold_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(competition, tmp_path):
-    single, restarted = tmp_path / "single", tmp_path / "restarted"
-    flags = ["--input", str(competition), *TINY, "--precision", "float32", "--optimizer", "sgd"]
-    run_script("train_folds.py", *flags, "--run-dir", str(single))
+def test_a_rank_killed_mid_fold_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(one_process, tmp_path):
+    (competition, single), restarted = one_process, tmp_path / "restarted"
+    flags = ["--input", str(competition), *SETTINGS]
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_RANK_1)
     proc = torchrun("train_folds.py", *flags, "--run-dir", str(restarted),
@@ -101,12 +111,11 @@ def test_a_rank_killed_mid_fold_is_restarted_by_torchrun_and_the_run_ends_as_an_
     pd.testing.assert_frame_equal(pd.read_csv(restarted / "oof.csv"), pd.read_csv(single / "oof.csv"), atol=1e-5)
 
 
-def test_two_machines_on_one_run_dir_each_train_their_folds(competition, tmp_path):
+def test_two_machines_on_one_run_dir_each_train_their_folds(one_process, tmp_path):
     """Two torchrun launchers meeting at one rendezvous address, as two nodes would (here both on
     the loopback address), one process each: the folds split over the nodes as over local ranks."""
-    single, nodes = tmp_path / "single", tmp_path / "nodes"
-    flags = ["--input", str(competition), *TINY, "--precision", "float32", "--optimizer", "sgd"]
-    run_script("train_folds.py", *flags, "--run-dir", str(single))
+    (competition, single), nodes = one_process, tmp_path / "nodes"
+    flags = ["--input", str(competition), *SETTINGS]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
