@@ -208,7 +208,7 @@ class TrainConfig:
             ("cutout", self.cutout >= 0, "0 or more"),
             ("mixup", self.mixup >= 0, "0 or more"),
             ("cutmix", self.cutmix >= 0, "0 or more"),
-            ("batch_size", self.batch_size % 2 == 0 or not (self.mixup or self.cutmix),
+            ("batch_size", self.batch_size % 2 == 0 or not self.mixes,
              "even with --mixup or --cutmix (timm's Mixup takes even batches)"),
             ("mixup_prob", 0 <= self.mixup_prob <= 1, "in [0, 1]"),
             ("mixup_switch_prob", 0 <= self.mixup_switch_prob <= 1, "in [0, 1]"),
@@ -229,6 +229,11 @@ class TrainConfig:
         if self.arch not in ARCHS and not _is_timm_model(self.arch):
             problems.insert(0, f"arch must be {' or '.join(ARCHS)} or a timm model name" + _did_you_mean(self.arch))
         return problems
+
+    @property
+    def mixes(self) -> bool:
+        """Training mixes images, with --mixup or --cutmix (train.Mixing)."""
+        return bool(self.mixup or self.cutmix)
 
     @property
     def predict_batch(self) -> int:

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from kaggle_cifar import budget, distributed, plots, probe
-from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration, parse_duration
 from kaggle_cifar.data import Labels, load_test, load_train
 from kaggle_cifar.device import Policy
@@ -23,7 +22,7 @@ from kaggle_cifar.folds import HOLDOUT, DeviceTrainSet, FoldData, fold_split, he
 from kaggle_cifar.host_augment import load_pipeline
 from kaggle_cifar.model import check_forward
 from kaggle_cifar.pseudo import open_teacher, with_pseudo_labels
-from kaggle_cifar.report import holdout_summary, oof_summary
+from kaggle_cifar.report import holdout_summary, oof_summary, view_sets_of_every
 from kaggle_cifar.rundir import FoldDir, RunDir, folds_table
 from kaggle_cifar.train import Progress, train_fold
 
@@ -189,7 +188,7 @@ def write_oof_report(run: RunDir, cfg: TrainConfig, labels: Labels, fold_of: np.
             probs[scored_by[scored] == fold_dir.fold] = fold_dir.read_oof()
     summary = oof_summary(probs, targets, scored_by[scored], labels.classes, full_fit=cfg.full_fit)
     results = [fold_dir.read_result() for fold_dir in folds]
-    every_fold = [name for name in TTA_VIEWS if all(name in r["accuracy_by_tta"] for r in results)]  # older folds: fewer
+    every_fold = view_sets_of_every([r["accuracy_by_tta"] for r in results])
     summary["fold_accuracy_by_tta"] = {name: [r["accuracy_by_tta"][name] for r in results] for name in every_fold} \
         if scored.any() else {}
     if policy is not None:  # the device line the run started with; the precision each fold trained in

@@ -14,7 +14,6 @@ import torch
 
 from kaggle_cifar import device as devices
 from kaggle_cifar import distributed, probe
-from kaggle_cifar.probe import GiB
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.budget import fastest_precision
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration
@@ -22,8 +21,8 @@ from kaggle_cifar.cv import check_input
 from kaggle_cifar.errors import EXPECTED_ERRORS
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.inference import batch_probs, stream_probs
+from kaggle_cifar.probe import GiB
 from kaggle_cifar.train import build_training, evaluate, train_step
-
 
 
 @dataclass

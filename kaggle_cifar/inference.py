@@ -126,8 +126,8 @@ def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor
         chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
         others = stream_probs(models, chosen, rest, policy, batch_size, desc and f"{desc}, other views of the unsure",
                               weights=weights)
-        first_weight = (len(views) - len(rest)) / len(views)
-        first[unsure.to(first.device)] = first_weight * first[unsure.to(first.device)] + (1 - first_weight) * others
+        first_weight, at = (len(views) - len(rest)) / len(views), unsure.to(first.device)
+        first[at] = first_weight * first[at] + (1 - first_weight) * others
     return first, len(unsure)
 
 

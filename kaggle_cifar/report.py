@@ -46,10 +46,16 @@ def headline(summary: dict) -> tuple[str, str, float] | None:
     return next(((*ESTIMATES[key], summary[key]) for key in ESTIMATES if key in summary), None)
 
 
+def view_sets_of_every(per_fold: list[dict]) -> list[str]:
+    """The TTA view sets every fold has a figure or prediction for, in the first fold's order (the
+    order of augment.TTA_VIEWS): a fold finished by an older version has fewer."""
+    return [name for name in per_fold[0] if all(name in fold for fold in per_fold)]
+
+
 def holdout_summary(fold_probs: list[dict[str, np.ndarray]], targets: np.ndarray) -> dict:
     """Accuracy on images no fold trained on, for each TTA view set: each fold alone, and the fold
     ensemble (probabilities averaged over folds), which is what a submission uses."""
-    names = [name for name in fold_probs[0] if all(name in p for p in fold_probs)]  # older folds: fewer view sets
+    names = view_sets_of_every(fold_probs)
     return {
         "images": int(len(targets)),
         "single_fold_accuracy": {name: [accuracy(p[name], targets) for p in fold_probs] for name in names},

@@ -227,7 +227,7 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     model = policy.place(initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images))
     optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype, policy.muon_buckets)
     batch_size = min(cfg.batch_size, len(data.train_targets))
-    if cfg.mixup or cfg.cutmix:  # timm's Mixup takes even batches (a fold smaller than one drops an image)
+    if cfg.mixes:  # timm's Mixup takes even batches (a fold smaller than one drops an image)
         batch_size -= batch_size % 2
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = one_cycle(optimizer, cfg, steps_of(epochs or cfg.epochs, steps_per_epoch))
@@ -237,7 +237,7 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step_model = policy.compiled(model, backend) if policy.compile_training else model
-    mixing = Mixing(cfg, len(data.classes)) if cfg.mixup or cfg.cutmix else None
+    mixing = Mixing(cfg, len(data.classes)) if cfg.mixes else None
     return Training(model, step_model, policy, optimizer, scheduler, scaler, ema, criterion, batch_size, steps_per_epoch,
                     mixing)
 
