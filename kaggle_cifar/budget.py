@@ -26,6 +26,7 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import LEARNING_CURVES, PREDICT_BATCH, RECIPES, TrainConfig
 from kaggle_cifar.data import TrainSet
 from kaggle_cifar.device import Policy, synchronize
+from kaggle_cifar.distributed import Replicas
 from kaggle_cifar.errors import ConfigError
 from kaggle_cifar.folds import DeviceTrainSet, FoldData, fold_split
 from kaggle_cifar.inference import DISTINCT_VIEWS, for_inference, stream_probs
@@ -144,10 +145,10 @@ class Speed:
 
     @classmethod
     def of(cls, cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
-           held_out: tuple[int, int] | None = None) -> "Speed":
-        """Measured on `data` (calibrate), for a fold of `train_images` images and `held_out`
-        (validation, holdout) images, by default `data`'s."""
-        step_seconds, image_seconds = calibrate(cfg, data, policy)
+           held_out: tuple[int, int] | None = None, replicas: Replicas = Replicas()) -> "Speed":
+        """Measured on `data` (calibrate, with the fold's `replicas`), for a fold of `train_images`
+        images and `held_out` (validation, holdout) images, by default `data`'s."""
+        step_seconds, image_seconds = calibrate(cfg, data, policy, replicas=replicas)
         train_images = train_images or len(data.train_targets)
         validation, holdout = held_out or (len(data.val_targets), len(data.holdout_images))
         batch = min(cfg.batch_size, train_images)
@@ -160,12 +161,15 @@ class Speed:
 
 
 def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
-                      held_out: tuple[int, int] | None = None) -> tuple[Policy, Speed]:
-    """Of the policy's precision candidates, the one whose calibration steps ran fastest here, and
-    its speed (Speed.of; the policy itself, measured, where there is no choice)."""
-    speeds = {candidate: Speed.of(cfg, data, candidate, train_images, held_out)
+                      held_out: tuple[int, int] | None = None,
+                      replicas: Replicas = Replicas()) -> tuple[Policy, Speed]:
+    """Of the policy's precision candidates, the one whose calibration steps ran fastest here (on
+    the first of the fold's `replicas`, for all of them), and its speed (Speed.of; the policy
+    itself, measured, where there is no choice)."""
+    speeds = {candidate: Speed.of(cfg, data, candidate, train_images, held_out, replicas)
               for candidate in policy.precision_candidates()}
-    fastest = min(speeds, key=lambda candidate: speeds[candidate].step_seconds)
+    order = list(speeds)
+    fastest = order[replicas.first(min(range(len(order)), key=lambda i: speeds[order[i]].step_seconds))]
     if len(speeds) > 1:
         say_fastest({c: speed.images_per_s for c, speed in speeds.items()}, fastest, "trains")
     return fastest, speeds[fastest]
@@ -304,12 +308,14 @@ WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the
 
 
 def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CALIBRATION_STEPS,
-              images: int | None = None, forward_compiled: bool = False) -> tuple[float, float]:
-    """Seconds per training step (augmentation included) and per held-out image predicted (by the
-    model compiled for inference with `forward_compiled`), measured on a throwaway copy of the
-    fold's training after a warm-up that pays for any compilation: `steps` steps, and `images`
-    held-out images (default: four training batches)."""
-    t = train.build_training(cfg, data, policy)
+              images: int | None = None, forward_compiled: bool = False,
+              replicas: Replicas = Replicas()) -> tuple[float, float]:
+    """Seconds per training step (augmentation included; the fold's `replicas` stepping together)
+    and per held-out image predicted (by the model compiled for inference with
+    `forward_compiled`), measured on a throwaway copy of the fold's training after a warm-up that
+    pays for any compilation: `steps` steps, and `images` held-out images (default: four training
+    batches)."""
+    t = train.build_training(cfg, data, policy, replicas=replicas)
     t.scheduler = train.one_cycle(t.optimizer, cfg, WARMUP_STEPS + steps)  # as long as the calibration
     device = policy.device
     generator, flips = torch.Generator(device).manual_seed(0), train.epoch_flips(cfg, data, 0)
@@ -317,8 +323,8 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CAL
     def step(i: int) -> None:
         idx = torch.randint(len(data.train_targets), (t.batch_size,), generator=generator, device=device)
         flipped = None if flips is None else flips[idx]
-        train.train_step(t, train.augment(data.train_images[idx], cfg, generator, flipped), data.train_targets[idx],
-                         i + 1)
+        train.train_step(t, *t.share(train.augment(data.train_images[idx], cfg, generator, flipped),
+                                     data.train_targets[idx]), i + 1)
 
     for i in range(WARMUP_STEPS):
         step(i)

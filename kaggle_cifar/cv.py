@@ -1,4 +1,5 @@
-"""Cross-validation: every fold of a run (fold k on rank k mod N under torchrun), then the OOF
+"""Cross-validation: every fold of a run (under torchrun spread over the ranks as
+distributed.fold_groups says), then the OOF
 report: CV accuracy (a full fit's: its holdout accuracy), per-fold and per-class accuracy, and the
 holdout's single folds against their ensemble."""
 
@@ -55,7 +56,7 @@ def check_named_files(cfg: TrainConfig) -> None:
 
 def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Path,
                 ctx: distributed.Context) -> dict | None:
-    """Train every fold this rank owns (fold k on rank k mod N); rank 0 returns the OOF report."""
+    """Train every fold this rank owns (distributed.fold_groups); rank 0 returns the OOF report."""
     started = budget.clock()
     check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
@@ -106,11 +107,12 @@ def chosen_recipe(cfg: TrainConfig, train, run: RunDir,
 
 def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ctx: distributed.Context,
                started: float, measured: Policy | None = None) -> tuple[budget.Plan | None, dict | None]:
-    """Train this rank's unfinished folds: the precision measured (unless `measured` already was)
-    and the run's time said first, from a few calibration steps of the first (and under a budget,
-    the plan made from them), then one progress bar over them all. Returns the plan and the
-    estimate with the time it actually took."""
-    mine = [run.fold(k) for k in range(ctx.rank, cfg.folds, ctx.world_size)]
+    """Train this rank's unfinished folds (with the ranks it shares them with): the precision
+    measured (unless `measured` already was) and the run's time said first, from a few calibration
+    steps of the first (and under a budget, the plan made from them), then one progress bar over
+    them all. Returns the plan and the estimate with the time it actually took."""
+    folds, replicas = distributed.fold_groups(ctx, cfg.folds)
+    mine = [run.fold(k) for k in folds]
     unfinished = [fold_dir for fold_dir in mine if not fold_dir.finished()]
     plan = None
     if cfg.time_budget:  # counted from the run's start, less what earlier sessions of it spent
@@ -120,22 +122,24 @@ def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ct
     if unfinished and (not unfinished[0].started() or ctx.policy.measure_precision):
         first = unfinished[0]
         made[first.fold] = fold_data(first)
-        if measured is not None:
+        if measured is not None and replicas.size == 1:
             policy, speed = measured, budget.Speed.of(cfg, made[first.fold], measured)
-        else:
-            policy, speed = budget.fastest_precision(cfg, made[first.fold], ctx.policy)
+        else:  # replicas measure again together: each measured the recipes alone
+            policy, speed = budget.fastest_precision(cfg, made[first.fold], ctx.policy, replicas=replicas)
         if first.started():  # a resumed fold brings its own plan: the precision alone is chosen anew
             speed = None
     if plan is not None:  # every rank agrees once, before training
         plan.make(speed, ctx.smallest) if speed is not None else ctx.smallest(math.inf)
     epochs = plan.epochs if plan is not None and plan.epochs else cfg.epochs
-    estimate = say_how_long(cfg, speed, len(unfinished), epochs, policy) if speed is not None else None
-    progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished})
+    estimate = say_how_long(cfg, speed, len(unfinished), epochs, policy) \
+        if speed is not None and replicas.writes else None  # (the first replica speaks for the fold)
+    progress = Progress({f.fold: images_per_fold(cfg, fold_of, f.fold, epochs) for f in unfinished},
+                        shown=replicas.writes)
     precision = budget.PrecisionWatch(policy)
     try:
         for fold_dir in unfinished:
             train_fold(cfg, made.pop(fold_dir.fold, None) or fold_data(fold_dir), fold_dir, precision.policy, plan,
-                       progress=progress, precision=precision)
+                       progress=progress, precision=precision, replicas=replicas)
             if plan is not None:
                 plan.fold_finished()
     finally:

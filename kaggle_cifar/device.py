@@ -194,12 +194,14 @@ class Policy:
             return model.to(self.device)
         return model.to(self.device, memory_format=torch.channels_last)
 
-    def compiled(self, model: torch.nn.Module, backend: str = "inductor", **kwargs) -> torch.nn.Module:
-        """torch.compile of a placed model; a model kept NCHW keeps inductor from choosing
-        channels_last for it (an option of this one compilation, not of the process)."""
+    def compiled(self, model: torch.nn.Module, backend: str = "inductor", wrapper: torch.nn.Module | None = None,
+                 **kwargs) -> torch.nn.Module:
+        """torch.compile of a placed model (or of `wrapper`, its DistributedDataParallel); a model
+        kept NCHW keeps inductor from choosing channels_last for it (an option of this one
+        compilation, not of the process)."""
         if backend == "inductor" and not model.input.channels_last:
             kwargs["options"] = {**kwargs.get("options", {}), "layout_optimization": False}
-        return torch.compile(model, backend=backend, **kwargs)
+        return torch.compile(wrapper if wrapper is not None else model, backend=backend, **kwargs)
 
     def where(self) -> str:
         """`cpu (AMD EPYC, 2 threads)`, `cuda:0 (Tesla T4, 7.5)`."""

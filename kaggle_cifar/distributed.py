@@ -1,9 +1,11 @@
 """torch.distributed under torchrun, and the single-process case as world size 1.
 
-Folds are independent, so ranks split whole folds (fold i on rank i mod N) and shards of the test
-set; no gradient is ever all-reduced. NCCL on GPUs, gloo on CPU (so tests run 2 processes here).
-Under `torchrun --max-restarts` a failed rank's whole group is started again and every fold resumes
-from its last checkpoint."""
+Folds are independent, so with at least as many folds as ranks the ranks split whole folds (fold k
+on rank k mod N) and no gradient is all-reduced. With more ranks than folds (a full fit on 2 GPUs),
+each fold trains on a group of N // K ranks with DistributedDataParallel, the global batch split
+among them (`fold_groups`, `Replicas`). Predictions split shards of the test set over all ranks.
+NCCL on GPUs, gloo on CPU (so tests run 2 processes here). Under `torchrun --max-restarts` a failed
+rank's whole group is started again and every fold resumes from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +67,80 @@ class Context:
         return result if self.is_main else fn()
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """The ranks that train one fold together (DistributedDataParallel): how many, this rank's place
+    among them, their process group. Each rank takes its `share` of every global batch; their
+    gradients are averaged before every step, so every replica's weights stay the same. The fold's
+    files are the first replica's to write. One rank alone is `Replicas()`."""
+    size: int = 1
+    rank: int = 0
+    group: Any = None
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def share(self, rows: int) -> slice:
+        """This replica's rows of a global batch of `rows` (a multiple of `size`)."""
+        per = rows // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the replicas (in place)."""
+        if self.size > 1:
+            dist.all_reduce(values, group=self.group)
+        return values
+
+    def first(self, value):
+        """The first replica's `value` on every replica: a decision one clock makes for the fold."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, group_src=0, group=self.group)
+        return box[0]
+
+    def wrap(self, model: torch.nn.Module, device: torch.device, unused_parameters: bool) -> torch.nn.Module:
+        """The model's replica: DistributedDataParallel averaging its gradients over the group
+        (`unused_parameters`: some weights get no gradient in some steps, as frozen ones); the model
+        itself for one rank."""
+        if self.size == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, process_group=self.group,
+            find_unused_parameters=unused_parameters)
+
+
+def rank_groups(world_size: int, folds: int) -> list[list[int]]:
+    """The groups of ranks that train folds: fold k on group k mod len(groups). One rank each while
+    there are at least as many folds as ranks (fold k on rank k mod N), else N // K ranks a fold, as
+    many as divide evenly (a rank beyond K groups of them has none)."""
+    per_fold = world_size // folds if world_size > folds else 1
+    return [list(range(g * per_fold, (g + 1) * per_fold)) for g in range(world_size // per_fold)]
+
+
+def fold_groups(ctx: "Context", folds: int) -> tuple[list[int], Replicas]:
+    """The folds this rank trains (rank_groups) and the replicas it trains them with. Every rank
+    calls it: each group's process group is made by all ranks, in one order."""
+    groups = rank_groups(ctx.world_size, folds)
+    handles = [dist.new_group(ranks, timeout=tensor_timeout(ctx.device)) if len(ranks) > 1 else None
+               for ranks in groups]
+    mine = next((g for g, ranks in enumerate(groups) if ctx.rank in ranks), None)
+    if mine is None:
+        log.warning("rank %d: no fold to train (%d ranks over %d folds train %d ranks a fold): use a multiple of %d "
+                    "ranks", ctx.rank, ctx.world_size, folds, len(groups[0]), folds)
+        return [], Replicas()
+    ranks, trained = groups[mine], list(range(mine, folds, len(groups)))
+    if len(ranks) > 1 and ctx.rank == ranks[0]:
+        log.info("rank %d: fold%s %s on ranks %d-%d (DistributedDataParallel, the batch split %d ways)", ctx.rank,
+                 "s" if len(trained) > 1 else "", ", ".join(map(str, trained)), ranks[0], ranks[-1], len(ranks))
+    return trained, Replicas(len(ranks), ranks.index(ctx.rank), handles[mine])
+
+
+def tensor_timeout(device: torch.device) -> timedelta:
+    return TENSOR_TIMEOUT if device.type == "cuda" else WAIT_TIMEOUT
+
+
 def setup(device: str | None = None, precision: str = "auto", compile: bool | None = None) -> Context:
     """Join the torchrun group if launched by torchrun; pick this process's device (see
     device.select) and how it computes there (device.Policy)."""
@@ -86,8 +163,7 @@ def setup(device: str | None = None, precision: str = "auto", compile: bool | No
     wait_group = None
     if world_size > 1:
         if not dist.is_initialized():
-            gpu = device.type == "cuda"
-            dist.init_process_group("nccl" if gpu else "gloo", timeout=TENSOR_TIMEOUT if gpu else WAIT_TIMEOUT)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=tensor_timeout(device))
         if dist.get_backend() != "gloo":
             wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     policy = devices.Policy.of(device, precision, compile)

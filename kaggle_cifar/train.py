@@ -21,6 +21,7 @@ from kaggle_cifar import checkpoint
 from kaggle_cifar.augment import TTA_VIEWS, auto_augment, cutout, flip_crop
 from kaggle_cifar.config import PREDICT_BATCH, TrainConfig
 from kaggle_cifar.device import Policy
+from kaggle_cifar.distributed import Replicas
 from kaggle_cifar.errors import TrainingDiverged, first_line
 from kaggle_cifar.folds import FoldData
 from kaggle_cifar.host_augment import HostAugmenter, workers
@@ -120,7 +121,8 @@ class Mixing:
 class Training:
     """Everything a training step changes, and what last.pt saves of it."""
     model: Classifier
-    step_model: torch.nn.Module  # the model, or its torch.compile wrapper (same parameters)
+    replica: torch.nn.Module     # the model, or its DistributedDataParallel wrapper (same parameters)
+    step_model: torch.nn.Module  # the replica, or its torch.compile wrapper
     policy: Policy
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -130,18 +132,24 @@ class Training:
     batch_size: int
     steps_per_epoch: int
     mixing: Mixing | None = None
+    replicas: Replicas = Replicas()
+
+    def share(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's rows of a global batch."""
+        rows = self.replicas.share(len(images))
+        return images[rows], targets[rows]
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss and logits, its (scaled) gradients computed. Where the compiled step
         fails (Triton on a GPU it does not support, a driver mismatch, a recompilation), that is said
         once and the fold trains on without compilation; an error of the step itself recurs there."""
-        if self.step_model is not self.model:
+        if self.step_model is not self.replica:
             try:
                 return self._forward_backward(self.step_model, inputs, targets)
             except Exception as e:  # the compiler's failures have no common type
                 log.warning("compiling the training step failed (%s): training without compilation", first_line(e))
-                self.step_model = self.model
-        return self._forward_backward(self.model, inputs, targets)
+                self.step_model = self.replica
+        return self._forward_backward(self.replica, inputs, targets)
 
     def _forward_backward(self, model: torch.nn.Module, inputs: torch.Tensor,
                           targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,14 +229,16 @@ def one_cycle(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
 
 
 def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: float | None = None,
-                   backend: str = "inductor") -> Training:
+                   backend: str = "inductor", replicas: Replicas = Replicas()) -> Training:
     """A fold's model, optimizer, schedule (over `epochs`, default cfg.epochs), scaler and EMA,
-    computed as `policy` says (compiled with `backend` when it compiles training)."""
+    computed as `policy` says (compiled with `backend` when it compiles training), trained by
+    `replicas` together: the batch is the global one, a multiple of their number."""
     model = policy.place(initial_model(cfg, len(data.classes), data.fold, data.mean, data.std, data.train_images))
     optimizer = build_optimizer(cfg, model, policy.newton_schulz_dtype, policy.muon_buckets)
     batch_size = min(cfg.batch_size, len(data.train_targets))
     if cfg.mixes:  # timm's Mixup takes even batches (a fold smaller than one drops an image)
         batch_size -= batch_size % 2
+    batch_size -= batch_size % replicas.size  # every replica's share the same size: their mean is the batch's
     steps_per_epoch = len(data.train_targets) // batch_size  # the last partial batch is dropped: fixed shapes
     scheduler = one_cycle(optimizer, cfg, steps_of(epochs or cfg.epochs, steps_per_epoch))
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.loss_scaling)
@@ -236,10 +246,11 @@ def build_training(cfg: TrainConfig, data: FoldData, policy: Policy, epochs: flo
     # run is not an average dominated by the initial weights.
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay > 0 else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step_model = policy.compiled(model, backend) if policy.compile_training else model
+    replica = replicas.wrap(model, policy.device, unused_parameters=cfg.freeze_epochs > 0)
+    step_model = policy.compiled(model, backend, replica) if policy.compile_training else replica
     mixing = Mixing(cfg, len(data.classes)) if cfg.mixes else None
-    return Training(model, step_model, policy, optimizer, scheduler, scaler, ema, criterion, batch_size, steps_per_epoch,
-                    mixing)
+    return Training(model, replica, step_model, policy, optimizer, scheduler, scaler, ema, criterion, batch_size,
+                    steps_per_epoch, mixing, replicas)
 
 
 def train_step(t: Training, inputs: torch.Tensor, targets: torch.Tensor,
@@ -268,8 +279,9 @@ def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, ste
                   host: HostAugmenter | None, waited: list[float]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's first `steps` augmented batches (inputs, targets) in an order drawn from its
     generator: the fold's device images, or with --albumentations the workers' batches (made while
-    the device trains on earlier ones), then the device's augmentation. `waited` gets the seconds
-    spent waiting for the workers after their first batch (their start-up)."""
+    the device trains on earlier ones), then the device's augmentation; of each, this replica's
+    share. `waited` gets the seconds spent waiting for the workers after their first batch (their
+    start-up)."""
     device = data.train_images.device
     order = torch.randperm(len(data.train_targets), device=device, generator=generator)
     batches = order[:t.steps_per_epoch * t.batch_size].view(t.steps_per_epoch, t.batch_size)[:steps]
@@ -284,8 +296,10 @@ def epoch_batches(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, ste
             t_wait = time.perf_counter()
             images = next(host_batches).to(device, non_blocking=True)
             waited[0] += (time.perf_counter() - t_wait) if step else 0.0
+        # Every replica augments (and mixes) the whole batch, then takes its share: each draws what one
+        # process would, so they train on one process's batch. The augmentation is a few batched ops.
         images, targets = augment(images, cfg, generator, None if flips is None else flips[idx]), data.train_targets[idx]
-        yield mixing(images, targets) if mixing else (images, targets)
+        yield t.share(*(mixing(images, targets) if mixing else (images, targets)))
 
 
 def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, bar: tqdm,
@@ -307,14 +321,17 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     for step, (inputs, targets) in enumerate(epoch_batches(t, cfg, data, epoch, steps, generator, host, waited)):
         lr = t.scheduler.get_last_lr()[0]  # the rate this step uses: the log's "lr" is the epoch's last
         loss, logits, step_skipped = train_step(t, inputs, targets, epoch * t.steps_per_epoch + step + 1)
-        loss_sum += torch.where(step_skipped, 0.0, loss * t.batch_size)
+        loss_sum += torch.where(step_skipped, 0.0, loss * len(targets))
         labels = targets.argmax(1) if targets.ndim > 1 else targets  # a mixed batch: each image's larger share
         correct += torch.where(step_skipped, 0, (logits.argmax(1) == labels).sum())
         skipped += step_skipped
         bar.update(t.batch_size)
     if hasattr(t.optimizer, "sync_lookahead"):  # Lookahead's slow weights end the epoch: evaluated, saved, resumed from
         t.optimizer.sync_lookahead()
-    loss_sum, correct, skipped = torch.stack([loss_sum, correct.float(), skipped.float()]).tolist()  # the one sync of the epoch
+    # The one sync of the epoch, summed over the replicas; each skips the same steps (the scaler checks
+    # the averaged gradients).
+    loss_sum, correct, skipped = t.replicas.total(torch.stack([loss_sum, correct.float(), skipped.float()])).tolist()
+    skipped /= t.replicas.size
     stepped = (steps - int(skipped)) * t.batch_size  # no step taken: NaN, and the fold stops
     seconds = time.perf_counter() - t0
     metrics = {"train_loss": loss_sum / stepped if stepped else math.nan,
@@ -433,9 +450,10 @@ class Progress:
     time to the end of the run. Its total is the images still planned, and changes only with the
     plan (a fold's own count replaces the estimate made for it when it starts)."""
 
-    def __init__(self, planned: dict[int, int]):
+    def __init__(self, planned: dict[int, int], shown: bool = True):
         self.planned, self.finished = dict(planned), 0  # fold -> images it trains
-        self.bar = tqdm(total=sum(self.planned.values()), unit="img", unit_scale=True, desc="training")
+        self.bar = tqdm(total=sum(self.planned.values()), unit="img", unit_scale=True, desc="training",
+                        disable=not shown)
 
     def start(self, fold: int, planned: int, trained: int) -> None:
         self.planned[fold] = planned
@@ -458,18 +476,20 @@ class Progress:
 
 def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Policy, plan=None,
                epoch_end: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
-               precision=None) -> dict:
+               precision=None, replicas: Replicas = Replicas()) -> dict | None:
     """Train (or resume, or skip if finished) one fold; return its result. With a `plan` (the
     run's budget.Plan) the fold trains the plan's epochs, which it may change at an epoch end (the
     schedule is then stretched or compressed to the new end, never cut short), instead of
     cfg.epochs. `epoch_end` sees the log rows after each epoch's checkpoint (a resumed fold's
     first) and may stop the fold by raising, as a search's pruner does. `progress` is the run's
     bar (default: one of the fold's own). `precision` (the run's budget.PrecisionWatch) may change
-    the policy at an epoch end to a precision measured faster."""
+    the policy at an epoch end to a precision measured faster. With `replicas` the fold trains on
+    several ranks together, in step: the first one's clock re-plans for all, it alone writes the
+    fold's files and returns the result (the others None)."""
     if fold_dir.finished():
         return fold_dir.read_result()
     meta = run_meta(cfg, data.classes)
-    t = build_training(cfg, data, policy, epochs=plan.epochs if plan is not None else None)
+    t = build_training(cfg, data, policy, epochs=plan.epochs if plan is not None else None, replicas=replicas)
     history = resume(t, fold_dir, meta, plan, data.fold)
     if history and epoch_end is not None:
         epoch_end(history)
@@ -481,23 +501,29 @@ def train_fold(cfg: TrainConfig, data: FoldData, fold_dir: FoldDir, policy: Poli
     progress.start(data.fold, steps * t.batch_size, len(history) * t.steps_per_epoch * t.batch_size)
     background = checkpoint.Background()
     try:
-        with tensorboard_writer(fold_dir) as board:
+        with tensorboard_writer(fold_dir) if replicas.writes else contextlib.nullcontext(None) as board:
             while (done := len(history) * t.steps_per_epoch) < steps:  # every epoch but the last is whole
                 epoch, now = len(history), min(t.steps_per_epoch, steps - done)
                 history.append(epoch_row(t, cfg, data, fold_dir, epoch, now, done + now == steps, progress.bar, host))
-                if plan is not None and done + now < steps and plan.after_epoch(epoch + 1, data.fold):
+                replanned = plan is not None and done + now < steps and plan.after_epoch(epoch + 1, data.fold)
+                if plan is not None:  # the first replica's clock re-plans for all of them
+                    replanned, plan.epochs = replicas.first((replanned, plan.epochs))
+                if replanned:
                     steps = max(done + now + 1, t.steps_for(plan.epochs))
                     t.scheduler = one_cycle(t.optimizer, cfg, steps, done + now)
                     progress.replanned(data.fold, steps * t.batch_size)
-                if precision is not None and done + now < steps and precision.after_epoch(cfg, data, history[-1]):
+                # Replicas keep the precision they started in: measured apart, their speeds could choose apart.
+                if precision is not None and replicas.size == 1 and done + now < steps \
+                        and precision.after_epoch(cfg, data, history[-1]):
                     t.use(precision.policy)
                     if plan is not None:
                         plan.speed_changed()
-                log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan, background)
+                if replicas.writes:
+                    log_and_checkpoint(fold_dir, t, meta, epoch, history, board, plan, background)
                 if epoch_end is not None:
                     epoch_end(history)
         background.wait()  # the last checkpoint on disk, or its error, before the fold can count as finished
-        result = finish(fold_dir, cfg, data, t, meta, history, plan)
+        result = finish(fold_dir, cfg, data, t, meta, history, plan) if replicas.writes else None
     finally:
         background.wait(raising=False)  # interrupted: the checkpoint handed over still completes
         if own:

@@ -58,3 +58,11 @@ def test_the_tta_gate_table_scores_every_view_set_and_gate_on_the_holdout(compet
     assert rows == [[f"| {name}", gate] for name in ("flip", "flip_translate", "flip_translate_weighted")
                     for gate in ("-", "0.5", "1.0")]
     assert "12 holdout images" in out
+
+
+def test_the_data_parallel_table_trains_one_fold_in_one_and_in_two_processes(competition):
+    out = bench("data_parallel.py", "--input", str(competition), "--epochs", "2", "--width", "4", "--batch-size", "16",
+                "--holdout", "12")
+    table = out[out.index("| processes |"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| 1", "| 2"]
+    assert "| 0.0e+00 |" in table[2]  # the first run against itself

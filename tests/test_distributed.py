@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -27,7 +28,8 @@ def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone
 
 
 # Loaded by every worker at start-up (a sitecustomize on PYTHONPATH): rank 1 of torchrun's first
-# attempt kills itself (SIGKILL, as the OOM killer or a lost node would) as fold 1 starts epoch 3.
+# attempt kills itself (SIGKILL, as the OOM killer or a lost node would) as fold 1 (or $KILL_FOLD)
+# starts epoch 3.
 KILL_RANK_1 = """
 import importlib.abc, importlib.machinery, os, signal, sys
 
@@ -44,7 +46,7 @@ class KillRank1(importlib.abc.MetaPathFinder):
             real = module.train_one_epoch
 
             def train_one_epoch(t, cfg, data, epoch, *rest, **kwargs):
-                if data.fold == 1 and epoch == 2:
+                if data.fold == int(os.environ.get("KILL_FOLD", "1")) and epoch == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return real(t, cfg, data, epoch, *rest, **kwargs)
 
@@ -131,6 +133,88 @@ def test_two_machines_on_one_run_dir_each_train_their_folds(one_process, tmp_pat
     assert (nodes / "report.json").exists()
 
 
+# A full fit on two processes, as on 2 GPUs: its one fold trains on both, the batch split between
+# them. test_convnext normalises with LayerNorm, which has no batch statistics: each replica's share
+# then gives exactly its part of one process's gradient, and any difference is rounding. (BatchNorm
+# normalises each replica's own share, as in torchvision's and timm's scripts without --sync-bn: not
+# one process's model.) Measured, relative to each tensor: Muon 5e-5 at worst and SGD 1e-6; a replica
+# training on its share alone 3.1 and 9.6 (bench/RESULTS.md).
+FULL_FIT = ["--folds", "1", "--holdout", "20", "--epochs", "4", "--batch-size", "16", "--lr", "0.05",
+            "--precision", "float32", "--arch", "test_convnext"]
+TOLERANCE = 1e-3
+
+
+def near_weights(a: Path, b: Path) -> None:
+    """Every float tensor of fold 0's model in `b` within TOLERANCE of `a`'s, relative to its size."""
+    x = torch.load(a / "fold0" / "model.pt", weights_only=True)["model"]
+    y = torch.load(b / "fold0" / "model.pt", weights_only=True)["model"]
+    for name in x:
+        if x[name].is_floating_point():
+            assert (y[name] - x[name]).norm() <= TOLERANCE * x[name].norm() + 1e-7, name
+
+
+@pytest.fixture(scope="module", params=["muon", "sgd"])
+def full_fit(request, one_process, tmp_path_factory) -> tuple[Path, list[str], Path]:
+    """A full fit in one process: the competition, the flags, the run dir."""
+    competition, flags = one_process[0], ["--input", str(one_process[0]), *FULL_FIT, "--optimizer", request.param]
+    run_dir = tmp_path_factory.mktemp("full_fit") / request.param
+    run_script("train_folds.py", *flags, "--run-dir", str(run_dir))
+    return competition, flags, run_dir
+
+
+def test_a_full_fit_on_two_processes_trains_one_processs_weights_with_the_batch_split(full_fit, tmp_path):
+    _, flags, single = full_fit
+    proc = torchrun("train_folds.py", *flags, "--run-dir", str(tmp_path / "split"))
+    assert "rank 0: fold 0 on ranks 0-1 (DistributedDataParallel, the batch split 2 ways)" in proc.stderr
+    near_weights(single, tmp_path / "split")
+    one, two = pd.read_csv(single / "fold0" / "log.csv"), pd.read_csv(tmp_path / "split" / "fold0" / "log.csv")
+    # the epochs' losses are the whole batch's (summed over the replicas), their evaluations the model's
+    for column in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        np.testing.assert_allclose(two[column], one[column], rtol=1e-3, err_msg=column)
+    # (a full fit's held-out images are its holdout)
+    np.testing.assert_allclose(np.load(tmp_path / "split" / "fold0" / "oof.npy"), np.load(single / "fold0" / "oof.npy"),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("full_fit", ["muon"], indirect=True)
+def test_a_replica_killed_mid_fold_is_restarted_and_the_fold_resumes_as_one_process_trains_it(full_fit, tmp_path):
+    _, flags, single = full_fit
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_RANK_1)
+    proc = torchrun("train_folds.py", *flags, "--run-dir", str(tmp_path / "restarted"),
+                    launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"),
+                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
+                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "KILL_FOLD": "0"})
+    assert "failed (exitcode: -9) local_rank: 1" in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"fold 0: resuming after epoch [12] from", proc.stderr)
+    near_weights(single, tmp_path / "restarted")
+
+
+# Rank 1's clock runs 3x fast (a sitecustomize on PYTHONPATH): alone, its epochs would look 3x longer
+# and its plan shorter than rank 0's. Replicas must train the same steps, or one waits forever for the
+# other's next all-reduce.
+FAST_CLOCK_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import time
+    real = time.monotonic
+    time.monotonic = lambda: 3 * real()
+"""
+
+
+def test_a_time_budget_over_replicas_is_planned_by_the_first_ones_clock(one_process, tmp_path):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(FAST_CLOCK_ON_RANK_1)
+    flags = ["--input", str(one_process[0]), *FULL_FIT, "--time-budget", "12s"]
+    proc = torchrun("train_folds.py", *flags, "--run-dir", str(tmp_path / "budget"),
+                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])})
+    assert "fold 0: re-planned after epoch" in proc.stderr  # the plan moved as rank 0 measured its epochs
+    result = json.loads((tmp_path / "budget" / "fold0" / "result.json").read_text())
+    assert result["epochs"] == pytest.approx(result["plan"]["epochs"], abs=0.5) and result["epochs"] > 4  # (2 steps an epoch)
+    report = json.loads((tmp_path / "budget" / "report.json").read_text())
+    assert report["time_budget"]["used_s"] <= 12 * 1.1
+
+
 def test_max_restarts_on_torchruns_shared_store_is_refused_naming_the_setting(monkeypatch):
     from kaggle_cifar import distributed
     from kaggle_cifar.errors import ConfigError
@@ -141,3 +225,14 @@ def test_max_restarts_on_torchruns_shared_store_is_refused_naming_the_setting(mo
         distributed.setup("cpu")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what the setting gives the workers
     assert distributed.setup("cpu").world_size == 1
+
+
+def test_folds_spread_over_the_ranks_whole_while_they_last_then_over_groups_of_ranks():
+    from kaggle_cifar.distributed import rank_groups
+
+    assert rank_groups(1, 5) == [[0]]
+    assert rank_groups(2, 5) == [[0], [1]]  # fold k on rank k mod 2
+    assert rank_groups(5, 5) == [[0], [1], [2], [3], [4]]
+    assert rank_groups(2, 1) == [[0, 1]]  # a full fit on 2 GPUs
+    assert rank_groups(10, 5) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert rank_groups(5, 2) == [[0, 1], [2, 3]]  # rank 4 has no fold
