@@ -303,16 +303,16 @@ class RunDir:
                 f"written again from the finished folds, without training")
 
     @contextlib.contextmanager
-    def writer(self):
+    def writer(self, wait: bool = False):
         """This process is the run dir's one writer while the block runs: a second training of it is
-        refused, naming the holder. The lock is the kernel's (flock), so a process that dies
-        releases it; readers (predict, report) take none."""
+        refused, naming the holder (with `wait`, it waits for the holder to end). The lock is the
+        kernel's (flock), so a process that dies releases it; readers (predict, report) take none."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / "writer.lock", "a+") as lock:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except OSError:
                 lock.seek(0)
                 holder = lock.read().strip() or "another process"

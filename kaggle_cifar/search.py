@@ -3,28 +3,33 @@
 scored by that fold's held-out accuracy; a trial whose per-epoch validation accuracy falls below the
 median of earlier trials at the same epoch is stopped (Optuna's MedianPruner: the search's early
 stopping). The study lives in an Optuna storage, SQLite in the search dir unless a database URL is
-given, so a stopped search goes on where it was and several processes or machines can share one.
-Each trial is an ordinary run dir named by its parameters: a trial stopped mid-way (Ctrl-C, a kill)
-is asked for again when the search restarts, and resumes from its last epoch."""
+given, so a stopped search goes on where it was; several processes (torchrun's ranks, other
+machines) share one study in a database server (`--storage postgresql://...`), each running trials
+of it. Each trial is an ordinary run dir named by its parameters: a trial stopped mid-way (Ctrl-C)
+is asked for again when the search restarts; one whose process died (a kill, a lost machine) stops
+beating, and the next process to start a trial asks for it again (Optuna's heartbeat and
+RetryHeartbeatStaleTrialCallback). Either way it resumes from its last epoch."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from kaggle_cifar import plots
+from kaggle_cifar import distributed, plots
 from kaggle_cifar.budget import fastest_precision
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import check_named_files
 from kaggle_cifar.data import load_train
-from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import ConfigError, RunDirError, TrainingDiverged, first_line
 from kaggle_cifar.folds import DeviceTrainSet, fold_split
 from kaggle_cifar.model import check_forward
@@ -39,6 +44,16 @@ FULL_FIT_REFUSED = ("a search scores each trial on fold 0's held-out images; a f
 # A trial must be an ordinary run of fixed epochs on the competition's own images.
 NOT_SEARCHABLE = ("time_budget", "pseudo_labels", "pseudo_threshold", "pseudo_max")
 STUDY_NAME = "search"
+# Processes that open a new database at once race to make its tables; the losers try again.
+TABLE_ATTEMPTS = 3
+# A running trial's process writes a heartbeat this often; one silent for GRACE_S is taken as dead:
+# its trial fails and is asked for again, at most MAX_RETRIES times (a trial that kills its process
+# every time, as one out of memory would, is not retried for ever).
+HEARTBEAT_S, GRACE_S, MAX_RETRIES = 60, 180, 3
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+SHARED_SQLITE_REFUSED = ("several processes on one study need a database server: give every one --storage "
+                         "postgresql://USER@HOST/DB (README: several machines, one study); SQLite in the search dir "
+                         "is for one process")
 
 
 @dataclass(frozen=True)
@@ -141,16 +156,25 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
     url = storage_url or search_dir.study_url
     search_dir.path.mkdir(parents=True, exist_ok=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
-            # A trial whose process died without a word stops beating; the next session finds it stale.
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-            study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
-                                        load_if_exists=True, pruner=pruner,
-                                        sampler=optuna.samplers.TPESampler(seed=base.seed))
-    except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
-        raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
+    # A shared study's processes do not share a seed: from one they suggested the same parameters
+    # (two processes, 6 trials: 4 distinct).
+    sampler = optuna.samplers.TPESampler(seed=None if storage_url else base.seed)
+    for attempt in range(TABLE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+                study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
+                                            load_if_exists=True, pruner=pruner, sampler=sampler)
+            break
+        except IntegrityError as e:  # another process made the tables at the same moment: they are there now
+            if attempt + 1 == TABLE_ATTEMPTS:
+                raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
+            time.sleep(1.0)
+        except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
+            raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
     identity = {"base_config": base.to_json(), "space": [dataclasses.asdict(d) for d in space]}
     for key, value in identity.items():
         if key not in study.user_attrs:
@@ -158,9 +182,7 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
         elif study.user_attrs[key] != _json_like(value):
             raise RunDirError(f"{url}: this study was made with another {key.replace('_', ' ')}; "
                               f"use another --run-dir (or --storage), or delete it to start over")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_stale(study)
     trials = study.get_trials(deepcopy=False)
     for t in trials:
         if t.state == optuna.trial.TrialState.FAIL and not any(
@@ -168,6 +190,21 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
             log.info("trial %d was stopped mid-way: asked for again (it resumes from its last epoch)", t.number)
             study.enqueue_trial(t.params, user_attrs={"resumes_trial": t.number})
     return study
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose process stopped beating (GRACE_S); Optuna's callback asks for each again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
+        optuna.storages.fail_stale_trials(study)
+
+
+def retried_trial(trial: optuna.Trial) -> int | None:
+    """The number of the stale trial this one asks for again, if it does."""
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]  # (a Trial has no system attributes of its own)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 
 def _params(trial: optuna.trial.FrozenTrial) -> dict:
@@ -180,17 +217,38 @@ def _json_like(value):
     return json.loads(json.dumps(value))
 
 
+def more_to_run(study: optuna.Study, trials: int) -> bool:
+    """Whether this process should start another trial toward the study's `trials` finished ones.
+    While the trials still owed are running in other processes it waits for them: to end, or to go
+    stale (their process died) and be asked for again, which it then runs."""
+    while True:
+        fail_stale(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        finished = sum(state in FINISHED for state in states)
+        running, waiting = states.count(optuna.trial.TrialState.RUNNING), states.count(optuna.trial.TrialState.WAITING)
+        if finished >= trials:
+            return False
+        if waiting or finished + running < trials:
+            return True
+        time.sleep(HEARTBEAT_S)
+
+
 def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, search_dir: SearchDir, cache_dir: Path,
-               policy: Policy, trials: int, timeout: float | None, storage_url: str | None = None,
+               ctx: distributed.Context, trials: int, timeout: float | None, storage_url: str | None = None,
                prune: bool = True) -> optuna.Study:
-    """Run trials until the study holds `trials` finished ones (complete or pruned) or `timeout`
-    seconds have passed, then write trials.csv, the pictures and best_config.json."""
+    """Run trials until the study holds `trials` finished ones (complete or pruned; see
+    more_to_run) or `timeout` seconds have passed, then write trials.csv, the
+    pictures and best_config.json. Under torchrun every rank runs trials of the one study, rank 0
+    first reading the images (building the cache) and opening the study."""
+    if ctx.world_size > 1 and not storage_url:
+        raise ConfigError(SHARED_SQLITE_REFUSED)
     check_space(base, space)
     check_named_files(base)
-    train = load_train(input_dir, cache_dir, base.folds)
+    train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, base.folds))
     for cfg in {dataclasses.replace(base, **{dim.name: value}) for dim in space for value in dim.values_to_check()}:
         check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])  # each end of each range
-    study = open_study(base, space, search_dir, storage_url, prune)
+    study = ctx.main_rank_first(lambda: open_study(base, space, search_dir, storage_url, prune))
+    policy, worker = ctx.policy, f"pid {os.getpid()} on {socket.gethostname()}"
     labels, on_device = train.labels, DeviceTrainSet.of(train, policy.device)
     if policy.measure_precision:  # measured once, on the base config: every trial trains alike, its time comparable
         policy, _ = fastest_precision(base, on_device.fold(fold_split(base, labels), SEARCH_FOLD), policy)
@@ -207,11 +265,17 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
         fold_of = fold_split(cfg, labels)
         run.create(cfg, labels.classes, folds_table(labels.ids, fold_of))
         trial.set_user_attr("run_dir", str(run))
-        log.info("trial %d: %s", trial.number, shown(params))
+        trial.set_user_attr("worker", worker)
+        retried = retried_trial(trial)
+        log.info("trial %d: %s%s", trial.number, shown(params), "" if retried is None else
+                 f" (trial {retried} again: its process stopped beating; it resumes from its last epoch)")
+
+        reported = [0]  # log rows reported so far: a resumed trial's first call brings all its earlier epochs
 
         def epoch_end(history: list[dict]) -> None:
-            for row in history[-1:] if trial.user_attrs.get("epochs") else history:
+            for row in history[reported[0]:]:
                 trial.report(row["val_acc"], row["epoch"])
+            reported[0] = len(history)
             trial.set_user_attr("epochs", history[-1]["epoch"])
             trial.set_user_attr("seconds", sum(h["seconds"] for h in history))
             if trial.should_prune():
@@ -223,7 +287,8 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
         # rest of a study would train eagerly, without a word. The compiled graphs start afresh.
         torch.compiler.reset()
         try:
-            result = train_fold(cfg, on_device.fold(fold_of, SEARCH_FOLD), fold_dir, policy, epoch_end=epoch_end)
+            with run.writer(wait=True):  # another process on these very parameters: its result, not a second training
+                result = train_fold(cfg, on_device.fold(fold_of, SEARCH_FOLD), fold_dir, policy, epoch_end=epoch_end)
         except (optuna.TrialPruned, TrainingDiverged) as e:
             trial.set_user_attr("stopped", str(e))
             fold_dir.last.unlink(missing_ok=True)  # a pruned trial never resumes: its checkpoint is dead weight
@@ -233,15 +298,17 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
         log.info("trial %d: accuracy %.4f after %g epochs", trial.number, result["accuracy"], result["epochs"])
         return result["accuracy"]
 
+    def after_trial(study: optuna.Study, _) -> None:
+        write_outputs(study, base, search_dir)
+        if not more_to_run(study, trials):
+            study.stop()
+
     logging.getLogger("optuna.study._optimize").addFilter(_without_interrupt_traceback)  # once: the same filter
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "Trial N finished" lines repeat ours
     try:
-        if len(study.get_trials(deepcopy=False, states=finished)) < trials:
-            study.optimize(objective, timeout=timeout, catch=(),
-                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
-                                      lambda study, _: write_outputs(study, base, search_dir)])
+        if more_to_run(study, trials):
+            study.optimize(objective, timeout=timeout, catch=(), callbacks=[after_trial])
     finally:
         optuna.logging.set_verbosity(verbosity)
         write_outputs(study, base, search_dir)

@@ -6,8 +6,10 @@ train_folds.py --config.
     python scripts/search.py --space-file space.txt --timeout 3600       # the same, one NAME=... per line
     python scripts/train_folds.py --config runs/search/best_config.json   # then the whole k-fold run
 
-Run it again with the same --run-dir to go on (a stopped trial resumes from its last epoch); start
-it on other machines with the same --storage URL to share one study.
+Run it again with the same --run-dir to go on (a stopped trial resumes from its last epoch). Several
+processes share one study through a database server: start the same command, with the same
+--storage postgresql://... URL and a --run-dir on a shared filesystem, on each machine (or under
+torchrun, one study for every rank).
 """
 
 import argparse
@@ -50,7 +52,7 @@ def main() -> int:
     try:
         cli.resolve_paths(args, ctx)
         search_dir = SearchDir(args.run_dir)
-        study = run_search(base, space, args.input, search_dir, args.cache_dir, ctx.policy, args.trials, args.timeout,
+        study = run_search(base, space, args.input, search_dir, args.cache_dir, ctx, args.trials, args.timeout,
                            args.storage, args.prune)
     finally:
         distributed.teardown(ctx)

@@ -139,3 +139,39 @@ def train_and_predict_from_random_timm_weights(tmp_path: Path, timm_name: str, *
     sub = run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
     assert len(sub.splitlines()) == 4
     return source, run, proc
+
+
+# A sitecustomize that runs test code on a module of the package as soon as it loads, in every Python
+# process started with hooked_pythonpath's PYTHONPATH: how a test reaches into a torchrun worker or a
+# search process. Each patch runs with `module`, `os` and `signal` at hand.
+AFTER_IMPORT = """
+import importlib.abc, importlib.machinery, os, signal, sys
+
+PATCHES = {patches!r}
+
+
+class AfterImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            exec(PATCHES[name], {{"module": module, "os": os, "signal": signal}})
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, AfterImport())
+"""
+
+
+def hooked_pythonpath(folder: Path, patches: dict[str, str]) -> str:
+    """A PYTHONPATH whose sitecustomize (written into `folder`) applies `patches`: module name ->
+    code run on that module once it has loaded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(AFTER_IMPORT.format(patches=patches))
+    return os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", ""), str(ROOT)])

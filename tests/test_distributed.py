@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_competition, run_script
+from conftest import ROOT, TINY, hooked_pythonpath, make_competition, run_script
 
 
 def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node=2"),
@@ -27,36 +27,19 @@ def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone
     return proc
 
 
-# Loaded by every worker at start-up (a sitecustomize on PYTHONPATH): rank 1 of torchrun's first
-# attempt kills itself (SIGKILL, as the OOM killer or a lost node would) as fold 1 (or $KILL_FOLD)
-# starts epoch 3.
-KILL_RANK_1 = """
-import importlib.abc, importlib.machinery, os, signal, sys
+# Rank 1 of torchrun's first attempt kills itself (SIGKILL, as the OOM killer or a lost node would)
+# as fold 1 (or $KILL_FOLD) starts epoch 3.
+KILL_RANK_1 = {"kaggle_cifar.train": """
+if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":
+    real = module.train_one_epoch
 
-class KillRank1(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "kaggle_cifar.train" or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0" \
-                or os.environ.get("RANK") != "1":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        load = spec.loader.exec_module
+    def train_one_epoch(t, cfg, data, epoch, *rest, **kwargs):
+        if data.fold == int(os.environ.get("KILL_FOLD", "1")) and epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(t, cfg, data, epoch, *rest, **kwargs)
 
-        def exec_module(module):
-            load(module)
-            real = module.train_one_epoch
-
-            def train_one_epoch(t, cfg, data, epoch, *rest, **kwargs):
-                if data.fold == int(os.environ.get("KILL_FOLD", "1")) and epoch == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(t, cfg, data, epoch, *rest, **kwargs)
-
-            module.train_one_epoch = train_one_epoch
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, KillRank1())
-"""
+    module.train_one_epoch = train_one_epoch
+"""}
 
 
 # float32: in bf16 the rounding depends on the thread count, which differs (2 threads against 1 each).
@@ -99,11 +82,9 @@ def test_two_processes_give_the_same_run_and_submission_as_one(one_process, tmp_
 def test_a_rank_killed_mid_fold_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(one_process, tmp_path):
     (competition, single), restarted = one_process, tmp_path / "restarted"
     flags = ["--input", str(competition), *SETTINGS]
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_RANK_1)
     proc = torchrun("train_folds.py", *flags, "--run-dir", str(restarted),
                     launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"),
-                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
+                    env={"PYTHONPATH": hooked_pythonpath(tmp_path / "hook", KILL_RANK_1),
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     assert "failed (exitcode: -9) local_rank: 1" in proc.stderr, proc.stderr[-3000:]  # rank 1 was killed
     # its fold went on from its last checkpoint: epoch 2's, or epoch 1's if the kill came before the
@@ -179,35 +160,29 @@ def test_a_full_fit_on_two_processes_trains_one_processs_weights_with_the_batch_
 @pytest.mark.parametrize("full_fit", ["muon"], indirect=True)
 def test_a_replica_killed_mid_fold_is_restarted_and_the_fold_resumes_as_one_process_trains_it(full_fit, tmp_path):
     _, flags, single = full_fit
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_RANK_1)
     proc = torchrun("train_folds.py", *flags, "--run-dir", str(tmp_path / "restarted"),
                     launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"),
-                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]),
+                    env={"PYTHONPATH": hooked_pythonpath(tmp_path / "hook", KILL_RANK_1),
                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "KILL_FOLD": "0"})
     assert "failed (exitcode: -9) local_rank: 1" in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"fold 0: resuming after epoch [12] from", proc.stderr)
     near_weights(single, tmp_path / "restarted")
 
 
-# Rank 1's clock runs 3x fast (a sitecustomize on PYTHONPATH): alone, its epochs would look 3x longer
-# and its plan shorter than rank 0's. Replicas must train the same steps, or one waits forever for the
-# other's next all-reduce.
-FAST_CLOCK_ON_RANK_1 = """
-import os
+# Rank 1's budget clock runs 3x fast: alone, its epochs would look 3x longer and its plan shorter
+# than rank 0's. Replicas must train the same steps, or one waits forever for the other's next
+# all-reduce.
+FAST_CLOCK_ON_RANK_1 = {"kaggle_cifar.budget": """
 if os.environ.get("RANK") == "1":
-    import time
-    real = time.monotonic
-    time.monotonic = lambda: 3 * real()
-"""
+    real = module.clock
+    module.clock = lambda: 3 * real()
+"""}
 
 
 def test_a_time_budget_over_replicas_is_planned_by_the_first_ones_clock(one_process, tmp_path):
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(FAST_CLOCK_ON_RANK_1)
     flags = ["--input", str(one_process[0]), *FULL_FIT, "--time-budget", "12s"]
     proc = torchrun("train_folds.py", *flags, "--run-dir", str(tmp_path / "budget"),
-                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])})
+                    env={"PYTHONPATH": hooked_pythonpath(tmp_path / "hook", FAST_CLOCK_ON_RANK_1)})
     assert "fold 0: re-planned after epoch" in proc.stderr  # the plan moved as rank 0 measured its epochs
     result = json.loads((tmp_path / "budget" / "fold0" / "result.json").read_text())
     assert result["epochs"] == pytest.approx(result["plan"]["epochs"], abs=0.5) and result["epochs"] > 4  # (2 steps an epoch)

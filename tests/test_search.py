@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import torch
 
-from conftest import make_competition, run_script
+from conftest import ROOT, hooked_pythonpath, make_competition, run_script
 from kaggle_cifar import search as search_module
 from kaggle_cifar import train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.device import Policy
+from kaggle_cifar.distributed import Context
 from kaggle_cifar.errors import ConfigError, RunDirError
 from kaggle_cifar.rundir import SearchDir
 from kaggle_cifar.search import Dimension, check_space, open_study, parse_space, run_search
 
 CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision makes every run
+ALONE = Context(0, 1, CPU)  # one process: no torchrun
 
 BASE = TrainConfig(folds=2, epochs=3, width=8, batch_size=8)
 
@@ -46,7 +56,7 @@ def tiny(tmp_path):
 
 
 def search(tiny, where, trials, space=("lr=0.01:0.3:log", "label_smoothing=0:0.2"), prune=True):
-    return run_search(BASE, parse_space(list(space)), tiny, SearchDir(where), tiny / ".cache", CPU, trials,
+    return run_search(BASE, parse_space(list(space)), tiny, SearchDir(where), tiny / ".cache", ALONE, trials,
                       None, prune=prune)
 
 
@@ -74,7 +84,7 @@ def test_a_stopped_trial_resumes_from_its_last_epoch_when_the_search_goes_on(tin
     assert "fold 0: resuming after epoch 1" in caplog.text
     assert resumed[0].intermediate_values.keys() == {1, 2, 3}
     straight = run_search(BASE, [Dimension(k, choices=(v,)) for k, v in stopped.params.items()], tiny,
-                          SearchDir(tmp_path / "straight"), tiny / ".cache", CPU, 1, None)
+                          SearchDir(tmp_path / "straight"), tiny / ".cache", ALONE, 1, None)
     assert straight.trials[0].value == resumed[0].value
 
 
@@ -152,7 +162,7 @@ def test_every_trial_of_a_compiled_search_trains_compiled_past_dynamos_recompile
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": counting,
                                                                                      "options": None}))
-    policy = dataclasses.replace(CPU, compile=True)
+    compiling = Context(0, 1, dataclasses.replace(CPU, compile=True))
     per_trial = []
     real_train_fold = search_module.train_fold
 
@@ -164,6 +174,119 @@ def test_every_trial_of_a_compiled_search_trains_compiled_past_dynamos_recompile
 
     monkeypatch.setattr(search_module, "train_fold", counted)
     cfg = dataclasses.replace(BASE, epochs=1)
-    run_search(cfg, parse_space(["width=4,8,12", "lr=0.01:0.3:log"]), tiny, SearchDir(tmp_path / "s"), tiny / ".cache", policy, 3, None,
+    run_search(cfg, parse_space(["width=4,8,12", "lr=0.01:0.3:log"]), tiny, SearchDir(tmp_path / "s"), tiny / ".cache", compiling, 3, None,
                prune=False)
     assert len(per_trial) == 3 and all(n >= 1 for n in per_trial), per_trial
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of the module's own (Debian's postgresql package, which .ci/run installs)
+    on the loopback address; yields a function making an empty database, which returns its URL."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if initdb is None:
+        pytest.skip("PostgreSQL is not installed here (apt-get install postgresql; .ci/run installs it)")
+    import psycopg  # the driver SQLAlchemy's postgresql:// URLs use (in the test extras)
+
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # the server refuses root
+    home, port = Path(tempfile.mkdtemp(prefix="kaggle-cifar-postgres-")), free_port()
+    if as_postgres:
+        shutil.chown(home, "postgres")
+    pg_ctl = [*as_postgres, str(Path(initdb).parent / "pg_ctl"), "-D", str(home / "data")]
+    subprocess.run([*as_postgres, initdb, "-D", str(home / "data"), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run([*pg_ctl, "-l", str(home / "server.log"), "-w", "-o", f"-p {port} -k {home} -h 127.0.0.1", "start"],
+                   check=True, capture_output=True)
+
+    def database(name: str) -> str:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# Every search process of the tests below heartbeats every second and takes a trial 2 s silent as
+# dead (60 s and 180 s in use); with KILL_AT_TRIAL=N it kills itself (SIGKILL, as the OOM killer or
+# a lost machine would) as its Nth trial starts epoch 3.
+SEARCH_PATCHES = {"kaggle_cifar.search": "module.HEARTBEAT_S, module.GRACE_S = 1, 2", "kaggle_cifar.train": """
+if os.environ.get("KILL_AT_TRIAL"):
+    real, started = module.train_one_epoch, [0]
+
+    def train_one_epoch(t, cfg, data, epoch, *rest, **kwargs):
+        started[0] += epoch == 0
+        if started[0] == int(os.environ["KILL_AT_TRIAL"]) and epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(t, cfg, data, epoch, *rest, **kwargs)
+
+    module.train_one_epoch = train_one_epoch
+"""}
+SEARCH_FLAGS = ["--space", "lr=0.01:0.3:log", "--no-prune", "--folds", "2", "--epochs", "4", "--width", "8",
+                "--batch-size", "8"]
+
+
+def search_env(tmp_path: Path, **extra: str) -> dict:
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                PYTHONPATH=hooked_pythonpath(tmp_path / "hook", SEARCH_PATCHES), **extra)
+
+
+def check_study(url: str, search_dir: Path, trials: int) -> list[optuna.trial.FrozenTrial]:
+    """The study holds `trials` finished trials, none of them run twice, and best_config.json is its
+    best; returns the finished trials."""
+    study = optuna.load_study(study_name="search", storage=url)
+    finished = [t for t in study.trials if t.state in search_module.FINISHED]
+    assert len(finished) == trials, [t.state.name for t in study.trials]
+    assert len({t.params["lr"] for t in finished}) == trials  # none run twice
+    for t in finished:  # each trained its epochs once, in order
+        assert list(pd.read_csv(Path(t.user_attrs["run_dir"]) / "fold0" / "log.csv")["epoch"]) == [1, 2, 3, 4]
+    best = TrainConfig.from_json(search_dir / "best_config.json")
+    assert best == dataclasses.replace(TrainConfig(folds=2, epochs=4, width=8, batch_size=8), **study.best_params)
+    return finished
+
+
+def test_two_search_processes_share_one_postgresql_study_and_a_killed_ones_trial_resumes(postgres, tiny, tmp_path):
+    url = postgres("two_processes")
+    args = [sys.executable, str(ROOT / "scripts" / "search.py"), "--input", str(tiny), "--run-dir", str(tmp_path / "s"),
+            "--storage", url, "--trials", "6", *SEARCH_FLAGS]
+    killed = subprocess.Popen(args, env=search_env(tmp_path, KILL_AT_TRIAL="2"), cwd=ROOT, stderr=subprocess.PIPE,
+                              text=True)
+    survivor = subprocess.Popen(args, env=search_env(tmp_path), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    (_, killed_log), (_, survivor_log) = killed.communicate(timeout=600), survivor.communicate(timeout=600)
+    assert (killed.returncode, survivor.returncode) == (-9, 0), killed_log[-3000:] + survivor_log[-3000:]
+    finished = check_study(url, tmp_path / "s", trials=6)
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes ran trials of the one study
+    study = optuna.load_study(study_name="search", storage=url)
+    dead = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(dead) == 1  # the killed process's second trial, failed once its heartbeat stopped...
+    again = [t for t in finished if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert len(again) == 1 and again[0].params == dead[0].params  # ...asked for again by the survivor...
+    assert re.search(rf"trial {again[0].number}: .*\(trial {dead[0].number} again: its process stopped beating",
+                     survivor_log)
+    assert re.search(r"fold 0: resuming after epoch [12] from", survivor_log)  # ...and resumed from its checkpoint
+    assert len(study.trials) == 7  # 6 finished (one the retry) and the failed one: nothing asked for in vain
+
+
+def test_under_torchrun_every_rank_runs_trials_of_one_study_and_rank_0_alone_decodes(postgres, tiny, tmp_path):
+    url = postgres("torchrun")
+    args = ["--input", str(tiny), "--run-dir", str(tmp_path / "s"), "--storage", url, "--trials", "4", *SEARCH_FLAGS]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "scripts" / "search.py"), *args], env=search_env(tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("decoded 30 images") == 1  # rank 0 built the cache; rank 1 read it
+    finished = check_study(url, tmp_path / "s", trials=4)
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(ROOT / "scripts" / "search.py"), *args[:4], *args[6:]], env=search_env(tmp_path),
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "error: several processes on one study need a database server" in refused.stderr
