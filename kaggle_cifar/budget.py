@@ -170,7 +170,7 @@ def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_im
               for candidate in policy.precision_candidates()}
     order = list(speeds)
     fastest = order[replicas.first(min(range(len(order)), key=lambda i: speeds[order[i]].step_seconds))]
-    if len(speeds) > 1:
+    if len(speeds) > 1 and replicas.writes:  # the first replica's measurement, which chose, is the one said
         say_fastest({c: speed.images_per_s for c, speed in speeds.items()}, fastest, "trains")
     return fastest, speeds[fastest]
 

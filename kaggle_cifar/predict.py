@@ -19,6 +19,7 @@ from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
 from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs
+from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, submission_frame
 
@@ -53,9 +54,13 @@ def oof_weights(runs: list[RunDir], classes: list[str]) -> np.ndarray:
                               f"--holdout and --seed); use --weights equal")
     frames = [run.read_oof_csv() for run in runs]
     targets = pd.Categorical(frames[0]["label"], categories=classes).codes
-    weights = blend_weights([f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], targets)
-    log.info("ensemble weights fitted on %d out-of-fold predictions: %s", len(targets),
-             ", ".join(f"{run} {w:.3f}" for run, w in zip(runs, weights)))
+    probs = [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames]
+    weights = blend_weights(probs, targets)
+    scored = {**{str(run): p for run, p in zip(runs, probs)}, "equal weights": sum(probs) / len(probs),
+              "these weights": sum(w * p for w, p in zip(weights, probs))}
+    log.info("ensemble weights fitted on %d out-of-fold predictions: %s; their OOF accuracy: %s", len(targets),
+             ", ".join(f"{run} {w:.3f}" for run, w in zip(runs, weights)),
+             ", ".join(f"{name} {accuracy(p, targets):.4f}" for name, p in scored.items()))
     return weights
 
 

@@ -52,8 +52,8 @@ TABLE_ATTEMPTS = 3
 HEARTBEAT_S, GRACE_S, MAX_RETRIES = 60, 180, 3
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 SHARED_SQLITE_REFUSED = ("several processes on one study need a database server: give every one --storage "
-                         "postgresql://USER@HOST/DB (README: several machines, one study); SQLite in the search dir "
-                         "is for one process")
+                         "postgresql://USER@HOST/DB (README: \"Several machines (or GPUs), one search\"); SQLite in the "
+                         "search dir is for one process")
 
 
 @dataclass(frozen=True)

@@ -241,8 +241,17 @@ def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_p
     np.testing.assert_allclose(blended, weights[0] * probs_a + weights[1] * probs_c, atol=1e-6)
     proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
                       "--weights", "oof")
-    assert f"ensemble weights fitted on 60 out-of-fold predictions: {a} {weights[0]:.3f}, {c} {weights[1]:.3f}" \
-        in proc.stderr
+    oof = [pd.read_csv(run / "oof.csv") for run in (a, c)]
+    classes, labels = [name[2:] for name in oof[0].columns if name.startswith("p_")], oof[0]["label"].to_numpy()
+    oof_probs = [frame[[f"p_{name}" for name in classes]].to_numpy() for frame in oof]
+
+    def hits(p: np.ndarray) -> str:
+        return f"{(np.asarray(classes)[p.argmax(1)] == labels).mean():.4f}"
+
+    assert (f"ensemble weights fitted on 60 out-of-fold predictions: {a} {weights[0]:.3f}, {c} {weights[1]:.3f}; "
+            f"their OOF accuracy: {a} {hits(oof_probs[0])}, {c} {hits(oof_probs[1])}, equal weights "
+            f"{hits(oof_probs[0] + oof_probs[1])}, these weights "
+            f"{hits(weights[0] * oof_probs[0] + weights[1] * oof_probs[1])}") in proc.stderr
 
 
 def test_blend_weights_find_the_least_log_loss():
