@@ -12,6 +12,7 @@ RetryHeartbeatStaleTrialCallback). Either way it resumes from its last epoch."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -161,19 +162,17 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
     sampler = optuna.samplers.TPESampler(seed=None if storage_url else base.seed)
     for attempt in range(TABLE_ATTEMPTS):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
+            with optuna_experimental():
                 storage = optuna.storages.RDBStorage(
                     url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
                 study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize",
                                             load_if_exists=True, pruner=pruner, sampler=sampler)
             break
-        except IntegrityError as e:  # another process made the tables at the same moment: they are there now
-            if attempt + 1 == TABLE_ATTEMPTS:
-                raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
-            time.sleep(1.0)
         except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
+            if isinstance(e, IntegrityError) and attempt + 1 < TABLE_ATTEMPTS:  # another process made the tables
+                time.sleep(1.0)  # at the same moment: they are there now
+                continue
             raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
     identity = {"base_config": base.to_json(), "space": [dataclasses.asdict(d) for d in space]}
     for key, value in identity.items():
@@ -192,18 +191,24 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
     return study
 
 
+@contextlib.contextmanager
+def optuna_experimental():
+    """Optuna's heartbeat API, experimental since optuna 2.9, without its warning at every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail the trials whose process stopped beating (GRACE_S); Optuna's callback asks for each again."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since optuna 2.9
+    with optuna_experimental():
         optuna.storages.fail_stale_trials(study)
 
 
 def retried_trial(trial: optuna.Trial) -> int | None:
     """The number of the stale trial this one asks for again, if it does."""
     frozen = trial.study.get_trials(deepcopy=False)[trial.number]  # (a Trial has no system attributes of its own)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with optuna_experimental():
         return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
 
 

@@ -123,6 +123,17 @@ def run_script(name: str, *args: str, check: bool = True) -> subprocess.Complete
     return run_python(ROOT / "scripts" / name, *args, check=check)
 
 
+def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node=2"),
+             env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """A script under torchrun: 2 CPU processes (gloo) on this machine by default, one thread each."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "scripts" / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def train_and_predict_from_random_timm_weights(tmp_path: Path, timm_name: str, *train_flags: str):
     """A tiny competition trained from a randomly initialised timm checkpoint (standing in for a
     downloaded ImageNet file), then predicted; returns the source network and the run dir."""

@@ -15,16 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, hooked_pythonpath, make_competition, run_script
-
-
-def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node=2"),
-             env: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(ROOT / "scripts" / script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+from conftest import ROOT, TINY, hooked_pythonpath, make_competition, run_script, torchrun
 
 
 # Rank 1 of torchrun's first attempt kills itself (SIGKILL, as the OOM killer or a lost node would)

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, hooked_pythonpath, make_competition, run_script
+from conftest import ROOT, hooked_pythonpath, make_competition, run_script, torchrun
 from kaggle_cifar import search as search_module
 from kaggle_cifar import train
 from kaggle_cifar.config import TrainConfig
@@ -279,14 +279,9 @@ def test_two_search_processes_share_one_postgresql_study_and_a_killed_ones_trial
 def test_under_torchrun_every_rank_runs_trials_of_one_study_and_rank_0_alone_decodes(postgres, tiny, tmp_path):
     url = postgres("torchrun")
     args = ["--input", str(tiny), "--run-dir", str(tmp_path / "s"), "--storage", url, "--trials", "4", *SEARCH_FLAGS]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "scripts" / "search.py"), *args], env=search_env(tmp_path), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun("search.py", *args, env=search_env(tmp_path))
     assert proc.stderr.count("decoded 30 images") == 1  # rank 0 built the cache; rank 1 read it
     finished = check_study(url, tmp_path / "s", trials=4)
     assert len({t.user_attrs["worker"] for t in finished}) == 2
-    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(ROOT / "scripts" / "search.py"), *args[:4], *args[6:]], env=search_env(tmp_path),
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    refused = torchrun("search.py", *args[:4], *args[6:], env=search_env(tmp_path), check=False)
     assert refused.returncode != 0 and "error: several processes on one study need a database server" in refused.stderr
