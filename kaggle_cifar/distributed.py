@@ -141,10 +141,15 @@ def tensor_timeout(device: torch.device) -> timedelta:
     return TENSOR_TIMEOUT if device.type == "cuda" else WAIT_TIMEOUT
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started for this job (1 without torchrun), known before joining them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: str | None = None, precision: str = "auto", compile: bool | None = None) -> Context:
     """Join the torchrun group if launched by torchrun; pick this process's device (see
     device.select) and how it computes there (device.Policy)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Workers restarted on torchrun's shared rendezvous store: of 3 restarts in a row after a killed

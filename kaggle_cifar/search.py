@@ -238,6 +238,12 @@ def more_to_run(study: optuna.Study, trials: int) -> bool:
         time.sleep(HEARTBEAT_S)
 
 
+def check_storage(world_size: int, storage_url: str | None) -> None:
+    """SQLite in the search dir is for one process: more than one needs a database server."""
+    if world_size > 1 and not storage_url:
+        raise ConfigError(SHARED_SQLITE_REFUSED)
+
+
 def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, search_dir: SearchDir, cache_dir: Path,
                ctx: distributed.Context, trials: int, timeout: float | None, storage_url: str | None = None,
                prune: bool = True) -> optuna.Study:
@@ -245,8 +251,7 @@ def run_search(base: TrainConfig, space: list[Dimension], input_dir: Path, searc
     more_to_run) or `timeout` seconds have passed, then write trials.csv, the
     pictures and best_config.json. Under torchrun every rank runs trials of the one study, rank 0
     first reading the images (building the cache) and opening the study."""
-    if ctx.world_size > 1 and not storage_url:
-        raise ConfigError(SHARED_SQLITE_REFUSED)
+    check_storage(ctx.world_size, storage_url)
     check_space(base, space)
     check_named_files(base)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, base.folds))

@@ -45,9 +45,10 @@ def main() -> int:
     base = config_from_args(args)
     from kaggle_cifar import distributed  # after the flags: --help answers without loading torch
     from kaggle_cifar.rundir import SearchDir
-    from kaggle_cifar.search import parse_space, read_space_file, run_search, summary
+    from kaggle_cifar.search import check_storage, parse_space, read_space_file, run_search, summary
 
     space = parse_space(args.space + (read_space_file(args.space_file) if args.space_file else []))
+    check_storage(distributed.launched_world_size(), args.storage)  # said by every rank before any waits on another
     ctx = distributed.setup(args.device, args.precision, args.compile)
     try:
         cli.resolve_paths(args, ctx)

@@ -284,4 +284,6 @@ def test_under_torchrun_every_rank_runs_trials_of_one_study_and_rank_0_alone_dec
     finished = check_study(url, tmp_path / "s", trials=4)
     assert len({t.user_attrs["worker"] for t in finished}) == 2
     refused = torchrun("search.py", *args[:4], *args[6:], env=search_env(tmp_path), check=False)
-    assert refused.returncode != 0 and "error: several processes on one study need a database server" in refused.stderr
+    assert refused.returncode != 0, refused.stderr[-3000:]
+    assert "error: several processes on one study need a database server" in refused.stderr, refused.stderr[-3000:]
+    assert "device cpu" not in refused.stderr  # refused before the ranks joined (and waited on) each other
