@@ -116,7 +116,7 @@ def main() -> None:
         measured("epoch time (median, incl. validation)", "", f"{statistics.median(epoch_times):.2f} s")
         measured("checkpoint save per epoch (median, not in the epoch time)", "",
                  f"{statistics.median(checkpoint_times):.3f} s")
-        csv, seconds = timed(lambda: submission_csv(args.input, [run_dir], cache, ctx))
+        (csv, _), seconds = timed(lambda: submission_csv(args.input, [run_dir], cache, ctx))
         n_test, views = len(csv.splitlines()) - 1, len(TTA_VIEWS[cfg.tta])
         measured(f"predict {n_test:,} images, tta {cfg.tta} ({views} views), {cfg.folds} folds",
                  f"{n_test * views / seconds:,.0f} images/s per view", f"{seconds:.1f} s")

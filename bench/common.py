@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 
 import kaggle_cifar  # noqa: F401  first: it sets OpenMP's wait policy, which torch reads as it loads
+import numpy as np
 import pandas as pd
 import torch
 
 from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.data import Labels, read_labels
 from kaggle_cifar.device import Policy
-from kaggle_cifar.rundir import FoldDir
+from kaggle_cifar.errors import RunDirError
+from kaggle_cifar.folds import HOLDOUT
+from kaggle_cifar.rundir import FoldDir, RunDir
 
 
 def setting(policy: Policy, cfg: TrainConfig) -> str:
@@ -46,3 +50,16 @@ def warm_epochs(fold_dir: FoldDir) -> pd.DataFrame:
     autotuning), or its only row."""
     log = fold_dir.read_log()
     return log.iloc[1:] if len(log) > 1 else log
+
+
+def holdout_of(run: RunDir) -> tuple[np.ndarray, Labels]:
+    """Which of the run's training images it held out (a mask in the labels' id order, the order of
+    its holdout predictions), and the labels."""
+    labels = read_labels(run.source()["input"])
+    folds = run.read_folds()
+    if not np.array_equal(folds["id"].to_numpy(), labels.ids):
+        raise RunDirError(f"{run.path / 'folds.csv'}: not the ids of {run.source()['input']}")
+    holdout = folds["fold"].to_numpy() == HOLDOUT
+    if not holdout.any():
+        raise RunDirError(f"{run.path}: trained without --holdout")
+    return holdout, labels

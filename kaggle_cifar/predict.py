@@ -21,7 +21,7 @@ from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
-from kaggle_cifar.submission import render, submission_frame
+from kaggle_cifar.submission import render, sha256_of, submission_frame
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +44,51 @@ def blend_weights(probs: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
     return theta.detach().softmax(0).numpy()
 
 
-def oof_weights(runs: list[RunDir], classes: list[str]) -> np.ndarray:
-    """Each run's weight, fitted on the out-of-fold probabilities of the runs (blend_weights): every
-    run must hold out the same images in the same folds, so that they score the same images."""
+def oof_probs(runs: list[RunDir], classes: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each run's out-of-fold probabilities and their labels' class indices: every run must hold out
+    the same images in the same folds, so that they score the same images."""
     for run in runs[1:]:
         if not run.split_is(runs[0].folds_csv()):
             raise RunDirError(f"--weights oof: {run} holds out other images than {runs[0]} (their folds.csv differ): "
                               f"weights fitted on out-of-fold predictions need the same split (the same --folds, "
                               f"--holdout and --seed); use --weights equal")
     frames = [run.read_oof_csv() for run in runs]
-    targets = pd.Categorical(frames[0]["label"], categories=classes).codes
-    probs = [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames]
+    return [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], pd.Categorical(frames[0]["label"],
+                                                                                       categories=classes).codes
+
+
+def oof_weights(runs: list[RunDir], classes: list[str]) -> tuple[np.ndarray, dict[str, float]]:
+    """Each run's weight, fitted on the runs' out-of-fold probabilities (oof_probs, blend_weights),
+    and the OOF accuracy of each run, of equal weights and of these weights."""
+    probs, targets = oof_probs(runs, classes)
     weights = blend_weights(probs, targets)
     scored = {**{str(run): p for run, p in zip(runs, probs)}, "equal weights": sum(probs) / len(probs),
               "these weights": sum(w * p for w, p in zip(weights, probs))}
+    accuracies = {name: accuracy(p, targets) for name, p in scored.items()}
     log.info("ensemble weights fitted on %d out-of-fold predictions: %s; their OOF accuracy: %s", len(targets),
              ", ".join(f"{run} {w:.3f}" for run, w in zip(runs, weights)),
-             ", ".join(f"{name} {accuracy(p, targets):.4f}" for name, p in scored.items()))
-    return weights
+             ", ".join(f"{name} {value:.4f}" for name, value in accuracies.items()))
+    return weights, accuracies
+
+
+def weighing(runs: list[RunDir], folds: list[int], classes: list[str], how: str) -> dict:
+    """How the runs (of `folds` fold models each) weigh in the ensemble, as the submission's record
+    keeps it: each run's weight, its folds sharing it equally; `how` equal: every fold model the
+    same; oof: oof_weights, with the OOF accuracies."""
+    if how == "oof":
+        weights, accuracies = oof_weights(runs, classes)
+        return {"runs": list(map(str, runs)), "weights": list(map(float, weights)), "by": how,
+                "oof_accuracy": accuracies}
+    return {"runs": list(map(str, runs)), "weights": [k / sum(folds) for k in folds], "by": how}
 
 
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
                    tta: str | None = None, batch_size: int | None = None, gate: float = 0.0,
-                   weights: str = "equal") -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   weights: str = "equal") -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
     `run_dirs` (`weights`: every fold the same, or each run's folds sharing its weight fitted on the
-    runs' OOF predictions: oof_weights), with the `tta` views (default: the first run's; with a
+    runs' OOF predictions: oof_weights), and its record (runs and weights, views, gate: what the
+    submission's record keeps); with the `tta` views (default: the first run's; with a
     `gate`, only for the images whose top probability under the first view is below it:
     inference.gated_probs), computed as the context's device policy says (in the precision measured
     faster, where it measures), `batch_size` images a forward pass (default: the smallest of the
@@ -77,9 +96,8 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
-    run_weights = oof_weights(runs, classes) if weights == "oof" else [1.0] * len(runs)
-    model_weights = np.concatenate([np.full(cfg.folds, w) for w, (cfg, _) in zip(run_weights, configs)])
-    model_weights = list(model_weights / model_weights.sum())
+    record = weighing(runs, [cfg.folds for cfg, _ in configs], classes, weights)
+    model_weights = [w / cfg.folds for w, (cfg, _) in zip(record["weights"], configs) for _ in range(cfg.folds)]
     ids, images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
     models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.policy)]
     views = TTA_VIEWS[tta or configs[0][0].tta]
@@ -103,14 +121,16 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     seconds = time.perf_counter() - t0
     log.info("rank %d: %d images, %d views an image on average, x %d folds in %.1fs (%.0f images/s per view and fold)",
              ctx.rank, n_local, round(forwards / max(n_local, 1)), len(models), seconds, forwards * len(models) / seconds)
-    return ids, distributed.gather_rows(local, len(images), ctx).cpu().numpy(), classes
+    record.update(tta=tta or configs[0][0].tta, tta_gate=gate)
+    return ids, distributed.gather_rows(local, len(images), ctx).cpu().numpy(), classes, record
 
 
 def submission_csv(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
                    tta: str | None = None, batch_size: int | None = None, gate: float = 0.0,
-                   weights: str = "equal") -> str | None:
-    """The ensemble's submission CSV, validated (on rank 0; None elsewhere)."""
-    ids, probs, classes = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, gate, weights)
+                   weights: str = "equal") -> tuple[str, dict] | None:
+    """The ensemble's submission CSV, validated, and its record (ensemble_probs); on rank 0, None elsewhere."""
+    ids, probs, classes, record = ensemble_probs(input_dir, run_dirs, cache_dir, ctx, tta, batch_size, gate, weights)
     if not ctx.is_main:
         return None
-    return render(submission_frame(ids, probs, classes), ids, classes)
+    csv = render(submission_frame(ids, probs, classes), ids, classes)
+    return csv, {**record, "csv_sha256": sha256_of(csv.encode())}

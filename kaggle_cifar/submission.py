@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sys
 from pathlib import Path
@@ -54,6 +55,20 @@ def render(frame: pd.DataFrame, expected_ids: np.ndarray, classes: list[str]) ->
     text = frame.to_csv(index=False)
     validate(_read(io.StringIO(text)), expected_ids, classes, "the submission about to be written")
     return text
+
+
+RECORD_KEYS = {"runs", "weights", "by", "tta", "tta_gate", "csv_sha256"}
+
+
+def record_path(csv: Path) -> Path:
+    """Where a submission file's record (the runs and weights, views and gate that made it, and the
+    file's hash) is kept."""
+    return csv.with_name(csv.name + ".json")
+
+
+def sha256_of(contents: bytes) -> str:
+    """The hash a record keeps of its submission's contents."""
+    return hashlib.sha256(contents).hexdigest()
 
 
 def check_file(path: Path, input_dir: Path) -> pd.DataFrame:

@@ -6,6 +6,7 @@ to stdout (or --output), written only once every prediction is done and the CSV 
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def main() -> int:
                         help=f"inference batch size (default: {PREDICT_BATCH}, fewer for runs with a larger "
                              "--image-size: the smallest of their configs' predict_batch)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="write the CSV to this file (atomically) instead of stdout")
+                        help="write the CSV to this file (atomically) instead of stdout, and beside it FILE.json: the "
+                             "runs and their weights (with --weights oof, their OOF accuracies), views and gate")
     args = parser.parse_args()
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give the file to write, e.g. {args.output / 'sub.csv'}")
@@ -45,6 +47,7 @@ def main() -> int:
     from kaggle_cifar.augment import TTA_VIEWS
     from kaggle_cifar.predict import submission_csv
     from kaggle_cifar.rundir import RunDir
+    from kaggle_cifar.submission import record_path
 
     if args.tta is not None and args.tta not in TTA_VIEWS:
         parser.error(f"--tta {args.tta}: use one of {', '.join(TTA_VIEWS)}")
@@ -52,17 +55,20 @@ def main() -> int:
     ctx = distributed.setup(args.device, args.precision, args.compile)
     try:
         cli.resolve_paths(args, ctx)
-        csv = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
-                             args.batch_size, args.tta_gate, args.weights)
+        made = submission_csv(args.input, [args.run_dir, *args.ensemble], args.cache_dir, ctx, args.tta,
+                              args.batch_size, args.tta_gate, args.weights)
     finally:
         distributed.teardown(ctx)
-    if csv is not None:
+    if made is not None:
+        csv, record = made
         if args.output:
             write_text(args.output, csv)
+            write_text(record_path(args.output), json.dumps(record, indent=1) + "\n")
         else:
             sys.stdout.write(csv)
         rows = csv.count("\n") - 1
-        where = f"wrote {args.output}" if args.output else "wrote the submission to stdout"
+        where = f"wrote {args.output} (its record: {record_path(args.output)})" if args.output else \
+            "wrote the submission to stdout"
         print(f"{where}: {rows:,} rows, valid; next: python scripts/submit.py {args.output or 'FILE'}"
               f"{cli.run_dir_flag(args.run_dir)}", file=sys.stderr)
     return 0

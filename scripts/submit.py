@@ -4,15 +4,16 @@
 """
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from kaggle_cifar import cli
-from kaggle_cifar.errors import ToolError
+from kaggle_cifar.errors import SubmissionError, ToolError
 from kaggle_cifar.report import headline
-from kaggle_cifar.submission import check_file
+from kaggle_cifar.submission import RECORD_KEYS, check_file, record_path, sha256_of
 
 COMPETITION = "cifar-10"
 # Where a token goes, for the Kaggle CLI 2.x and the 1.x before it: said the same way in every hint.
@@ -31,14 +32,41 @@ HINTS += [(needle, NO_CREDENTIALS) for needle in ("kaggle.json", "access_token",
                                                    "Authentication required", "KAGGLE_API_TOKEN")]
 
 
-def message_for(run) -> str:
+def message_for(run, record: dict | None = None) -> str:
+    """The run's model, length, views and estimate; with the submission's record (predict.py
+    --output), its views and gate, and the runs it blended with their weights."""
     cfg, _ = run.read()
+    tta = f"tta {record['tta']}" + (f" gate {record['tta_gate']:g}" if record["tta_gate"] else "") if record else \
+        f"tta {cfg.tta}"
     parts = [f"full fit {cfg.arch} w{cfg.width}" if cfg.full_fit else f"{cfg.folds}-fold {cfg.arch} w{cfg.width}",
-             f"{cfg.epochs} ep", f"tta {cfg.tta}"]
+             f"{cfg.epochs} ep", tta]
     estimate = headline(run.read_report()) if run.report_json.exists() else None
     if estimate is not None:
         parts.append(f"{estimate[0]} {estimate[2]:.4f}")
+    if record and len(record["runs"]) > 1:
+        parts.append(f"ensemble of {len(record['runs'])} runs, {record['by']} weights "
+                     + "/".join(f"{w:.2f}" for w in record["weights"]))
     return ", ".join(parts)
+
+
+def read_record(csv: Path) -> dict | None:
+    """The submission's record beside it (predict.py --output writes it); None without one, or with
+    one written for other contents of the file (a later submission written over it by other means)."""
+    path = record_path(csv)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
+            raise ValueError(f"it lacks {', '.join(sorted(RECORD_KEYS - set(record or {})))}")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise SubmissionError(f"{path}: not the record predict.py writes ({e}); write it again with predict.py "
+                              f"--output {csv}, or give the message with -m") from None
+    if record["csv_sha256"] != sha256_of(csv.read_bytes()):
+        print(f"note: {path} records another {csv.name} (written over since): the message describes --run-dir only",
+              file=sys.stderr)
+        return None
+    return record
 
 
 def explain(output: str) -> str:
@@ -62,7 +90,7 @@ def main() -> int:
     run = RunDir(args.run_dir)
     cli.inputs_of_the_run(args, run.source())
     check_file(args.file, args.input)
-    message = args.message or message_for(run)
+    message = args.message or message_for(run, read_record(args.file))
     print(f"uploading {args.file} with the Kaggle CLI (waiting up to {args.timeout} s) ...", file=sys.stderr)
     try:
         proc = subprocess.run(["kaggle", "competitions", "submit", "-c", COMPETITION, "-f", str(args.file), "-m", message],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from conftest import ROOT, TINY, run_python
 
+from kaggle_cifar.folds import HOLDOUT
+
 
 def bench(name: str, *args: str) -> str:
     return run_python(ROOT / "bench" / name, *args).stdout
@@ -58,6 +60,31 @@ def test_the_tta_gate_table_scores_every_view_set_and_gate_on_the_holdout(compet
     assert rows == [[f"| {name}", gate] for name in ("flip", "flip_translate", "flip_translate_weighted")
                     for gate in ("-", "0.5", "1.0")]
     assert "12 holdout images" in out
+    every_view = next(row for row in table if row.startswith("| flip_translate | 1.0 |")).split(" | ")
+    assert every_view[3:] == ["+0.00", "100.0%", "6.00", "1.00 |"]  # gate 1 gives every image all views: the run's own
+    flip = next(row for row in table if row.startswith("| flip | - |")).split(" | ")
+    assert flip[-1] == "3.00 |"  # 2 views against the run's 6
+
+
+def test_the_blend_table_scores_runs_alone_and_blended_on_their_shared_holdout(competition, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    runs = [tmp_path / "narrow", tmp_path / "wide"]
+    for run, width in zip(runs, ("4", "8")):
+        run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
+                   "--epochs", "2", "--holdout", "12", "--width", width)
+    out = bench("blend.py", *map(str, runs))
+    table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:]]
+    assert [row[0] for row in table] == [f"| {runs[0]}", f"| {runs[1]}", "| equal weights", "| OOF weights"]
+    weights = [float(w) for w in table[3][1].split(" / ")]
+    assert [float(row[1]) for row in table[:2]] == weights and abs(sum(weights) - 1) < 2e-3
+    folds = pd.read_csv(runs[0] / "folds.csv")
+    labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][folds["fold"] == HOLDOUT]]
+    targets = pd.Categorical(labels["label"], categories=sorted(labels["label"].unique())).codes
+    probs = [sum(np.load(run / f"fold{k}" / "holdout.npz")["flip_translate"] for k in (0, 1)) / 2 for run in runs]
+    for row, p in zip(table, [*probs, (probs[0] + probs[1]) / 2]):  # each run's fold ensemble, then the two alike
+        assert row[3] == f"{(p.argmax(1) == targets).mean():.4f} |"
 
 
 def test_the_data_parallel_table_trains_one_fold_in_one_and_in_two_processes(competition):

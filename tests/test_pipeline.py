@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import re
 import json
@@ -187,7 +188,7 @@ def test_a_full_fit_without_a_holdout_trains_on_every_image_and_predicts(competi
     assert log["val_acc"].isna().all() and (log["val_images"] == 0).all()
     assert json.loads((tmp_path / "run" / "fold0" / "result.json").read_text())["train_images"] == 60
     assert [p.name for p in (tmp_path / "run" / "report").glob("*.png")] == ["curves.png"]
-    ids, probs, classes = ensemble_probs(competition, [tmp_path / "run"], competition / ".cache", distributed.setup("cpu"))
+    ids, probs, classes, _ = ensemble_probs(competition, [tmp_path / "run"], competition / ".cache", distributed.setup("cpu"))
     truth = np.asarray(sorted(CLASSES))[np.load(tmp_path / "input_test_targets.npy")]
     assert (np.asarray(classes)[probs.argmax(1)] == truth).mean() > 0.8
 
@@ -209,7 +210,7 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(b), *TINY, "--folds", "3", "--seed", "1")
     cpu, cache = distributed.setup("cpu"), competition / ".cache"
-    ids, probs_a, classes = ensemble_probs(competition, [a], cache, cpu)
+    ids, probs_a, classes, _ = ensemble_probs(competition, [a], cache, cpu)
     probs_b = ensemble_probs(competition, [b], cache, cpu)[1]
     probs = ensemble_probs(competition, [a, b], cache, cpu)[1]
     np.testing.assert_allclose(probs, (2 * probs_a + 3 * probs_b) / 5, atol=1e-6)  # 2 + 3 folds, each the same weight
@@ -234,13 +235,18 @@ def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_p
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(c), *TINY, "--width", "4", "--epochs", "1")
     cpu, cache = distributed.setup("cpu"), competition / ".cache"
-    weights = oof_weights([RunDir(a), RunDir(c)], json.loads((a / "classes.json").read_text()))
+    weights, _ = oof_weights([RunDir(a), RunDir(c)], json.loads((a / "classes.json").read_text()))
     assert weights.sum() == pytest.approx(1) and weights[0] != pytest.approx(0.5, abs=0.01)
     probs_a, probs_c = (ensemble_probs(competition, [run], cache, cpu)[1] for run in (a, c))
     blended = ensemble_probs(competition, [a, c], cache, cpu, weights="oof")[1]
     np.testing.assert_allclose(blended, weights[0] * probs_a + weights[1] * probs_c, atol=1e-6)
+    sub = tmp_path / "sub.csv"
     proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
-                      "--weights", "oof")
+                      "--weights", "oof", "--output", str(sub))
+    record = json.loads((tmp_path / "sub.csv.json").read_text())  # the submission's record, beside it
+    assert record["runs"] == [str(a), str(c)] and record["by"] == "oof" and record["tta"] == "flip_translate"
+    np.testing.assert_allclose(record["weights"], weights, atol=1e-9)
+    assert record["csv_sha256"] == hashlib.sha256(sub.read_bytes()).hexdigest()
     oof = [pd.read_csv(run / "oof.csv") for run in (a, c)]
     classes, labels = [name[2:] for name in oof[0].columns if name.startswith("p_")], oof[0]["label"].to_numpy()
     oof_probs = [frame[[f"p_{name}" for name in classes]].to_numpy() for frame in oof]
@@ -252,6 +258,7 @@ def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_p
             f"their OOF accuracy: {a} {hits(oof_probs[0])}, {c} {hits(oof_probs[1])}, equal weights "
             f"{hits(oof_probs[0] + oof_probs[1])}, these weights "
             f"{hits(weights[0] * oof_probs[0] + weights[1] * oof_probs[1])}") in proc.stderr
+    assert f"{record['oof_accuracy']['these weights']:.4f}" == hits(weights[0] * oof_probs[0] + weights[1] * oof_probs[1])
 
 
 def test_blend_weights_find_the_least_log_loss():

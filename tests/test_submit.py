@@ -3,6 +3,8 @@ replaced at the process boundary by a fake `kaggle` executable on PATH that reco
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -55,6 +57,27 @@ def test_valid_submission_is_uploaded_with_a_message_from_the_run(setup):
     assert submit(competition, sub, bin_dir, run_dir).returncode == 0
     called = (bin_dir / "called").read_text()
     assert "-m full fit resnet18_cifar w8" in called and "holdout 0.8765" in called
+
+
+def test_a_submissions_record_names_its_ensemble_in_the_message_unless_the_file_changed_since(setup):
+    competition, run_dir, sub, tmp = setup
+    bin_dir = fake_kaggle(tmp / "bin")
+    record = {"runs": [str(run_dir), "runs/other"], "weights": [0.625, 0.375], "by": "oof", "tta": "flip",
+              "tta_gate": 0.7, "csv_sha256": hashlib.sha256(sub.read_bytes()).hexdigest()}
+    (tmp / "sub.csv.json").write_text(json.dumps(record))
+    assert submit(competition, sub, bin_dir, run_dir).returncode == 0
+    called = (bin_dir / "called").read_text()
+    assert "tta flip gate 0.7" in called and called.rstrip().endswith("ensemble of 2 runs, oof weights 0.62/0.38")
+
+    sub.write_text("id,label\n1,dog\n2,dog\n3,frog\n")  # another submission written over it by other means
+    proc = submit(competition, sub, bin_dir, run_dir)
+    assert proc.returncode == 0 and "records another sub.csv" in proc.stderr
+    assert "ensemble" not in (bin_dir / "called").read_text()  # the message is the run's alone
+
+    (tmp / "sub.csv.json").write_text('{"runs": [')
+    proc = submit(competition, sub, bin_dir, run_dir)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp / 'sub.csv.json'}: not the record")
+    assert "Traceback" not in proc.stderr
 
 
 def test_invalid_submission_never_reaches_kaggle(setup):

@@ -1,0 +1,57 @@
+"""An ensemble of finished runs scored on their shared holdout: each run alone (its fold ensemble),
+every run weighing the same, and the weights `predict.py --weights oof` fits on their out-of-fold
+predictions (predict.oof_weights). The runs must share their fold split and holdout (the same
+--folds, --holdout and --seed), as --weights oof requires.
+
+    python bench/blend.py runs/fast-2fold runs/resnet18-2fold
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import Table, holdout_of  # bench/common.py, beside this script; first, before torch loads
+import numpy as np
+
+from kaggle_cifar import cli
+from kaggle_cifar.predict import blend_weights, oof_probs
+from kaggle_cifar.report import accuracy
+from kaggle_cifar.rundir import RunDir, same_classes
+
+
+def holdout_probs(run: RunDir, tta: str | None) -> np.ndarray:
+    """The run's fold ensemble on its holdout images under `tta` (default: the run's own views)."""
+    cfg, _ = run.read()
+    folds = run.folds(cfg)
+    return sum(fold.read_holdout()[tta or cfg.tta] for fold in folds) / len(folds)
+
+
+def main() -> int:
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="finished runs trained with the same --folds, --holdout "
+                                                            "and --seed")
+    parser.add_argument("--tta", default=None, help="the views scored (default: each run's own)")
+    args = parser.parse_args()
+    runs = [RunDir(path) for path in args.runs]
+    classes = same_classes([(run, run.read()[1]) for run in runs])
+    oof, oof_targets = oof_probs(runs, classes)  # refuses runs whose splits differ
+    weights = blend_weights(oof, oof_targets)  # what predict.py --weights oof gives them
+    holdout, labels = holdout_of(runs[0])  # the others' is the same: oof_probs checked
+    targets = labels.targets[holdout]
+    probs = [holdout_probs(run, args.tta) for run in runs]
+    table = Table()
+    for run, weight, p, q in zip(runs, weights, probs, oof):
+        table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", oof_accuracy=f"{accuracy(q, oof_targets):.4f}",
+                  holdout_accuracy=f"{accuracy(p, targets):.4f}")
+    for name, w in (("equal weights", np.full(len(runs), 1 / len(runs))), ("OOF weights", weights)):
+        table.add(ensemble=name, oof_weight=" / ".join(f"{x:.3f}" for x in w),
+                  oof_accuracy=f"{accuracy(sum(x * q for x, q in zip(w, oof)), oof_targets):.4f}",
+                  holdout_accuracy=f"{accuracy(sum(x * p for x, p in zip(w, probs)), targets):.4f}")
+    print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
