@@ -13,6 +13,7 @@ measured by running it (bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from common import Table, holdout_of  # bench/common.py, beside this script; first, before torch loads
@@ -20,16 +21,49 @@ import numpy as np
 
 from kaggle_cifar import budget, cli, distributed
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.data import cached_images
-from kaggle_cifar.inference import load_fold_models, view_set_probs
+from kaggle_cifar.data import cached_images, test_ids
+from kaggle_cifar.device import synchronize
+from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs, view_set_probs
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir
+
+
+def time_test_sample(run: RunDir, cfg, models: list, policy, n: int, gates: list[float]) -> None:
+    """Seconds of predict's passes (inference.stream_probs, gated_probs) over `n` random test images,
+    each against the run's views on every image, timed in this one run."""
+    source = run.source()
+    ids = test_ids(source["input"])
+    picked = np.sort(np.random.default_rng(0).choice(len(ids), size=min(n, len(ids)), replace=False))
+    images = np.asarray(cached_images(Path(source["input"]) / "test", ids, source["cache_dir"])[picked])
+    compiled = for_inference(models, policy, len(images) * len(set(TTA_VIEWS[cfg.tta])), cfg.predict_batch)
+    stream_probs(compiled, images[:cfg.predict_batch], TTA_VIEWS["none"], policy, cfg.predict_batch)  # compiles, once
+    table, every = Table(), None
+    for name, gate in [(cfg.tta, None), ("flip", None), *[(name, gate) for gate in gates
+                                                            for name in dict.fromkeys(("flip", cfg.tta))]]:
+        t0 = time.perf_counter()
+        if gate is None:
+            stream_probs(compiled, images, TTA_VIEWS[name], policy, cfg.predict_batch)
+            unsure = len(images)
+        else:
+            unsure = gated_probs(compiled, images, TTA_VIEWS[name], gate, policy, cfg.predict_batch)[1]
+        synchronize(policy.device)
+        seconds = time.perf_counter() - t0
+        every = every or seconds  # the first row: the run's views on every image
+        table.add(views=name, gate="-" if gate is None else gate, test_images=f"{len(images):,}",
+                  share_gated=f"{unsure / len(images):.1%}", seconds=f"{seconds:.1f}", speedup=f"{every / seconds:.2f}")
+    print(f"\n{len(images):,} of the {len(ids):,} test images (seed 0), {policy.describe()}; speed-up against "
+          f"{cfg.tta} on every image\n")
+    print(table)
 
 
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished run trained with --holdout")
     parser.add_argument("--gates", type=cli.probability, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    parser.add_argument("--test-sample", type=cli.positive_int, default=None, metavar="N",
+                        help="also time predict's passes over N test images drawn at random (the unscored fillers "
+                             "among them in their share): the run's views on every image, and flip and the run's "
+                             "views at each gate")
     cli.add_device_flags(parser)
     args = parser.parse_args()
     run = RunDir(args.run_dir)
@@ -61,6 +95,8 @@ def main() -> int:
             unsure = sure < gate
             add(name, gate, np.where(unsure[:, None], ensemble[name], ensemble["none"]), unsure.mean(),
                 1 + unsure.mean() * (distinct - 1))
+    if args.test_sample:
+        time_test_sample(run, cfg, models, policy, args.test_sample, args.gates)
     print(f"\n{run.path}: {len(models)} fold model(s), {len(targets):,} holdout images, {policy.precision}; "
           f"TTA none alone {accuracy(ensemble['none'], targets):.4f}; points and speed-up against {cfg.tta} "
           f"({reference_views} views) on every image\n")

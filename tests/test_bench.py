@@ -54,8 +54,13 @@ def test_the_gpu_estimate_counts_each_muon_step_on_each_gpu():
 def test_the_tta_gate_table_scores_every_view_set_and_gate_on_the_holdout(competition, tmp_path):
     run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
                *TINY, "--holdout", "12")
-    out = bench("tta_gate.py", "--run-dir", str(tmp_path / "run"), "--gates", "0.5", "1.0")
-    table = out[out.index("| views |"):].splitlines()
+    out = bench("tta_gate.py", "--run-dir", str(tmp_path / "run"), "--gates", "0.5", "1.0", "--test-sample", "5")
+    timed = [row.split(" | ") for row in out[out.index("| views | gate | test_images |"):].splitlines()[2:]]
+    assert [row[:2] for row in timed[:6]] == [
+        ["| flip_translate", "-"], ["| flip", "-"], ["| flip", "0.5"], ["| flip_translate", "0.5"], ["| flip", "1.0"],
+        ["| flip_translate", "1.0"]] and timed[6] == [""]
+    assert all(row[2] == "5" for row in timed[:6]) and timed[5][3] == "100.0%"  # gate 1: every image all views
+    table = out[out.index("| views | gate | accuracy |"):].splitlines()
     rows = [row.split(" | ")[:2] for row in table[2:]]
     assert rows == [[f"| {name}", gate] for name in ("flip", "flip_translate", "flip_translate_weighted")
                     for gate in ("-", "0.5", "1.0")]
