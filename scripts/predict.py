@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kaggle_cifar import cli
 from kaggle_cifar.atomic import write_text
-from kaggle_cifar.config import PREDICT_BATCH
+from kaggle_cifar.config import PREDICT_BATCH, TTA_GATE
 
 
 def main() -> int:
@@ -23,10 +23,10 @@ def main() -> int:
                         help="test-time views: none (1), flip (2), flip_translate (6), flip_translate_weighted (the 6, "
                              "the untranslated pair weighing as much as the 4 shifted views) (default: the --tta of "
                              "--run-dir's run)")
-    parser.add_argument("--tta-gate", type=cli.probability, default=0.0, metavar="P",
+    parser.add_argument("--tta-gate", type=cli.probability, default=TTA_GATE, metavar="P",
                         help="the other views only for images whose top probability under the first (untranslated, "
-                             "unflipped) view is below P; the rest keep that view's prediction (default 0: every "
-                             "view on every image)")
+                             "unflipped) view is below P; the rest keep that view's prediction (default: "
+                             f"{TTA_GATE}; 0: every view on every image)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
                              "--run-dir's in the ensemble, every fold weighing the same")

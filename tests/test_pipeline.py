@@ -18,7 +18,7 @@ import torch
 from conftest import CLASSES, NATIVE_BF16, TINY, run_script
 from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.config import TrainConfig
+from kaggle_cifar.config import TTA_GATE, TrainConfig
 from kaggle_cifar.data import cached_images
 from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import RunDirError
@@ -219,7 +219,10 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
 
     proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(b))
     sub = pd.read_csv(io.StringIO(proc.stdout))
-    assert sub["label"].tolist() == np.asarray(classes)[probs.argmax(1)].tolist()
+    gated = ensemble_probs(competition, [a, b], cache, cpu, gate=TTA_GATE)[1]  # predict's default
+    assert sub["label"].tolist() == np.asarray(classes)[gated.argmax(1)].tolist()
+    assert re.search(rf"gated TTA: \d+ of 24 images \([\d.]+%\) under top probability {TTA_GATE} with the first view",
+                     proc.stderr)
 
     with pytest.raises(RunDirError, match=r"--weights oof: .* holds out other images than .*use --weights equal"):
         ensemble_probs(competition, [a, b], cache, cpu, weights="oof")  # 2 folds against 3
