@@ -1,7 +1,7 @@
 """An ensemble of finished runs scored on their shared holdout: each run alone (its fold ensemble),
 every run weighing the same, and the weights `predict.py --weights oof` fits on their out-of-fold
 predictions (predict.oof_weights). The runs must share their fold split and holdout (the same
---folds, --holdout and --seed), as --weights oof requires.
+--folds, --holdout and --split-seed, or --seed), as --weights oof requires.
 
     python bench/blend.py runs/fast-2fold runs/resnet18-2fold
 """
@@ -30,7 +30,7 @@ def holdout_probs(run: RunDir, tta: str | None) -> np.ndarray:
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="finished runs trained with the same --folds, --holdout "
-                                                            "and --seed")
+                                                            "and --split-seed (or --seed)")
     parser.add_argument("--tta", default=None, help="the views scored (default: each run's own)")
     args = parser.parse_args()
     runs = [RunDir(path) for path in args.runs]

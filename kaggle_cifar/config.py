@@ -99,6 +99,9 @@ class TrainConfig:
     holdout: int = _opt(0, "training images kept out of every fold (stratified), on which the fold ensemble and "
                            "the TTA views are measured against single folds; 0 for a submission run")
     seed: int = _opt(0, "seed of the fold split, initial weights, shuffling and augmentation")
+    split_seed: int = _opt(-1, "seed of the fold split and holdout alone (-1: --seed): runs of other --seed values "
+                               "and one --split-seed hold out the same images, so predict.py --weights oof blends "
+                               "them")
     epochs: int = _opt(30, "epochs per fold (with --time-budget: planned instead)")
     time_budget: str = _opt("", "time for all folds' training, e.g. 900, 15m, 2h: each fold's epochs are planned from "
                                 "the measured speed so that every fold ends in time with a complete schedule (empty: "
@@ -191,6 +194,7 @@ class TrainConfig:
             ("recipe", self.recipe in ("", *RECIPES), f"empty or one of {', '.join(RECIPES)}"),
             ("folds", self.folds >= 1, "at least 1"),
             ("holdout", self.holdout >= 0, "0 or more"),
+            ("split_seed", self.split_seed >= -1, "-1 (--seed) or a seed"),
             ("epochs", self.epochs >= 1, "at least 1"),
             ("width", self.width >= 1, "at least 1"),
             ("whiten_stem", not self.whiten_stem or self.arch == "resnet18_cifar", "off for " + self.arch),
@@ -246,6 +250,11 @@ class TrainConfig:
         them larger, whose activations grow with the area (224x224: 41)."""
         side = self.image_size or 32
         return max(1, PREDICT_BATCH * 32 * 32 // (side * side))
+
+    @property
+    def fold_seed(self) -> int:
+        """The seed of the fold split and holdout: --split-seed, else --seed."""
+        return self.seed if self.split_seed == -1 else self.split_seed
 
     @property
     def time_budget_s(self) -> float | None:

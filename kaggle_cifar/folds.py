@@ -46,7 +46,7 @@ def stratified_folds(targets: np.ndarray, folds: int, seed: int, holdout: int = 
 def fold_split(cfg: TrainConfig, labels: Labels) -> np.ndarray:
     """The run's fold of every training image (HOLDOUT for the holdout), refused if the holdout
     leaves a fold without some class."""
-    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.seed, cfg.holdout)
+    fold_of = stratified_folds(labels.targets, cfg.folds, cfg.fold_seed, cfg.holdout)
     for fold in range(cfg.folds):
         missing = [c for i, c in enumerate(labels.classes) if not (labels.targets[fold_of == fold] == i).any()]
         if missing:

@@ -51,7 +51,7 @@ def oof_probs(runs: list[RunDir], classes: list[str]) -> tuple[list[np.ndarray],
         if not run.split_is(runs[0].folds_csv()):
             raise RunDirError(f"--weights oof: {run} holds out other images than {runs[0]} (their folds.csv differ): "
                               f"weights fitted on out-of-fold predictions need the same split (the same --folds, "
-                              f"--holdout and --seed); use --weights equal")
+                              f"--holdout and --split-seed, or --seed); use --weights equal")
     frames = [run.read_oof_csv() for run in runs]
     return [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], pd.Categorical(frames[0]["label"],
                                                                                        categories=classes).codes

@@ -81,3 +81,14 @@ def test_a_full_fit_trains_on_every_image_but_the_holdout_and_is_scored_on_the_h
 
     everything = on_device(images, targets).fold(stratified_folds(targets.numpy(), 1, seed=0), 0)
     assert len(everything.train_images) == 30 and len(everything.val_images) == len(everything.holdout_images) == 0
+
+
+def test_a_split_seed_holds_out_the_same_images_for_runs_of_other_seeds():
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.data import Labels
+    from kaggle_cifar.folds import fold_split
+
+    labels = Labels(np.arange(1, 61), np.arange(60) % 3, ["a", "b", "c"])
+    split = fold_split(TrainConfig(folds=3, holdout=6, seed=0), labels)
+    np.testing.assert_array_equal(fold_split(TrainConfig(folds=3, holdout=6, seed=1, split_seed=0), labels), split)
+    assert not np.array_equal(fold_split(TrainConfig(folds=3, holdout=6, seed=1), labels), split)  # --seed alone moves it
