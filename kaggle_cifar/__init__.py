@@ -1,5 +1,6 @@
 """From the Kaggle CIFAR-10 download to a submission: k-fold training, TTA fold ensemble, CSV."""
 
+import logging
 import os
 import sys
 import warnings
@@ -14,3 +15,7 @@ if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     warnings.warn(f"{TORCH_LOADED_FIRST}, so OpenMP keeps its spinning wait policy: import kaggle_cifar first, "
                   "or set OMP_WAIT_POLICY", stacklevel=2)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Compiling on a machine without a CUDA runtime, torch warns once that it guesses CUDA_HOME: a line
+# about a GPU toolkit in the middle of a CPU run's progress, and nothing the CPU kernels use.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

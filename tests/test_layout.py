@@ -65,3 +65,14 @@ def test_torch_loaded_before_the_package_is_named_since_openmp_then_keeps_spinni
     first = subprocess.run([sys.executable, "-c", "import kaggle_cifar, torch, os; print(os.environ['OMP_WAIT_POLICY'])"],
                            capture_output=True, text=True, cwd=ROOT, env=env, check=True)
     assert TORCH_LOADED_FIRST not in first.stderr and first.stdout.strip() == "PASSIVE"
+
+
+def test_compiling_without_a_cuda_runtime_prints_no_guess_of_cuda_home():
+    import subprocess
+    import sys
+
+    code = "import kaggle_cifar, torch.utils.cpp_extension"  # what inductor loads as it compiles on the CPU
+    env = dict(shell_env(), CUDA_VISIBLE_DEVICES="")
+    env.pop("CUDA_HOME", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert "CUDA_HOME" not in proc.stderr, proc.stderr
