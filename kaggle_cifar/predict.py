@@ -53,8 +53,8 @@ def oof_probs(runs: list[RunDir], classes: list[str]) -> tuple[list[np.ndarray],
                               f"weights fitted on out-of-fold predictions need the same split (the same --folds, "
                               f"--holdout and --split-seed, or --seed); use --weights equal")
     frames = [run.read_oof_csv() for run in runs]
-    return [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], pd.Categorical(frames[0]["label"],
-                                                                                       categories=classes).codes
+    targets = pd.Categorical(frames[0]["label"], categories=classes).codes
+    return [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], targets
 
 
 def oof_weights(runs: list[RunDir], classes: list[str]) -> tuple[np.ndarray, dict[str, float]]:
@@ -100,7 +100,8 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     model_weights = [w / cfg.folds for w, (cfg, _) in zip(record["weights"], configs) for _ in range(cfg.folds)]
     ids, images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
     models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.policy)]
-    views = TTA_VIEWS[tta or configs[0][0].tta]
+    tta = tta or configs[0][0].tta
+    views = TTA_VIEWS[tta]
     batch_size = batch_size or min(cfg.predict_batch for cfg, _ in configs)
 
     rows = distributed.shard(len(images), ctx)
@@ -121,7 +122,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     seconds = time.perf_counter() - t0
     log.info("rank %d: %d images, %.2g views an image on average, x %d folds in %.1fs (%.0f images/s per view and "
              "fold)", ctx.rank, n_local, forwards / max(n_local, 1), len(models), seconds, forwards * len(models) / seconds)
-    record.update(tta=tta or configs[0][0].tta, tta_gate=gate)
+    record.update(tta=tta, tta_gate=gate)
     return ids, distributed.gather_rows(local, len(images), ctx).cpu().numpy(), classes, record
 
 
