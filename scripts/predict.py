@@ -67,7 +67,7 @@ def main() -> int:
         else:
             sys.stdout.write(csv)
         rows = csv.count("\n") - 1
-        where = f"wrote {args.output} (its record: {record_path(args.output)})" if args.output else \
+        where = f"wrote {args.output} and its record {record_path(args.output).name}" if args.output else \
             "wrote the submission to stdout"
         print(f"{where}: {rows:,} rows, valid; next: python scripts/submit.py {args.output or 'FILE'}"
               f"{cli.run_dir_flag(args.run_dir)}", file=sys.stderr)

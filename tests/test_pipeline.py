@@ -317,4 +317,4 @@ def test_the_quick_start_says_how_long_what_it_chose_and_what_to_run_next(compet
     sub = tmp_path / "sub.csv"
     predicted = run_script(*next_line.removeprefix("next: python scripts/").replace("submissions/sub.csv", str(sub)).split())
     assert predicted.stderr.strip().splitlines()[-1] == \
-        f"wrote {sub}: 24 rows, valid; next: python scripts/submit.py {sub} --run-dir {run}"
+        f"wrote {sub} and its record sub.csv.json: 24 rows, valid; next: python scripts/submit.py {sub} --run-dir {run}"
