@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import runpy
+import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import CALIBRATION, make_competition, record_newton_schulz, run_script
+from conftest import CALIBRATION, ROOT, make_competition, record_newton_schulz, run_script
 from kaggle_cifar import device, distributed, doctor, probe
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -510,3 +512,15 @@ def test_doctor_passes_here_and_names_what_fails(tmp_path):
     (competition / "test" / "2.png").write_bytes(b"not a png")  # the file check alone: the probes passed above
     verdict = doctor.check_files(competition, default_cache_dir(competition), say=lambda line: None)
     assert str(verdict).startswith("FAIL  competition files") and "2.png: not a readable PNG" in str(verdict)
+
+
+def test_the_doctor_exits_1_when_a_check_fails_after_printing_every_verdict(monkeypatch, capsys):
+    """The verdicts the checks return decide the exit code: one FAIL among them and the doctor
+    exits 1 (a script or CI that runs it first stops there), every line printed all the same."""
+    verdicts = [doctor.Verdict("device"), doctor.Verdict("competition files", "test/2.png: not a readable PNG")]
+    monkeypatch.setattr(doctor, "run", lambda *args, **kwargs: verdicts)
+    monkeypatch.setattr(sys, "argv", ["doctor.py"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "scripts" / "doctor.py"), run_name="__main__")
+    assert exit_.value.code == 1
+    assert capsys.readouterr().out.splitlines() == ["ok    device", "FAIL  competition files: test/2.png: not a readable PNG"]
