@@ -40,6 +40,11 @@ VARIANTS = {
     "ema_0.999": {"ema_decay": 0.999},
     "lookahead": {"optimizer": "lookahead_muon"},
     "cutout_8": {"cutout": 8},
+    # timm's Mixup on the device batch: CutMix on half the batches (on all epochs, or the first half
+    # only: timm's --mixup-off-epoch), and Mixup alone.
+    "cutmix": {"cutmix": 1.0, "mixup_prob": 0.5},
+    "cutmix_first_half": {"cutmix": 1.0, "mixup_prob": 0.5, "mixup_epochs": 0.5},
+    "mixup_0.2": {"mixup": 0.2},
     "randaugment": {"auto_augment": "randaugment"},
     "trivialaugment": {"auto_augment": "trivialaugment"},
     "crop_pad_2": {"crop_pad": 2},
