@@ -1,7 +1,9 @@
 """An ensemble of finished runs scored on their shared holdout: each run alone (its fold ensemble),
 every run weighing the same, and the weights `predict.py --weights oof` fits on their out-of-fold
 predictions (predict.oof_weights). The runs must share their fold split and holdout (the same
---folds, --holdout and --split-seed, or --seed), as --weights oof requires.
+--folds, --holdout and --split-seed, or --seed), as --weights oof requires. Full fits (--folds 1) hold out only the
+holdout: their out-of-fold predictions are the holdout's, so the OOF weights are fitted on the images
+they are scored on, and the table says so.
 
     python bench/blend.py runs/fast-2fold runs/resnet18-2fold
 """
@@ -15,14 +17,24 @@ from common import Table, holdout_of  # bench/common.py, beside this script; fir
 import numpy as np
 
 from kaggle_cifar import cli
+from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.predict import blend_weights, oof_probs
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 
 
-def holdout_probs(run: RunDir, tta: str | None) -> np.ndarray:
-    """The run's fold ensemble on its holdout images under `tta` (default: the run's own views)."""
+def holdout_probs(run: RunDir, tta: str | None, oof: np.ndarray, holdout_ids: np.ndarray) -> np.ndarray:
+    """The run's fold ensemble on its holdout images (`holdout_ids`, in order) under `tta` (default:
+    the run's own views); a full fit's are its out-of-fold predictions `oof`, made under its own
+    views alone."""
     cfg, _ = run.read()
+    if cfg.folds == 1:
+        if tta not in (None, cfg.tta):
+            raise RunDirError(f"{run.path}: a full fit keeps its holdout's predictions under its own views "
+                              f"({cfg.tta}) alone; leave out --tta {tta}")
+        if not np.array_equal(run.read_oof_csv()["id"].to_numpy(), holdout_ids):
+            raise RunDirError(f"{run.path / 'oof.csv'}: not the holdout images of {run.path / 'folds.csv'}")
+        return oof
     folds = run.folds(cfg)
     return sum(fold.read_holdout()[tta or cfg.tta] for fold in folds) / len(folds)
 
@@ -39,7 +51,7 @@ def main() -> int:
     weights = blend_weights(oof, oof_targets)  # what predict.py --weights oof gives them
     holdout, labels = holdout_of(runs[0])  # the others' is the same: oof_probs checked
     targets = labels.targets[holdout]
-    probs = [holdout_probs(run, args.tta) for run in runs]
+    probs = [holdout_probs(run, args.tta, q, labels.ids[holdout]) for run, q in zip(runs, oof)]
     table = Table()
     for run, weight, p, q in zip(runs, weights, probs, oof):
         table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", oof_accuracy=f"{accuracy(q, oof_targets):.4f}",
@@ -50,6 +62,9 @@ def main() -> int:
                   holdout_accuracy=f"{accuracy(sum(x * p for x, p in zip(w, probs)), targets):.4f}")
     print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
     print(table)
+    if all(run.read()[0].folds == 1 for run in runs):
+        print("\nfull fits: the out-of-fold images are the holdout, so the OOF weights were fitted on the images "
+              "they are scored on; their holdout accuracy is not a measurement, equal weights' is")
     return 0
 
 
