@@ -1,9 +1,9 @@
 """An ensemble of finished runs scored on their shared holdout: each run alone (its fold ensemble),
 every run weighing the same, and the weights `predict.py --weights oof` fits on their out-of-fold
 predictions (predict.oof_weights). The runs must share their fold split and holdout (the same
---folds, --holdout and --split-seed, or --seed), as --weights oof requires. Full fits (--folds 1) hold out only the
-holdout: their out-of-fold predictions are the holdout's, so the OOF weights are fitted on the images
-they are scored on, and the table says so.
+--folds, --holdout and --split-seed, or --seed), as --weights oof requires. A full fit (--folds 1)
+holds out only the holdout: its out-of-fold predictions are the holdout's, so OOF weights of full
+fits are fitted on the images they are scored on, and the table says so.
 
     python bench/blend.py runs/fast-2fold runs/resnet18-2fold
 """

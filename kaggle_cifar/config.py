@@ -63,7 +63,8 @@ RECIPES = {
     "resnet18": {},
     # One model on every training image (a full fit), airbench's network and its 2-pixel
     # translations: 0.8954 and 0.9018 on a 5,000-image holdout in 36 min on a 2-core CPU, 0.892 and
-    # 0.903 on the scored test images in 20 min on one core: the most accuracy per minute measured.
+    # 0.903 on the scored test images in 20 min on one core: the most accuracy per minute measured
+    # for budgets under about 9 epochs of fast_wide.
     "fast": {"folds": 1, "arch": "fast_cifar", "width": 64, "crop_pad": 2},
     # fast at width 96: half its images/s, ahead of it for a budget of 10 epochs or more of its own
     # (0.9118 on the holdout at 10 epochs, fast 0.9082 at 16 in 86% of the time); behind it when
@@ -87,9 +88,9 @@ LEARNING_CURVES = {"fast": {4: 0.8856, 5: 0.892, 6: 0.8986, 7: 0.903, 8: 0.903, 
 class TrainConfig:
     recipe: str = _opt("", "a named set of the values below, recorded in config.json: resnet18 (the defaults: 5 "
                            "folds x 30 epochs, for a GPU and hours), fast (a full fit of fast_cifar with 2-pixel "
-                           "crops, the most accuracy per minute measured; give it a --time-budget) or fast_wide "
-                           "(fast at width 96: for budgets of 10 of its epochs or more); flags given beside it "
-                           "override it")
+                           "crops, the most accuracy per minute measured for short budgets; give it a "
+                           "--time-budget) or fast_wide (fast at width 96: ahead of it for budgets of 10 of its "
+                           "epochs or more); flags given beside it override it")
     arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool), fast_cifar "
                                        "(airbench-style: whitened 2x2 stem, three conv groups), resnet34_cifar, "
                                        "resnet50_cifar, resnet101_cifar, resnet152_cifar, resnext50_32x4d_cifar, "
