@@ -509,6 +509,9 @@ def test_doctor_passes_here_and_names_what_fails(tmp_path):
         assert shown in proc.stdout
     assert re.search(r"the default run \(5 folds x 30 epochs, ResNet18 width 64\): about .+ here "
                      r"\((bf16 autocast|float32), [\d,]+ images/s\)", proc.stdout), proc.stdout
+    for recipe in ("the fast recipe (--recipe fast:", "the wide fast recipe (--recipe fast_wide:"):
+        assert re.search(re.escape(recipe) + r".*\): .+ an epoch here \((bf16 autocast|float32), [\d,]+ images/s\)",
+                         proc.stdout), proc.stdout
     (competition / "test" / "2.png").write_bytes(b"not a png")  # the file check alone: the probes passed above
     verdict = doctor.check_files(competition, default_cache_dir(competition), say=lambda line: None)
     assert str(verdict).startswith("FAIL  competition files") and "2.png: not a readable PNG" in str(verdict)
