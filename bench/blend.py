@@ -17,17 +17,18 @@ from common import Table, holdout_of  # bench/common.py, beside this script; fir
 import numpy as np
 
 from kaggle_cifar import cli
+from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.predict import blend_weights, oof_probs
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 
 
-def holdout_probs(run: RunDir, tta: str | None, oof: np.ndarray, holdout_ids: np.ndarray) -> np.ndarray:
-    """The run's fold ensemble on its holdout images (`holdout_ids`, in order) under `tta` (default:
-    the run's own views); a full fit's are its out-of-fold predictions `oof`, made under its own
-    views alone."""
-    cfg, _ = run.read()
+def holdout_probs(run: RunDir, cfg: TrainConfig, tta: str | None, oof: np.ndarray,
+                  holdout_ids: np.ndarray) -> np.ndarray:
+    """The fold ensemble of `run` (trained with `cfg`) on its holdout images (`holdout_ids`, in
+    order) under `tta` (default: the run's own views); a full fit's are its out-of-fold predictions
+    `oof`, made under its own views alone."""
     if cfg.folds == 1:
         if tta not in (None, cfg.tta):
             raise RunDirError(f"{run.path}: a full fit keeps its holdout's predictions under its own views "
@@ -46,12 +47,13 @@ def main() -> int:
     parser.add_argument("--tta", default=None, help="the views scored (default: each run's own)")
     args = parser.parse_args()
     runs = [RunDir(path) for path in args.runs]
-    classes = same_classes([(run, run.read()[1]) for run in runs])
+    saved = [run.read() for run in runs]  # each run's config and classes
+    classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, saved)])
     oof, oof_targets = oof_probs(runs, classes)  # refuses runs whose splits differ
     weights = blend_weights(oof, oof_targets)  # what predict.py --weights oof gives them
     holdout, labels = holdout_of(runs[0])  # the others' is the same: oof_probs checked
     targets = labels.targets[holdout]
-    probs = [holdout_probs(run, args.tta, q, labels.ids[holdout]) for run, q in zip(runs, oof)]
+    probs = [holdout_probs(run, cfg, args.tta, q, labels.ids[holdout]) for run, (cfg, _), q in zip(runs, saved, oof)]
     table = Table()
     for run, weight, p, q in zip(runs, weights, probs, oof):
         table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", oof_accuracy=f"{accuracy(q, oof_targets):.4f}",
@@ -62,7 +64,7 @@ def main() -> int:
                   holdout_accuracy=f"{accuracy(sum(x * p for x, p in zip(w, probs)), targets):.4f}")
     print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
     print(table)
-    if all(run.read()[0].folds == 1 for run in runs):
+    if all(cfg.folds == 1 for cfg, _ in saved):
         print("\nfull fits: the out-of-fold images are the holdout, so the OOF weights were fitted on the images "
               "they are scored on; their holdout accuracy is not a measurement, equal weights' is")
     return 0
