@@ -45,8 +45,12 @@ FULL_FIT_REFUSED = ("a search scores each trial on fold 0's held-out images; a f
 # A trial must be an ordinary run of fixed epochs on the competition's own images.
 NOT_SEARCHABLE = ("time_budget", "pseudo_labels", "pseudo_threshold", "pseudo_max")
 STUDY_NAME = "search"
-# Processes that open a new database at once race to make its tables; the losers try again.
+# Processes that open a new database at once race to make its tables; the losers try again. A loser's
+# CREATE fails in one of two ways: it waited on the winner's uncommitted row of the catalog (a unique
+# violation), or it checked before the winner committed and created after (the table or the enum type
+# "already exists"). PostgreSQL's SQLSTATEs, which do not change with the server's language:
 TABLE_ATTEMPTS = 3
+LOST_CREATE_RACE = {"23505": "unique_violation", "42P07": "duplicate_table", "42710": "duplicate_object"}
 # A running trial's process writes a heartbeat this often; one silent for GRACE_S is taken as dead:
 # its trial fails and is asked for again, at most MAX_RETRIES times (a trial that kills its process
 # every time, as one out of memory would, is not retried for ever).
@@ -170,8 +174,8 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
                                             load_if_exists=True, pruner=pruner, sampler=sampler)
             break
         except (SQLAlchemyError, ImportError, ValueError) as e:  # a bad URL, a missing driver, a file that is no database
-            if isinstance(e, IntegrityError) and attempt + 1 < TABLE_ATTEMPTS:  # another process made the tables
-                time.sleep(1.0)  # at the same moment: they are there now
+            if lost_create_race(e) and attempt + 1 < TABLE_ATTEMPTS:  # another process made the tables at
+                time.sleep(1.0)  # the same moment: they are there now
                 continue
             raise RunDirError(f"{url}: cannot hold the study ({first_line(e)})") from None
     identity = {"base_config": base.to_json(), "space": [dataclasses.asdict(d) for d in space]}
@@ -189,6 +193,11 @@ def open_study(base: TrainConfig, space: list[Dimension], search_dir: SearchDir,
             log.info("trial %d was stopped mid-way: asked for again (it resumes from its last epoch)", t.number)
             study.enqueue_trial(t.params, user_attrs={"resumes_trial": t.number})
     return study
+
+
+def lost_create_race(e: Exception) -> bool:
+    """Whether making the study's tables failed because another process made them at the same moment."""
+    return isinstance(e, IntegrityError) or getattr(getattr(e, "orig", None), "sqlstate", None) in LOST_CREATE_RACE
 
 
 @contextlib.contextmanager

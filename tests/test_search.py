@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy
 import torch
 
 from conftest import ROOT, hooked_pythonpath, make_competition, run_script, torchrun
@@ -274,6 +275,33 @@ def test_two_search_processes_share_one_postgresql_study_and_a_killed_ones_trial
                      survivor_log)
     assert re.search(r"fold 0: resuming after epoch [12] from", survivor_log)  # ...and resumed from its checkpoint
     assert len(study.trials) == 7  # 6 finished (one the retry) and the failed one: nothing asked for in vain
+
+
+# SQLAlchemy makes optuna's tables in one transaction: it checks which tables exist, then, type by
+# type, checks for and creates the enum types, then creates the tables. Another process committing
+# the lot just before the first type's check leaves this one to create "studies", which then exists;
+# just before the first type's creation, to create a type that then exists.
+@pytest.mark.parametrize("moment, error", [("SELECT pg_catalog.pg_type", "DuplicateTable"),
+                                           ("CREATE TYPE", "DuplicateObject")])
+def test_a_process_that_finds_the_study_tables_made_by_another_between_its_check_and_its_create_opens_the_study(
+        postgres, tmp_path, moment, error):
+    """Two search processes opening one new database race to make its tables. The race is made certain
+    here: the other process's tables are made and committed as this one sends `moment`'s statement."""
+    url, raced = postgres(error.lower()), []
+
+    def other_process_makes_the_tables(conn, cursor, statement, *_):
+        if statement.lstrip().startswith(moment) and not raced:
+            raced.append(statement)
+            optuna.storages.RDBStorage(url)
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", other_process_makes_the_tables)
+    try:  # without trying again, open_study fails with PostgreSQL's `error`
+        study = open_study(BASE, parse_space(["lr=0.01:0.3:log"]), SearchDir(tmp_path / "s"), url, prune=False)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", other_process_makes_the_tables)
+    assert raced, f"open_study sent no {moment}"
+    assert study.user_attrs["base_config"] == BASE.to_json()
+    assert optuna.load_study(study_name="search", storage=url).user_attrs["base_config"] == BASE.to_json()
 
 
 def test_under_torchrun_every_rank_runs_trials_of_one_study_and_rank_0_alone_decodes(postgres, tiny, tmp_path):
