@@ -1,9 +1,9 @@
 """An ensemble of finished runs scored on their shared holdout: each run alone (its fold ensemble),
-every run weighing the same, and the weights `predict.py --weights oof` fits on their out-of-fold
-predictions (predict.oof_weights). The runs must share their fold split and holdout (the same
---folds, --holdout and --split-seed, or --seed), as --weights oof requires. A full fit (--folds 1)
-holds out only the holdout: its out-of-fold predictions are the holdout's, so OOF weights of full
-fits are fitted on the images they are scored on, and the table says so.
+every run weighing the same, and the temperatures and weights `predict.py --weights oof` fits on
+their out-of-fold predictions (predict.oof_weights). The runs must share their fold split and
+holdout (the same --folds, --holdout and --split-seed, or --seed), as --weights oof requires. A full
+fit (--folds 1) holds out only the holdout: its out-of-fold predictions are the holdout's, so OOF
+weights of full fits are fitted on the images they are scored on, and the table says so.
 
     python bench/blend.py runs/fast-2fold runs/resnet18-2fold
 """
@@ -19,7 +19,7 @@ import numpy as np
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.errors import RunDirError
-from kaggle_cifar.predict import blend_weights, oof_probs
+from kaggle_cifar.predict import calibrated_blend, oof_probs, recalibrated
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 
@@ -50,18 +50,19 @@ def main() -> int:
     saved = [run.read() for run in runs]  # each run's config and classes
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, saved)])
     oof, oof_targets = oof_probs(runs, classes)  # refuses runs whose splits differ
-    weights = blend_weights(oof, oof_targets)  # what predict.py --weights oof gives them
+    temperatures, weights = calibrated_blend(oof, oof_targets)  # what predict.py --weights oof gives them
     holdout, labels = holdout_of(runs[0])  # the others' is the same: oof_probs checked
     targets = labels.targets[holdout]
     probs = [holdout_probs(run, cfg, args.tta, q, labels.ids[holdout]) for run, (cfg, _), q in zip(runs, saved, oof)]
     table = Table()
-    for run, weight, p, q in zip(runs, weights, probs, oof):
-        table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", oof_accuracy=f"{accuracy(q, oof_targets):.4f}",
-                  holdout_accuracy=f"{accuracy(p, targets):.4f}")
-    for name, w in (("equal weights", np.full(len(runs), 1 / len(runs))), ("OOF weights", weights)):
-        table.add(ensemble=name, oof_weight=" / ".join(f"{x:.3f}" for x in w),
-                  oof_accuracy=f"{accuracy(sum(x * q for x, q in zip(w, oof)), oof_targets):.4f}",
-                  holdout_accuracy=f"{accuracy(sum(x * p for x, p in zip(w, probs)), targets):.4f}")
+    for run, weight, t, p, q in zip(runs, weights, temperatures, probs, oof):
+        table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", temperature=f"{t:.2f}",
+                  oof_accuracy=f"{accuracy(q, oof_targets):.4f}", holdout_accuracy=f"{accuracy(p, targets):.4f}")
+    ones = [1.0] * len(runs)
+    for name, w, ts in (("equal weights", np.full(len(runs), 1 / len(runs)), ones), ("OOF weights", weights, temperatures)):
+        table.add(ensemble=name, oof_weight=" / ".join(f"{x:.3f}" for x in w), temperature=" / ".join(f"{t:.2f}" for t in ts),
+                  oof_accuracy=f"{accuracy(sum(x * recalibrated(q, t) for x, q, t in zip(w, oof, ts)), oof_targets):.4f}",
+                  holdout_accuracy=f"{accuracy(sum(x * recalibrated(p, t) for x, p, t in zip(w, probs, ts)), targets):.4f}")
     print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
     print(table)
     if all(cfg.folds == 1 for cfg, _ in saved):

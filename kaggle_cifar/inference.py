@@ -67,25 +67,36 @@ def for_inference(models: list[Classifier], policy: Policy, forwards: int, batch
     return [FrozenForward(model, batch_size, policy).eval() for model in models]
 
 
+def with_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities (N, C) recalibrated by a temperature, softmax(log p / T): for one view's
+    softmax that is temperature scaling of its logits; for a mean over views, the same scaling of
+    its log. Below 1 it sharpens, above 1 it softens; the top class stays the top class."""
+    return probs if temperature == 1 else (probs.clamp_min(1e-12).log() / temperature).softmax(1)
+
+
 def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list, policy: Policy,
-                weights: list[float] | None = None) -> torch.Tensor:
-    """Mean softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32.
-    A view listed twice weighs twice, predicted once; `weights` (summing to 1) weigh the models,
-    equal by default."""
+                weights: list[float] | None = None, temperatures: list[float] | None = None) -> torch.Tensor:
+    """Softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32,
+    each model's mean over the views recalibrated by its temperature (with_temperature; 1 by
+    default), then the models' mean weighted by `weights` (summing to 1; equal by default). A view
+    listed twice weighs twice, predicted once."""
     weights = weights or [1 / len(models)] * len(models)
+    temperatures = temperatures or [1.0] * len(models)
     probs = 0
-    for model, model_weight in zip(models, weights, strict=True):
+    for model, model_weight, temperature in zip(models, weights, temperatures, strict=True):
+        model_probs = 0
         for view, count in Counter(views).items():
             with policy.autocast():
                 logits = model(tta_view(batch, view))
-            probs = probs + (model_weight * count / len(views)) * logits.float().softmax(1)
+            model_probs = model_probs + (count / len(views)) * logits.float().softmax(1)
+        probs = probs + model_weight * with_temperature(model_probs, temperature)
     return probs
 
 
 @torch.no_grad()
 def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, policy: Policy,
                  batch_size: int = PREDICT_BATCH, desc: str | None = None, bar: tqdm | None = None,
-                 weights: list[float] | None = None) -> torch.Tensor:
+                 weights: list[float] | None = None, temperatures: list[float] | None = None) -> torch.Tensor:
     """batch_probs of every image of a host array or device tensor, streamed in chunks: (N, C) on
     the policy's device.
     The models must be in eval mode (BatchNorm's running statistics, no dropout)."""
@@ -100,7 +111,7 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
             chunk = images[start:start + CHUNK]
             chunk = (to_device(chunk, device) if isinstance(chunk, np.ndarray) else chunk.to(device)).permute(0, 3, 1, 2)
             for b in range(0, len(chunk), batch_size):
-                probs = batch_probs(models, chunk[b:b + batch_size], views, policy, weights)
+                probs = batch_probs(models, chunk[b:b + batch_size], views, policy, weights, temperatures)
                 if out is None:
                     out = torch.empty((len(images), probs.shape[1]), dtype=torch.float32, device=device)
                 out[start + b:start + b + len(probs)] = probs
@@ -114,18 +125,20 @@ DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for 
 @torch.no_grad()
 def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, gate: float,
                 policy: Policy, batch_size: int = PREDICT_BATCH, desc: str | None = None,
-                weights: list[float] | None = None) -> tuple[torch.Tensor, int]:
+                weights: list[float] | None = None, temperatures: list[float] | None = None) -> tuple[torch.Tensor, int]:
     """stream_probs with `views` where the first view alone is unsure, and the first view's elsewhere:
     every image goes through `views[0]`; those whose top probability there is under `gate` through
-    the other views too, and get the mean over all of `views`. Returns the probabilities and how
+    the other views too, and get the mean over all of `views` (with `temperatures`, the first view's
+    and the other views' recalibrated apart, each pass on its own). Returns the probabilities and how
     many images took every view (the host reads which ones: one wait)."""
-    first = stream_probs(models, images, views[:1], policy, batch_size, desc and f"{desc}, first view", weights=weights)
+    first = stream_probs(models, images, views[:1], policy, batch_size, desc and f"{desc}, first view", weights=weights,
+                         temperatures=temperatures)
     unsure = (first.max(1).values < gate).nonzero().flatten().cpu()
     rest = [view for view in views if view != views[0]]
     if len(unsure) and rest:
         chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
         others = stream_probs(models, chosen, rest, policy, batch_size, desc and f"{desc}, other views of the unsure",
-                              weights=weights)
+                              weights=weights, temperatures=temperatures)
         first_weight, at = (len(views) - len(rest)) / len(views), unsure.to(first.device)
         first[at] = first_weight * first[at] + (1 - first_weight) * others
     return first, len(unsure)

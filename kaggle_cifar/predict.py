@@ -1,5 +1,5 @@
 """The test set's prediction: the fold ensemble of one or more finished runs (every fold weighing
-the same, or each run as its out-of-fold predictions say) with test-time views, sharded over
+the same, or each run recalibrated and weighed as its out-of-fold predictions say) with test-time views, sharded over
 torchrun ranks; then the submission CSV. The test cache is streamed to the device in large chunks
 and every fold model stays resident, so each chunk crosses the bus once."""
 
@@ -18,7 +18,7 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
 from kaggle_cifar.errors import RunDirError
-from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs
+from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs, with_temperature
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, sha256_of, submission_frame
@@ -44,6 +44,38 @@ def blend_weights(probs: list[np.ndarray], targets: np.ndarray) -> np.ndarray:
     return theta.detach().softmax(0).numpy()
 
 
+def temperature(probs: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature whose recalibration of one model's probabilities (inference.with_temperature)
+    has the least log loss on `targets`: temperature scaling, fitted by L-BFGS on the log of its
+    inverse (the loss is convex in the inverse). Label smoothing and averaged views leave a model
+    under-confident by as much as its recipe smooths, and blend_weights, a log loss, would weigh that
+    as a worse model: put on one scale first, runs are weighed by what they know."""
+    log_probs = torch.tensor(np.log(np.clip(probs, 1e-12, None)), dtype=torch.float64)
+    labels = torch.tensor(targets, dtype=torch.long)
+    log_inverse = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_inverse], max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(log_probs * log_inverse.exp(), labels)
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return float((-log_inverse.detach()).exp())
+
+
+def recalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    return with_temperature(torch.tensor(probs, dtype=torch.float64), temperature).numpy()
+
+
+def calibrated_blend(probs: list[np.ndarray], targets: np.ndarray) -> tuple[list[float], np.ndarray]:
+    """Each model's temperature (fitted alone) and the blend_weights of their recalibrated
+    probabilities: what --weights oof gives the runs."""
+    temperatures = [temperature(p, targets) for p in probs]
+    return temperatures, blend_weights([recalibrated(p, t) for p, t in zip(probs, temperatures)], targets)
+
+
 def oof_probs(runs: list[RunDir], classes: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
     """Each run's out-of-fold probabilities and their labels' class indices: every run must hold out
     the same images in the same folds, so that they score the same images."""
@@ -57,40 +89,42 @@ def oof_probs(runs: list[RunDir], classes: list[str]) -> tuple[list[np.ndarray],
     return [f[[f"p_{c}" for c in classes]].to_numpy() for f in frames], targets
 
 
-def oof_weights(runs: list[RunDir], classes: list[str]) -> tuple[np.ndarray, dict[str, float]]:
-    """Each run's weight, fitted on the runs' out-of-fold probabilities (oof_probs, blend_weights),
-    and the OOF accuracy of each run, of equal weights and of these weights."""
+def oof_weights(runs: list[RunDir], classes: list[str]) -> tuple[list[float], np.ndarray, dict[str, float]]:
+    """Each run's temperature and weight, fitted on the runs' out-of-fold probabilities (oof_probs,
+    calibrated_blend), and the OOF accuracy of each run, of equal weights and of these weights."""
     probs, targets = oof_probs(runs, classes)
-    weights = blend_weights(probs, targets)
+    temperatures, weights = calibrated_blend(probs, targets)
     scored = {**{str(run): p for run, p in zip(runs, probs)}, "equal weights": sum(probs) / len(probs),
-              "these weights": sum(w * p for w, p in zip(weights, probs))}
+              "these weights": sum(w * recalibrated(p, t) for w, p, t in zip(weights, probs, temperatures))}
     accuracies = {name: accuracy(p, targets) for name, p in scored.items()}
     log.info("ensemble weights fitted on %d out-of-fold predictions: %s; their OOF accuracy: %s", len(targets),
-             ", ".join(f"{run} {w:.3f}" for run, w in zip(runs, weights)),
+             ", ".join(f"{run} {w:.3f} (temperature {t:.2f})" for run, w, t in zip(runs, weights, temperatures)),
              ", ".join(f"{name} {value:.4f}" for name, value in accuracies.items()))
-    return weights, accuracies
+    return temperatures, weights, accuracies
 
 
 def weighing(runs: list[RunDir], folds: list[int], classes: list[str], how: str) -> dict:
     """How the runs (of `folds` fold models each) weigh in the ensemble, as the submission's record
-    keeps it: each run's weight, its folds sharing it equally; `how` equal: every fold model the
-    same; oof: oof_weights, with the OOF accuracies."""
+    keeps it: each run's weight, its folds sharing it equally, and the temperature each of its fold
+    models' probabilities are recalibrated by; `how` equal: every fold model the same, as it
+    predicts; oof: oof_weights, with the OOF accuracies."""
     if how == "oof":
-        weights, accuracies = oof_weights(runs, classes)
-        return {"runs": list(map(str, runs)), "weights": list(map(float, weights)), "by": how,
-                "oof_accuracy": accuracies}
-    return {"runs": list(map(str, runs)), "weights": [k / sum(folds) for k in folds], "by": how}
+        temperatures, weights, accuracies = oof_weights(runs, classes)
+        return {"runs": list(map(str, runs)), "weights": list(map(float, weights)), "temperatures": temperatures,
+                "by": how, "oof_accuracy": accuracies}
+    return {"runs": list(map(str, runs)), "weights": [k / sum(folds) for k in folds],
+            "temperatures": [1.0] * len(runs), "by": how}
 
 
 def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: distributed.Context,
                    tta: str | None = None, batch_size: int | None = None, gate: float = 0.0,
                    weights: str = "equal") -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     """Test ids, class probabilities and classes of the ensemble of every fold of every run in
-    `run_dirs` (`weights`: every fold the same, or each run's folds sharing its weight fitted on the
-    runs' OOF predictions: oof_weights), and its record (runs and weights, views, gate: what the
-    submission's record keeps); with the `tta` views (default: the first run's; with a
-    `gate`, only for the images whose top probability under the first view is below it:
-    inference.gated_probs), computed as the context's device policy says (in the precision measured
+    `run_dirs` (`weights`: every fold the same, or each run's folds sharing its weight and its
+    temperature fitted on the runs' OOF predictions: oof_weights), and its record (runs, weights and
+    temperatures, views, gate: what the submission's record keeps); with the `tta` views (default:
+    the first run's; with a `gate`, only for the images whose top probability under the first view,
+    recalibrated where the weights are fitted, is below it: inference.gated_probs), computed as the context's device policy says (in the precision measured
     faster, where it measures), `batch_size` images a forward pass (default: the smallest of the
     runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
@@ -98,6 +132,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
     record = weighing(runs, [cfg.folds for cfg, _ in configs], classes, weights)
     model_weights = [w / cfg.folds for w, (cfg, _) in zip(record["weights"], configs) for _ in range(cfg.folds)]
+    temperatures = [t for t, (cfg, _) in zip(record["temperatures"], configs) for _ in range(cfg.folds)]
     ids, images = ctx.main_rank_first(lambda: load_test(input_dir, cache_dir))
     models = [model for run, (cfg, _) in zip(runs, configs) for model in load_fold_models(run, cfg, classes, ctx.policy)]
     tta = tta or configs[0][0].tta
@@ -111,12 +146,14 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     desc = "predict (images x views x folds)" if ctx.world_size == 1 else f"predict rank {ctx.rank}"
     t0 = time.perf_counter()
     if gate:
-        local, unsure = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights)
+        local, unsure = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights,
+                                    temperatures)
         forwards = n_local + unsure * (distinct - 1)
         log.info("rank %d: gated TTA: %d of %d images (%.1f%%) under top probability %g with the first view "
                  "took all %d views", ctx.rank, unsure, n_local, 100 * unsure / max(n_local, 1), gate, distinct)
     else:
-        local = stream_probs(models, images[rows], views, policy, batch_size, desc, weights=model_weights)
+        local = stream_probs(models, images[rows], views, policy, batch_size, desc, weights=model_weights,
+                             temperatures=temperatures)
         forwards = n_local * distinct
     synchronize(ctx.device)
     seconds = time.perf_counter() - t0

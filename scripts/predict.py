@@ -32,14 +32,15 @@ def main() -> int:
                              "--run-dir's in the ensemble, every fold weighing the same")
     parser.add_argument("--weights", choices=["equal", "oof"], default="equal",
                         help="how the runs of an --ensemble weigh: equal (every fold the same) or oof (each run's "
-                             "weight fitted on the runs' out-of-fold predictions by least log loss; the runs must "
-                             "share their fold split)")
+                             "temperature, then its weight, fitted on the runs' out-of-fold predictions by least log "
+                             "loss; the runs must share their fold split)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=None,
                         help=f"inference batch size (default: {PREDICT_BATCH}, fewer for runs with a larger "
                              "--image-size: the smallest of their configs' predict_batch)")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the CSV to this file (atomically) instead of stdout, and beside it FILE.json: the "
-                             "runs and their weights (with --weights oof, their OOF accuracies), views and gate")
+                             "runs, their weights and temperatures (with --weights oof, their OOF accuracies), views and "
+                             "gate")
     args = parser.parse_args()
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give the file to write, e.g. {args.output / 'sub.csv'}")

@@ -82,14 +82,15 @@ def test_the_blend_table_scores_runs_alone_and_blended_on_their_shared_holdout(c
     out = bench("blend.py", *map(str, runs))
     table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:]]
     assert [row[0] for row in table] == [f"| {runs[0]}", f"| {runs[1]}", "| equal weights", "| OOF weights"]
-    weights = [float(w) for w in table[3][1].split(" / ")]
+    weights, temperatures = ([float(x) for x in table[3][column].split(" / ")] for column in (1, 2))
     assert [float(row[1]) for row in table[:2]] == weights and abs(sum(weights) - 1) < 2e-3
+    assert [float(row[2]) for row in table[:2]] == temperatures and table[2][2] == "1.00 / 1.00"
     folds = pd.read_csv(runs[0] / "folds.csv")
     labels = pd.read_csv(competition / "trainLabels.csv").set_index("id").loc[folds["id"][folds["fold"] == HOLDOUT]]
     targets = pd.Categorical(labels["label"], categories=sorted(labels["label"].unique())).codes
     probs = [sum(np.load(run / f"fold{k}" / "holdout.npz")["flip_translate"] for k in (0, 1)) / 2 for run in runs]
     for row, p in zip(table, [*probs, (probs[0] + probs[1]) / 2]):  # each run's fold ensemble, then the two alike
-        assert row[3] == f"{(p.argmax(1) == targets).mean():.4f} |"
+        assert row[4] == f"{(p.argmax(1) == targets).mean():.4f} |"
 
 
 def test_full_fits_blend_on_their_holdout_predictions_and_the_table_says_their_oof_weights_saw_it(competition,
@@ -107,7 +108,7 @@ def test_full_fits_blend_on_their_holdout_predictions_and_the_table_says_their_o
     probs = [f.filter(like="p_").to_numpy() for f in frames]
     targets = pd.Categorical(frames[0]["label"], categories=[c[2:] for c in frames[0].filter(like="p_")]).codes
     for row, p in zip(table[:3], [*probs, (probs[0] + probs[1]) / 2]):
-        assert row[3] == f"{(p.argmax(1) == targets).mean():.4f} |"
+        assert row[4] == f"{(p.argmax(1) == targets).mean():.4f} |"
     assert "12 out-of-fold and 12 holdout images" in out and "OOF weights were fitted on the images they are scored" in out
     refused = run_python(ROOT / "bench" / "blend.py", *map(str, runs), "--tta", "flip", check=False)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [

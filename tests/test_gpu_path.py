@@ -173,7 +173,7 @@ def test_a_predict_batch_never_waits_for_the_device():
     model = build_training(TrainConfig(width=4), data, CPU.policy).model.eval()
     batch = data.val_images.permute(0, 3, 1, 2)
     with probe.HostSyncs() as syncs, torch.no_grad():
-        batch_probs([model, model], batch, TTA_VIEWS["flip_translate"], CPU.policy)
+        batch_probs([model, model], batch, TTA_VIEWS["flip_translate"], CPU.policy, temperatures=[0.5, 2.0])
     assert syncs.count == 0, syncs.ops
 
 

@@ -19,11 +19,11 @@ from conftest import CLASSES, NATIVE_BF16, TINY, run_script
 from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TTA_GATE, TrainConfig
-from kaggle_cifar.data import cached_images
+from kaggle_cifar.data import cached_images, load_test
 from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import RunDirError
-from kaggle_cifar.inference import load_fold_models, stream_probs
-from kaggle_cifar.predict import blend_weights, ensemble_probs, oof_weights
+from kaggle_cifar.inference import load_fold_models, stream_probs, with_temperature
+from kaggle_cifar.predict import blend_weights, calibrated_blend, ensemble_probs, oof_weights, recalibrated, temperature
 from kaggle_cifar.report import nll
 from kaggle_cifar.rundir import RunDir, run_meta
 
@@ -233,35 +233,47 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
 
 def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_path):
     """Runs with the same fold split (another width here) weigh as their OOF blend fits, each run's
-    folds sharing its weight; the weights are logged."""
+    folds sharing its weight and each fold model's probabilities recalibrated by its run's
+    temperature; the weights and temperatures are logged and recorded."""
     a, c = tmp_path / "a", tmp_path / "c"
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
     run_script("train_folds.py", "--input", str(competition), "--run-dir", str(c), *TINY, "--width", "4", "--epochs", "1")
     cpu, cache = distributed.setup("cpu"), competition / ".cache"
-    weights, _ = oof_weights([RunDir(a), RunDir(c)], json.loads((a / "classes.json").read_text()))
+    classes = json.loads((a / "classes.json").read_text())
+    temperatures, weights, _ = oof_weights([RunDir(a), RunDir(c)], classes)
     assert weights.sum() == pytest.approx(1) and weights[0] != pytest.approx(0.5, abs=0.01)
-    probs_a, probs_c = (ensemble_probs(competition, [run], cache, cpu)[1] for run in (a, c))
+    assert all(t != pytest.approx(1, abs=0.01) for t in temperatures)
+    images = load_test(competition, cache)[1]
+
+    def recalibrated_run(run: Path, t: float) -> np.ndarray:  # each fold model recalibrated, then their mean
+        cfg = RunDir(run).read()[0]
+        return np.mean([with_temperature(stream_probs([m], images, TTA_VIEWS[cfg.tta], CPU), t).numpy()
+                        for m in load_fold_models(RunDir(run), cfg, classes, CPU)], axis=0)
+
     blended = ensemble_probs(competition, [a, c], cache, cpu, weights="oof")[1]
-    np.testing.assert_allclose(blended, weights[0] * probs_a + weights[1] * probs_c, atol=1e-6)
+    np.testing.assert_allclose(blended, weights[0] * recalibrated_run(a, temperatures[0])
+                               + weights[1] * recalibrated_run(c, temperatures[1]), atol=1e-5)
     sub = tmp_path / "sub.csv"
     proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
                       "--weights", "oof", "--output", str(sub))
     record = json.loads((tmp_path / "sub.csv.json").read_text())  # the submission's record, beside it
     assert record["runs"] == [str(a), str(c)] and record["by"] == "oof" and record["tta"] == "flip_translate"
     np.testing.assert_allclose(record["weights"], weights, atol=1e-9)
+    np.testing.assert_allclose(record["temperatures"], temperatures, atol=1e-9)
     assert record["csv_sha256"] == hashlib.sha256(sub.read_bytes()).hexdigest()
     oof = [pd.read_csv(run / "oof.csv") for run in (a, c)]
-    classes, labels = [name[2:] for name in oof[0].columns if name.startswith("p_")], oof[0]["label"].to_numpy()
+    labels = oof[0]["label"].to_numpy()
     oof_probs = [frame[[f"p_{name}" for name in classes]].to_numpy() for frame in oof]
+    fitted = sum(w * recalibrated(p, t) for w, p, t in zip(weights, oof_probs, temperatures))
 
     def hits(p: np.ndarray) -> str:
         return f"{(np.asarray(classes)[p.argmax(1)] == labels).mean():.4f}"
 
-    assert (f"ensemble weights fitted on 60 out-of-fold predictions: {a} {weights[0]:.3f}, {c} {weights[1]:.3f}; "
+    assert (f"ensemble weights fitted on 60 out-of-fold predictions: {a} {weights[0]:.3f} (temperature "
+            f"{temperatures[0]:.2f}), {c} {weights[1]:.3f} (temperature {temperatures[1]:.2f}); "
             f"their OOF accuracy: {a} {hits(oof_probs[0])}, {c} {hits(oof_probs[1])}, equal weights "
-            f"{hits(oof_probs[0] + oof_probs[1])}, these weights "
-            f"{hits(weights[0] * oof_probs[0] + weights[1] * oof_probs[1])}") in proc.stderr
-    assert f"{record['oof_accuracy']['these weights']:.4f}" == hits(weights[0] * oof_probs[0] + weights[1] * oof_probs[1])
+            f"{hits(oof_probs[0] + oof_probs[1])}, these weights {hits(fitted)}") in proc.stderr
+    assert f"{record['oof_accuracy']['these weights']:.4f}" == hits(fitted)
 
 
 def test_blend_weights_find_the_least_log_loss():
@@ -280,6 +292,37 @@ def test_blend_weights_find_the_least_log_loss():
     assert nll(weights[0] * sure_early + weights[1] * sure_late, targets) <= min(losses) + 1e-6
     # 100 log(1/3 + 0.6 w) + 300 log(0.6 + 0.4/3 - 0.4 w) is largest at w = 1/24: a mixture, not one model
     assert weights[0] == pytest.approx(1 / 24, abs=1e-3)
+
+
+def test_a_temperature_undoes_a_softening_of_probabilities():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 2000)
+    logits = torch.tensor(2 * np.eye(3)[targets] + rng.normal(size=(2000, 3)))
+    probs = logits.softmax(1).numpy()
+    t = temperature(probs, targets)
+    assert temperature(recalibrated(probs, 3.0), targets) == pytest.approx(t / 3, rel=1e-3)
+    assert recalibrated(probs, 0.5).max(1).mean() > probs.max(1).mean()  # below 1 sharpens
+    np.testing.assert_array_equal(recalibrated(probs, 0.5).argmax(1), probs.argmax(1))
+
+
+def test_an_under_confident_model_weighs_in_the_blend_as_much_as_a_confident_one_that_knows_as_much():
+    """Two models of the same skill with independent errors, one softened (as heavier label smoothing
+    leaves it): its raw probabilities lose log loss for being unsure, not wrong, so the weights of a
+    raw blend push it out; recalibrated first, both weigh alike and the blend beats either."""
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 10, 4000)
+    signal = 2.5 * np.eye(10)[targets]
+    sure, unsure = (torch.tensor(signal + rng.normal(size=signal.shape)) for _ in range(2))
+    probs = [sure.softmax(1).numpy(), (unsure / 4).softmax(1).numpy()]
+    raw = blend_weights(probs, targets)
+    temperatures, weights = calibrated_blend(probs, targets)
+    assert raw[1] < 0.2 and weights[1] == pytest.approx(0.5, abs=0.1)
+    assert temperatures[1] == pytest.approx(temperatures[0] / 4, rel=0.15)
+
+    def hits(w: np.ndarray, ts: list[float]) -> float:
+        return float((sum(x * recalibrated(p, t) for x, p, t in zip(w, probs, ts)).argmax(1) == targets).mean())
+
+    assert hits(weights, temperatures) > max(hits(raw, [1.0, 1.0]), *((p.argmax(1) == targets).mean() for p in probs))
 
 
 def test_runs_are_compared_in_one_table_and_one_picture(competition, tmp_path):
