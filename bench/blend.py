@@ -58,11 +58,16 @@ def main() -> int:
     for run, weight, t, p, q in zip(runs, weights, temperatures, probs, oof):
         table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", temperature=f"{t:.2f}",
                   oof_accuracy=f"{accuracy(q, oof_targets):.4f}", holdout_accuracy=f"{accuracy(p, targets):.4f}")
-    ones = [1.0] * len(runs)
-    for name, w, ts in (("equal weights", np.full(len(runs), 1 / len(runs)), ones), ("OOF weights", weights, temperatures)):
-        table.add(ensemble=name, oof_weight=" / ".join(f"{x:.3f}" for x in w), temperature=" / ".join(f"{t:.2f}" for t in ts),
-                  oof_accuracy=f"{accuracy(sum(x * recalibrated(q, t) for x, q, t in zip(w, oof, ts)), oof_targets):.4f}",
-                  holdout_accuracy=f"{accuracy(sum(x * recalibrated(p, t) for x, p, t in zip(w, probs, ts)), targets):.4f}")
+    for name, w, ts in (("equal weights", np.full(len(runs), 1 / len(runs)), [1.0] * len(runs)),
+                        ("OOF weights", weights, temperatures)):
+
+        def blended(each: list[np.ndarray]) -> np.ndarray:
+            return sum(x * recalibrated(p, t) for x, p, t in zip(w, each, ts))
+
+        table.add(ensemble=name, oof_weight=" / ".join(f"{x:.3f}" for x in w),
+                  temperature=" / ".join(f"{t:.2f}" for t in ts),
+                  oof_accuracy=f"{accuracy(blended(oof), oof_targets):.4f}",
+                  holdout_accuracy=f"{accuracy(blended(probs), targets):.4f}")
     print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
     print(table)
     if all(cfg.folds == 1 for cfg, _ in saved):

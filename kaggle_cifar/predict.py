@@ -1,7 +1,7 @@
 """The test set's prediction: the fold ensemble of one or more finished runs (every fold weighing
-the same, or each run recalibrated and weighed as its out-of-fold predictions say) with test-time views, sharded over
-torchrun ranks; then the submission CSV. The test cache is streamed to the device in large chunks
-and every fold model stays resident, so each chunk crosses the bus once."""
+the same, or each run recalibrated and weighed as its out-of-fold predictions say) with test-time
+views, sharded over torchrun ranks; then the submission CSV. The test cache is streamed to the
+device in large chunks and every fold model stays resident, so each chunk crosses the bus once."""
 
 from __future__ import annotations
 
