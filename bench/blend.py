@@ -18,24 +18,14 @@ import numpy as np
 
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.predict import calibrated_blend, oof_probs, recalibrated
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 
 
-def holdout_probs(run: RunDir, cfg: TrainConfig, tta: str | None, oof: np.ndarray,
-                  holdout_ids: np.ndarray) -> np.ndarray:
-    """The fold ensemble of `run` (trained with `cfg`) on its holdout images (`holdout_ids`, in
-    order) under `tta` (default: the run's own views); a full fit's are its out-of-fold predictions
-    `oof`, made under its own views alone."""
-    if cfg.folds == 1:
-        if tta not in (None, cfg.tta):
-            raise RunDirError(f"{run.path}: a full fit keeps its holdout's predictions under its own views "
-                              f"({cfg.tta}) alone; leave out --tta {tta}")
-        if not np.array_equal(run.read_oof_csv()["id"].to_numpy(), holdout_ids):
-            raise RunDirError(f"{run.path / 'oof.csv'}: not the holdout images of {run.path / 'folds.csv'}")
-        return oof
+def holdout_probs(run: RunDir, cfg: TrainConfig, tta: str | None) -> np.ndarray:
+    """The fold ensemble of `run` (trained with `cfg`) on its holdout images under `tta` (default:
+    the run's own views)."""
     folds = run.folds(cfg)
     return sum(fold.read_holdout()[tta or cfg.tta] for fold in folds) / len(folds)
 
@@ -53,7 +43,7 @@ def main() -> int:
     temperatures, weights = calibrated_blend(oof, oof_targets)  # what predict.py --weights oof gives them
     holdout, labels = holdout_of(runs[0])  # the others' is the same: oof_probs checked
     targets = labels.targets[holdout]
-    probs = [holdout_probs(run, cfg, args.tta, q, labels.ids[holdout]) for run, (cfg, _), q in zip(runs, saved, oof)]
+    probs = [holdout_probs(run, cfg, args.tta) for run, (cfg, _) in zip(runs, saved)]
     table = Table()
     for run, weight, t, p, q in zip(runs, weights, temperatures, probs, oof):
         table.add(ensemble=str(run.path), oof_weight=f"{weight:.3f}", temperature=f"{t:.2f}",

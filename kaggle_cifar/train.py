@@ -378,7 +378,7 @@ def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, h
 def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict],
            plan) -> dict:
     """The final model, the fold's OOF probabilities (the run's TTA), the holdout's (every view
-    set), and result.json last: from then on the fold counts as finished. A full fit without a
+    set; a full fit's held-out images are its holdout, so both), and result.json last: from then on the fold counts as finished. A full fit without a
     holdout has no held-out image: its accuracy is None."""
     model, policy = t.eval_model.eval(), t.policy
     fold_dir.write_log(history)  # (again: a fold finished anew from its last checkpoint gets its log back)
@@ -393,6 +393,8 @@ def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, met
     if len(data.holdout_images):
         fold_dir.write_holdout({name: p.cpu().numpy() for name, p in view_set_probs(
             models, data.holdout_images, policy, cfg.predict_batch, f"fold {data.fold}: holdout, every view").items()})
+    elif cfg.full_fit and oof_by_tta:  # its held-out images are the holdout: kept as a k-fold run keeps its holdout's
+        fold_dir.write_holdout(oof_by_tta)
     targets = data.val_targets.cpu().numpy()
     accuracy_by_tta = {name: accuracy(p, targets) for name, p in oof_by_tta.items()}
     result = {"fold": data.fold, "accuracy": accuracy_by_tta.get(cfg.tta), "accuracy_by_tta": accuracy_by_tta,

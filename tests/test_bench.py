@@ -93,8 +93,8 @@ def test_the_blend_table_scores_runs_alone_and_blended_on_their_shared_holdout(c
         assert row[4] == f"{(p.argmax(1) == targets).mean():.4f} |"
 
 
-def test_full_fits_blend_on_their_holdout_predictions_and_the_table_says_their_oof_weights_saw_it(competition,
-                                                                                                    tmp_path):
+def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_table_says_their_oof_weights_saw_it(
+        competition, tmp_path):
     import numpy as np
     import pandas as pd
 
@@ -102,18 +102,28 @@ def test_full_fits_blend_on_their_holdout_predictions_and_the_table_says_their_o
     for run, width in zip(runs, ("4", "8")):
         run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
                    "--epochs", "2", "--holdout", "12", "--width", width, "--folds", "1")
-    out = bench("blend.py", *map(str, runs))
-    table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:6]]
     frames = [pd.read_csv(run / "oof.csv") for run in runs]  # a full fit's out-of-fold images: the holdout
-    probs = [f.filter(like="p_").to_numpy() for f in frames]
     targets = pd.Categorical(frames[0]["label"], categories=[c[2:] for c in frames[0].filter(like="p_")]).codes
-    for row, p in zip(table[:3], [*probs, (probs[0] + probs[1]) / 2]):
-        assert row[4] == f"{(p.argmax(1) == targets).mean():.4f} |"
+    kept = [np.load(run / "fold0" / "holdout.npz") for run in runs]  # every view set, as a k-fold run keeps
+    for frame, views in zip(frames, kept):
+        np.testing.assert_allclose(views["flip_translate"], frame.filter(like="p_").to_numpy(), atol=1e-6)
+    for tta in ("flip_translate", "flip"):
+        out = bench("blend.py", *map(str, runs), "--tta", tta)
+        table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:6]]
+        probs = [views[tta] for views in kept]
+        for row, p in zip(table[:3], [*probs, (probs[0] + probs[1]) / 2]):
+            assert row[4] == f"{(p.argmax(1) == targets).mean():.4f} |"
     assert "12 out-of-fold and 12 holdout images" in out and "OOF weights were fitted on the images they are scored" in out
-    refused = run_python(ROOT / "bench" / "blend.py", *map(str, runs), "--tta", "flip", check=False)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
-        f"error: {runs[0]}: a full fit keeps its holdout's predictions under its own views (flip_translate) alone; "
-        f"leave out --tta flip"]
+    (runs[1] / "fold0" / "holdout.npz").unlink()  # a full fit finished before full fits kept it
+    refused = run_python(ROOT / "bench" / "blend.py", *map(str, runs), check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith(f"error: {runs[1] / 'fold0' / 'holdout.npz'}: missing; delete "
+                                     f"{runs[1] / 'fold0' / 'result.json'} and run train_folds.py")
+    (runs[1] / "fold0" / "result.json").unlink()  # as it says: the final files again, from the last checkpoint
+    run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(runs[1]),
+               "--config", str(runs[1] / "config.json"))
+    np.testing.assert_allclose(np.load(runs[1] / "fold0" / "holdout.npz")["flip"], kept[1]["flip"], atol=1e-6)
+    assert bench("blend.py", *map(str, runs), "--tta", "flip") == out
 
 
 def test_the_data_parallel_table_trains_one_fold_in_one_and_in_two_processes(competition):
