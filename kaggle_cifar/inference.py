@@ -127,21 +127,28 @@ def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor
                 policy: Policy, batch_size: int = PREDICT_BATCH, desc: str | None = None,
                 weights: list[float] | None = None, temperatures: list[float] | None = None) -> tuple[torch.Tensor, int]:
     """stream_probs with `views` where the first view alone is unsure, and the first view's elsewhere:
-    every image goes through `views[0]`; those whose top probability there is under `gate` through
-    the other views too, and get the mean over all of `views` (with `temperatures`, the first view's
-    and the other views' recalibrated apart, each pass on its own). Returns the probabilities and how
-    many images took every view (the host reads which ones: one wait)."""
-    first = stream_probs(models, images, views[:1], policy, batch_size, desc and f"{desc}, first view", weights=weights,
-                         temperatures=temperatures)
-    unsure = (first.max(1).values < gate).nonzero().flatten().cpu()
+    every image goes through `views[0]`; those whose weighted top probability there is under `gate`
+    through the other views too, and get the mean over all of `views`. Each model is streamed on its
+    own (a chunk crosses the bus once a model, against the model's forward passes over it) so that
+    the gate reads the probabilities it was scored on (bench/tta_gate.py), not recalibrated ones,
+    and each model's whole view mean is recalibrated by its temperature, as it was fitted. Returns
+    the probabilities and how many images took every view (the host reads which ones: one wait)."""
+    weights = weights or [1 / len(models)] * len(models)
+    temperatures = temperatures or [1.0] * len(models)
+    with tqdm(total=len(images) * len(models), desc=desc and f"{desc}, first view", unit="img", unit_scale=True,
+              disable=desc is None) as bar:
+        firsts = [stream_probs([model], images, views[:1], policy, batch_size, bar=bar) for model in models]
+    unsure = (sum(w * p for w, p in zip(weights, firsts)).max(1).values < gate).nonzero().flatten().cpu()
     rest = [view for view in views if view != views[0]]
     if len(unsure) and rest:
         chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
-        others = stream_probs(models, chosen, rest, policy, batch_size, desc and f"{desc}, other views of the unsure",
-                              weights=weights, temperatures=temperatures)
-        first_weight, at = (len(views) - len(rest)) / len(views), unsure.to(first.device)
-        first[at] = first_weight * first[at] + (1 - first_weight) * others
-    return first, len(unsure)
+        first_weight, at = (len(views) - len(rest)) / len(views), unsure.to(firsts[0].device)
+        with tqdm(total=len(chosen) * len(models) * len(set(rest)), desc=desc and f"{desc}, other views of the unsure",
+                  unit="img", unit_scale=True, disable=desc is None) as bar:
+            for first, model in zip(firsts, models):
+                others = stream_probs([model], chosen, rest, policy, batch_size, bar=bar)
+                first[at] = first_weight * first[at] + (1 - first_weight) * others
+    return sum(w * with_temperature(p, t) for w, p, t in zip(weights, firsts, temperatures, strict=True)), len(unsure)
 
 
 def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,

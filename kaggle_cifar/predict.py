@@ -1,7 +1,8 @@
 """The test set's prediction: the fold ensemble of one or more finished runs (every fold weighing
 the same, or each run recalibrated and weighed as its out-of-fold predictions say) with test-time
 views, sharded over torchrun ranks; then the submission CSV. The test cache is streamed to the
-device in large chunks and every fold model stays resident, so each chunk crosses the bus once."""
+device in large chunks with every fold model resident: each chunk crosses the bus once, or with a
+TTA gate once a model (inference.gated_probs)."""
 
 from __future__ import annotations
 
@@ -123,10 +124,10 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     `run_dirs` (`weights`: every fold the same, or each run's folds sharing its weight and its
     temperature fitted on the runs' OOF predictions: oof_weights), and its record (runs, weights and
     temperatures, views, gate: what the submission's record keeps); with the `tta` views (default:
-    the first run's; with a `gate`, only for the images whose top probability under the first view,
-    recalibrated where the weights are fitted, is below it: inference.gated_probs), computed as the context's device policy says (in the precision measured
-    faster, where it measures), `batch_size` images a forward pass (default: the smallest of the
-    runs' predict_batch); on every rank."""
+    the first run's; with a `gate`, only for the images whose top probability under the first view
+    is below it: inference.gated_probs), computed as the context's device policy says (in the
+    precision measured faster, where it measures), `batch_size` images a forward pass (default: the
+    smallest of the runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])

@@ -8,7 +8,7 @@ import torch
 
 from kaggle_cifar import distributed
 from kaggle_cifar.augment import TTA_VIEWS, tta_view
-from kaggle_cifar.inference import batch_probs, gated_probs, stream_probs
+from kaggle_cifar.inference import batch_probs, gated_probs, stream_probs, with_temperature
 
 CPU = distributed.setup("cpu", "float32").policy
 
@@ -16,10 +16,10 @@ CPU = distributed.setup("cpu", "float32").policy
 class Counted(torch.nn.Module):
     """A fixed random linear classifier of uint8 NCHW images that counts the images it sees."""
 
-    def __init__(self):
+    def __init__(self, seed: int = 0):
         super().__init__()
         self.linear = torch.nn.Linear(3 * 8 * 8, 5)
-        torch.nn.init.normal_(self.linear.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.normal_(self.linear.weight, std=0.05, generator=torch.Generator().manual_seed(seed))
         self.seen = 0
 
     def forward(self, x):
@@ -58,3 +58,20 @@ def test_gated_tta_gives_the_first_views_prediction_to_the_sure_and_the_whole_se
     torch.testing.assert_close(gated[~took_all], first[~took_all])
     assert gated_probs([model], x, views, 0.0, CPU)[1] == 0  # no gate: the first view for all
     torch.testing.assert_close(gated_probs([model], torch.from_numpy(x), views, 1.01, CPU)[0], every)
+
+
+def test_gated_tta_over_recalibrated_models_gates_on_their_raw_blend_and_recalibrates_each_ones_whole_view_mean():
+    """The gate was scored on raw probabilities (bench/tta_gate.py): recalibrated, surer ones would
+    send fewer images through the other views than the gate means."""
+    models = [Counted(seed).eval() for seed in (0, 1)]
+    x, views = images(), TTA_VIEWS["flip_translate"]
+    weights, temperatures = [0.3, 0.7], [0.3, 3.0]
+    first = [stream_probs([m], x, views[:1], CPU) for m in models]
+    every = [stream_probs([m], x, views, CPU) for m in models]
+    raw = weights[0] * first[0] + weights[1] * first[1]
+    gate = float(raw.max(1).values.median())
+    gated, unsure = gated_probs(models, x, views, gate, CPU, weights=weights, temperatures=temperatures)
+    took_all = raw.max(1).values < gate
+    assert unsure == int(took_all.sum()) and 0 < unsure < len(x)
+    each = [torch.where(took_all[:, None], e, f) for e, f in zip(every, first)]
+    torch.testing.assert_close(gated, sum(w * with_temperature(p, t) for w, p, t in zip(weights, each, temperatures)))
