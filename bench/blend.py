@@ -18,7 +18,7 @@ import numpy as np
 
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.predict import calibrated_blend, oof_probs, recalibrated
+from kaggle_cifar.predict import blended, calibrated_blend, oof_probs
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 
@@ -50,14 +50,10 @@ def main() -> int:
                   oof_accuracy=f"{accuracy(q, oof_targets):.4f}", holdout_accuracy=f"{accuracy(p, targets):.4f}")
     for name, w, ts in (("equal weights", np.full(len(runs), 1 / len(runs)), [1.0] * len(runs)),
                         ("OOF weights", weights, temperatures)):
-
-        def blended(each: list[np.ndarray]) -> np.ndarray:
-            return sum(x * recalibrated(p, t) for x, p, t in zip(w, each, ts))
-
         table.add(ensemble=name, oof_weight=" / ".join(f"{x:.3f}" for x in w),
                   temperature=" / ".join(f"{t:.2f}" for t in ts),
-                  oof_accuracy=f"{accuracy(blended(oof), oof_targets):.4f}",
-                  holdout_accuracy=f"{accuracy(blended(probs), targets):.4f}")
+                  oof_accuracy=f"{accuracy(blended(oof, w, ts), oof_targets):.4f}",
+                  holdout_accuracy=f"{accuracy(blended(probs, w, ts), targets):.4f}")
     print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
     print(table)
     if all(cfg.folds == 1 for cfg, _ in saved):

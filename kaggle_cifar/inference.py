@@ -74,23 +74,30 @@ def with_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return probs if temperature == 1 else (probs.clamp_min(1e-12).log() / temperature).softmax(1)
 
 
+def blend(per_model: list[torch.Tensor], weights: list[float] | None = None,
+          temperatures: list[float] | None = None) -> torch.Tensor:
+    """The models' class probabilities of the same images, each recalibrated by its temperature
+    (with_temperature; 1 by default), weighted by `weights` (summing to 1; equal by default)."""
+    weights = [1 / len(per_model)] * len(per_model) if weights is None else weights
+    temperatures = [1.0] * len(per_model) if temperatures is None else temperatures
+    return sum(w * with_temperature(p, t) for w, p, t in zip(weights, per_model, temperatures, strict=True))
+
+
 def batch_probs(models: list[torch.nn.Module], batch: torch.Tensor, views: list, policy: Policy,
                 weights: list[float] | None = None, temperatures: list[float] | None = None) -> torch.Tensor:
     """Softmax over models x views of one uint8 NCHW batch on the models' device: (B, C) float32,
-    each model's mean over the views recalibrated by its temperature (with_temperature; 1 by
-    default), then the models' mean weighted by `weights` (summing to 1; equal by default). A view
-    listed twice weighs twice, predicted once."""
-    weights = weights or [1 / len(models)] * len(models)
-    temperatures = temperatures or [1.0] * len(models)
-    probs = 0
-    for model, model_weight, temperature in zip(models, weights, temperatures, strict=True):
-        model_probs = 0
+    each model's mean over the views, then their blend (recalibrated and weighted). A view listed
+    twice weighs twice, predicted once."""
+
+    def view_mean(model: torch.nn.Module) -> torch.Tensor:
+        probs = 0
         for view, count in Counter(views).items():
             with policy.autocast():
                 logits = model(tta_view(batch, view))
-            model_probs = model_probs + (count / len(views)) * logits.float().softmax(1)
-        probs = probs + model_weight * with_temperature(model_probs, temperature)
-    return probs
+            probs = probs + (count / len(views)) * logits.float().softmax(1)
+        return probs
+
+    return blend([view_mean(model) for model in models], weights, temperatures)
 
 
 @torch.no_grad()
@@ -133,12 +140,10 @@ def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor
     the gate reads the probabilities it was scored on (bench/tta_gate.py), not recalibrated ones,
     and each model's whole view mean is recalibrated by its temperature, as it was fitted. Returns
     the probabilities and how many images took every view (the host reads which ones: one wait)."""
-    weights = weights or [1 / len(models)] * len(models)
-    temperatures = temperatures or [1.0] * len(models)
     with tqdm(total=len(images) * len(models), desc=desc and f"{desc}, first view", unit="img", unit_scale=True,
               disable=desc is None) as bar:
         firsts = [stream_probs([model], images, views[:1], policy, batch_size, bar=bar) for model in models]
-    unsure = (sum(w * p for w, p in zip(weights, firsts)).max(1).values < gate).nonzero().flatten().cpu()
+    unsure = (blend(firsts, weights).max(1).values < gate).nonzero().flatten().cpu()
     rest = [view for view in views if view != views[0]]
     if len(unsure) and rest:
         chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
@@ -148,7 +153,7 @@ def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor
             for first, model in zip(firsts, models):
                 others = stream_probs([model], chosen, rest, policy, batch_size, bar=bar)
                 first[at] = first_weight * first[at] + (1 - first_weight) * others
-    return sum(w * with_temperature(p, t) for w, p, t in zip(weights, firsts, temperatures, strict=True)), len(unsure)
+    return blend(firsts, weights, temperatures), len(unsure)
 
 
 def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,

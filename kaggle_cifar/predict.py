@@ -19,7 +19,7 @@ from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.data import load_test
 from kaggle_cifar.device import synchronize
 from kaggle_cifar.errors import RunDirError
-from kaggle_cifar.inference import for_inference, gated_probs, load_fold_models, stream_probs, with_temperature
+from kaggle_cifar.inference import blend, for_inference, gated_probs, load_fold_models, stream_probs, with_temperature
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 from kaggle_cifar.submission import render, sha256_of, submission_frame
@@ -70,6 +70,11 @@ def recalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
     return with_temperature(torch.tensor(probs, dtype=torch.float64), temperature).numpy()
 
 
+def blended(probs: list[np.ndarray], weights, temperatures: list[float]) -> np.ndarray:
+    """inference.blend of host arrays: the runs' probabilities recalibrated and weighted."""
+    return blend([torch.tensor(p, dtype=torch.float64) for p in probs], list(weights), temperatures).numpy()
+
+
 def calibrated_blend(probs: list[np.ndarray], targets: np.ndarray) -> tuple[list[float], np.ndarray]:
     """Each model's temperature (fitted alone) and the blend_weights of their recalibrated
     probabilities: what --weights oof gives the runs."""
@@ -96,7 +101,7 @@ def oof_weights(runs: list[RunDir], classes: list[str]) -> tuple[list[float], np
     probs, targets = oof_probs(runs, classes)
     temperatures, weights = calibrated_blend(probs, targets)
     scored = {**{str(run): p for run, p in zip(runs, probs)}, "equal weights": sum(probs) / len(probs),
-              "these weights": sum(w * recalibrated(p, t) for w, p, t in zip(weights, probs, temperatures))}
+              "these weights": blended(probs, weights, temperatures)}
     accuracies = {name: accuracy(p, targets) for name, p in scored.items()}
     log.info("ensemble weights fitted on %d out-of-fold predictions: %s; their OOF accuracy: %s", len(targets),
              ", ".join(f"{run} {w:.3f} (temperature {t:.2f})" for run, w, t in zip(runs, weights, temperatures)),

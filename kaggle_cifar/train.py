@@ -378,8 +378,9 @@ def log_and_checkpoint(fold_dir: FoldDir, t: Training, meta: dict, epoch: int, h
 def finish(fold_dir: FoldDir, cfg: TrainConfig, data: FoldData, t: Training, meta: dict, history: list[dict],
            plan) -> dict:
     """The final model, the fold's OOF probabilities (the run's TTA), the holdout's (every view
-    set; a full fit's held-out images are its holdout, so both), and result.json last: from then on the fold counts as finished. A full fit without a
-    holdout has no held-out image: its accuracy is None."""
+    set; a full fit's held-out images are its holdout, so both), and result.json last: from then on
+    the fold counts as finished. A full fit without a holdout has no held-out image: its accuracy
+    is None."""
     model, policy = t.eval_model.eval(), t.policy
     fold_dir.write_log(history)  # (again: a fold finished anew from its last checkpoint gets its log back)
     fold_dir.save_model(meta, model.state_dict())
