@@ -184,7 +184,7 @@ def say_how_long_runs_take(policy: devices.Policy, say) -> None:
     few steps of each at full size on synthetic images (50,000 training images: 40,000 a fold)."""
     for name, what in [("resnet18", "the default run (5 folds x 30 epochs, ResNet18 width 64)"),
                        ("fast", "the fast recipe (--recipe fast: one fast_cifar on 50,000 images)"),
-                       ("fast_wide", "the wide fast recipe (--recipe fast_wide: fast at width 96)")]:
+                       ("fast_wide", "the wide fast recipe (--recipe fast_wide: fast at width 96, label smoothing 0.2)")]:
         cfg = dataclasses.replace(TrainConfig(), recipe=name, **RECIPES[name])
         train_images = 50_000 * (cfg.folds - 1) // cfg.folds if cfg.folds > 1 else 50_000
         held_out = 50_000 - train_images
