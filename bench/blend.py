@@ -3,7 +3,9 @@ every run weighing the same, and the temperatures and weights `predict.py --weig
 their out-of-fold predictions (predict.oof_weights). The runs must share their fold split and
 holdout (the same --folds, --holdout and --split-seed, or --seed), as --weights oof requires. A full
 fit (--folds 1) holds out only the holdout: its out-of-fold predictions are the holdout's, so OOF
-weights of full fits are fitted on the images they are scored on, and the table says so.
+weights of full fits are fitted on the images they are scored on, and the table says so; its last
+row is the measurement they lack: each half of the holdout (stratified) blended by the temperatures
+and weights fitted on the other half alone (predict.cross_fitted).
 
     python bench/blend.py runs/fast-2fold runs/resnet18-2fold
 """
@@ -18,7 +20,8 @@ import numpy as np
 
 from kaggle_cifar import cli
 from kaggle_cifar.config import TrainConfig
-from kaggle_cifar.predict import blended, calibrated_blend, oof_probs
+from kaggle_cifar.folds import stratified_folds
+from kaggle_cifar.predict import blended, calibrated_blend, cross_fitted, oof_probs
 from kaggle_cifar.report import accuracy
 from kaggle_cifar.rundir import RunDir, same_classes
 
@@ -54,11 +57,17 @@ def main() -> int:
                   temperature=" / ".join(f"{t:.2f}" for t in ts),
                   oof_accuracy=f"{accuracy(blended(oof, w, ts), oof_targets):.4f}",
                   holdout_accuracy=f"{accuracy(blended(probs, w, ts), targets):.4f}")
+    halves, fits = cross_fitted(probs, targets, stratified_folds(targets, 2, seed=0) == 0)
+    table.add(ensemble="OOF weights, cross-fitted on holdout halves",
+              oof_weight="; ".join(" / ".join(f"{x:.3f}" for x in w) for _, w in fits),
+              temperature="; ".join(" / ".join(f"{t:.2f}" for t in ts) for ts, _ in fits),
+              oof_accuracy="-", holdout_accuracy=f"{accuracy(halves, targets):.4f}")
     print(f"\n{len(runs)} runs, {len(oof_targets):,} out-of-fold and {len(targets):,} holdout images\n")
     print(table)
     if all(cfg.folds == 1 for cfg, _ in saved):
         print("\nfull fits: the out-of-fold images are the holdout, so the OOF weights were fitted on the images "
-              "they are scored on; their holdout accuracy is not a measurement, equal weights' is")
+              "they are scored on; their holdout accuracy is not a measurement, equal weights' and the cross-fitted "
+              "row's are")
     return 0
 
 

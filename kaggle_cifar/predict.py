@@ -82,6 +82,18 @@ def calibrated_blend(probs: list[np.ndarray], targets: np.ndarray) -> tuple[list
     return temperatures, blend_weights([recalibrated(p, t) for p, t in zip(probs, temperatures)], targets)
 
 
+def cross_fitted(probs: list[np.ndarray], targets: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, list]:
+    """The blend of each half of the images (`first`, then the rest) under the calibrated_blend
+    fitted on the other half alone, and the two fits (temperatures, weights): --weights oof scored on
+    images it was not fitted on, as a full fit's OOF weights, fitted on its holdout, cannot be."""
+    out, fits = np.empty_like(probs[0]), []
+    for half in (first, ~first):
+        temperatures, weights = calibrated_blend([p[~half] for p in probs], targets[~half])
+        out[half] = blended([p[half] for p in probs], weights, temperatures)
+        fits.append((temperatures, weights))
+    return out, fits
+
+
 def oof_probs(runs: list[RunDir], classes: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
     """Each run's out-of-fold probabilities and their labels' class indices: every run must hold out
     the same images in the same folds, so that they score the same images."""

@@ -81,7 +81,8 @@ def test_the_blend_table_scores_runs_alone_and_blended_on_their_shared_holdout(c
                    "--epochs", "2", "--holdout", "12", "--width", width)
     out = bench("blend.py", *map(str, runs))
     table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:]]
-    assert [row[0] for row in table] == [f"| {runs[0]}", f"| {runs[1]}", "| equal weights", "| OOF weights"]
+    assert [row[0] for row in table] == [f"| {runs[0]}", f"| {runs[1]}", "| equal weights", "| OOF weights",
+                                         "| OOF weights, cross-fitted on holdout halves"]
     weights, temperatures = ([float(x) for x in table[3][column].split(" / ")] for column in (1, 2))
     assert [float(row[1]) for row in table[:2]] == weights and abs(sum(weights) - 1) < 2e-3
     assert [float(row[2]) for row in table[:2]] == temperatures and table[2][2] == "1.00 / 1.00"
@@ -98,6 +99,9 @@ def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_ta
     import numpy as np
     import pandas as pd
 
+    from kaggle_cifar.folds import stratified_folds
+    from kaggle_cifar.predict import cross_fitted
+
     runs = [tmp_path / "narrow", tmp_path / "wide"]
     for run, width in zip(runs, ("4", "8")):
         run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
@@ -109,11 +113,15 @@ def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_ta
         np.testing.assert_allclose(views["flip_translate"], frame.filter(like="p_").to_numpy(), atol=1e-6)
     for tta in ("flip_translate", "flip"):
         out = bench("blend.py", *map(str, runs), "--tta", tta)
-        table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:6]]
+        table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:7]]
         probs = [views[tta] for views in kept]
         for row, p in zip(table[:3], [*probs, (probs[0] + probs[1]) / 2]):
             assert row[4] == f"{(p.argmax(1) == targets).mean():.4f} |"
+        halves = cross_fitted(probs, targets, stratified_folds(targets, 2, seed=0) == 0)[0]
+        assert table[4][0] == "| OOF weights, cross-fitted on holdout halves"
+        assert table[4][4] == f"{(halves.argmax(1) == targets).mean():.4f} |"
     assert "12 out-of-fold and 12 holdout images" in out and "OOF weights were fitted on the images they are scored" in out
+    assert "equal weights' and the cross-fitted row's are" in out
     (runs[1] / "fold0" / "holdout.npz").unlink()  # a full fit finished before full fits kept it
     refused = run_python(ROOT / "bench" / "blend.py", *map(str, runs), check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1

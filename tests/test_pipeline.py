@@ -23,7 +23,8 @@ from kaggle_cifar.data import cached_images, load_test
 from kaggle_cifar.device import Policy
 from kaggle_cifar.errors import RunDirError
 from kaggle_cifar.inference import load_fold_models, stream_probs, with_temperature
-from kaggle_cifar.predict import blend_weights, calibrated_blend, ensemble_probs, oof_weights, recalibrated, temperature
+from kaggle_cifar.predict import (blend_weights, blended, calibrated_blend, cross_fitted, ensemble_probs, oof_weights,
+                                  recalibrated, temperature)
 from kaggle_cifar.report import nll
 from kaggle_cifar.rundir import RunDir, run_meta
 
@@ -323,6 +324,25 @@ def test_an_under_confident_model_weighs_in_the_blend_as_much_as_a_confident_one
         return float((sum(x * recalibrated(p, t) for x, p, t in zip(w, probs, ts)).argmax(1) == targets).mean())
 
     assert hits(weights, temperatures) > max(hits(raw, [1.0, 1.0]), *((p.argmax(1) == targets).mean() for p in probs))
+
+
+def test_cross_fitted_blend_weights_each_half_by_the_other_halfs_labels_alone():
+    """The measurement OOF weights of full fits lack: a half's blend may not see that half's labels.
+    Two models, each informative where the other is noise; relabelling the first half at random
+    leaves its blend as it was (its weights come from the second half) and changes the second's."""
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 10, 2000)
+    signal = [torch.tensor(s * np.eye(10)[targets] + rng.normal(size=(2000, 10))) for s in (3.0, 1.0)]
+    probs = [x.softmax(1).numpy() for x in signal]
+    first = np.arange(2000) % 2 == 0
+    blend, fits = cross_fitted(probs, targets, first)
+    relabelled = np.where(first, rng.integers(0, 10, 2000), targets)
+    again, refits = cross_fitted(probs, relabelled, first)
+    np.testing.assert_array_equal(again[first], blend[first])
+    assert not np.allclose(again[~first], blend[~first])
+    assert refits[0][1] == pytest.approx(fits[0][1]) and fits[0][1][0] > fits[0][1][1]  # the surer model weighs more
+    temperatures, weights = calibrated_blend([p[~first] for p in probs], targets[~first])
+    np.testing.assert_allclose(blend[first], blended([p[first] for p in probs], weights, temperatures))
 
 
 def test_runs_are_compared_in_one_table_and_one_picture(competition, tmp_path):
