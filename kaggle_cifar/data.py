@@ -218,8 +218,8 @@ def decode_folder(folder: Path, ids: np.ndarray, npy_path: Path, chunk: int = 20
         listed = "; ".join(f"{i}.png: {p}" for i, p in problems[:MAX_LISTED])
         more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise InputError(f"{folder}: {len(problems)} bad image(s): {listed}{more}")
-    log.info("decoded %d images from %s in %.1fs (%.0f images/s, %d processes)",
-             len(ids), folder, seconds, len(ids) / seconds, workers)
+    log.info("decoded %d images from %s in %.1fs (%.0f images/s, %d process%s)",
+             len(ids), folder, seconds, len(ids) / seconds, workers, "" if workers == 1 else "es")
 
 
 def _reserve(path: Path) -> None:

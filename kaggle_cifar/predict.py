@@ -175,8 +175,9 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
         forwards = n_local * distinct
     synchronize(ctx.device)
     seconds = time.perf_counter() - t0
-    log.info("rank %d: %d images, %.2g views an image on average, x %d folds in %.1fs (%.0f images/s per view and "
-             "fold)", ctx.rank, n_local, forwards / max(n_local, 1), len(models), seconds, forwards * len(models) / seconds)
+    log.info("rank %d: %d images, %.2g views an image on average, x %d fold%s in %.1fs (%.0f images/s per view "
+             "and fold)", ctx.rank, n_local, forwards / max(n_local, 1), len(models), "" if len(models) == 1 else "s",
+             seconds, forwards * len(models) / seconds)
     record.update(tta=tta, tta_gate=gate)
     return ids, distributed.gather_rows(local, len(images), ctx).cpu().numpy(), classes, record
 
