@@ -248,13 +248,16 @@ def expected_accuracy(recipe: str, epochs: float) -> float | None:
     return below[1] + (above[1] - below[1]) * (epochs - below[0]) / (above[0] - below[0])
 
 
-def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy,
-                  saved: TrainConfig | None) -> tuple[TrainConfig, dict, Policy | None]:
+def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: TrainConfig | None,
+                  started: float) -> tuple[TrainConfig, dict, tuple[Policy, Speed] | None]:
     """Under --time-budget with no --recipe (and none of a recipe's settings given), the recipe
     expected to score best in that time here: each one's epochs that fit, from a few calibration
     steps of it on this device (in the faster precision, where that is measured), read on its
-    measured learning curve. A run dir made before keeps the recipe chosen then. Returns the config,
-    what a choice was made from, and the policy measured for the chosen recipe (None: not measured)."""
+    measured learning curve. Every recipe is planned once all are measured, in the budget the run
+    (which began at `started`) has left then: the one measured first is not given the time the
+    others' measurements take, and the chosen one's plan is the run's. A run dir made before keeps
+    the recipe chosen then. Returns the config, what a choice was made from, and the policy and
+    speed measured for the chosen recipe (None: not measured)."""
     set_by_recipes = {key for values in RECIPES.values() for key in values}
     defaults = TrainConfig()
     if not cfg.time_budget or cfg.recipe or any(getattr(cfg, k) != getattr(defaults, k) for k in set_by_recipes):
@@ -268,17 +271,20 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy,
     for name, candidate in candidates.items():
         if saved == candidate:
             return candidate, {"chosen": name, "why": "the recipe this run dir was made with"}, None
-    measured, policies = {}, {}
+    speeds = {}  # nothing to read its epochs on (no learning curve): not worth its calibration
     for name, candidate in candidates.items():
-        if not LEARNING_CURVES.get(name):  # nothing to read its epochs on: not worth its calibration
+        if LEARNING_CURVES.get(name):
+            data = DeviceTrainSet.of(train, policy.device).fold(fold_split(candidate, train.labels), 0)
+            speeds[name] = fastest_precision(candidate, data, policy)
+    measured = {}
+    for name, candidate in candidates.items():
+        if name not in speeds:
             measured[name] = {"epochs": None, "expected_accuracy": None}
             continue
-        data = DeviceTrainSet.of(train, policy.device).fold(fold_split(candidate, train.labels), 0)
-        policies[name], speed = fastest_precision(candidate, data, policy)
-        plan = Plan(candidate.time_budget_s, start=clock(), folds_left=candidate.folds)
-        plan.make(speed)
+        plan = Plan(candidate.time_budget_s, start=started, folds_left=candidate.folds)
+        plan.make(speeds[name][1])
         measured[name] = {"epochs": plan.epochs, "expected_accuracy": expected_accuracy(name, plan.epochs),
-                          "precision": policies[name].precision}
+                          "precision": speeds[name][0].precision}
     known = {name: m for name, m in measured.items() if m["expected_accuracy"] is not None}
     chosen = max(known, key=lambda name: known[name]["expected_accuracy"]) if known else None
     why = "; ".join(name + ": " + ("its learning curve not measured" if m["epochs"] is None else
@@ -289,7 +295,7 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy,
     log.info("--time-budget %s without --recipe, on %s: %s (%s)", cfg.time_budget, policy.device,
              chosen or "the defaults, no recipe measured for this budget", why)
     return (candidates[chosen] if chosen else cfg), {"chosen": chosen, "why": why, "candidates": measured}, \
-        policies.get(chosen)
+        speeds.get(chosen)
 
 
 def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,

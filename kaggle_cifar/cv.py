@@ -61,7 +61,7 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
     check_named_files(cfg)
     train = ctx.main_rank_first(lambda: load_train(input_dir, cache_dir, cfg.folds))
     run = RunDir(run_dir)
-    cfg, choice, measured = chosen_recipe(cfg, train, run, ctx)
+    cfg, choice, measured = chosen_recipe(cfg, train, run, ctx, started)
     check_forward(cfg, len(train.labels.classes), train.images.shape[1:3])
     probe.check_fits(cfg, len(train.labels.ids), len(train.labels.classes), train.images.shape[1:3], ctx.device)
     labels = train.labels
@@ -92,11 +92,11 @@ def train_folds(cfg: TrainConfig, input_dir: Path, run_dir: Path, cache_dir: Pat
         return summary
 
 
-def chosen_recipe(cfg: TrainConfig, train, run: RunDir,
-                  ctx: distributed.Context) -> tuple[TrainConfig, dict, Policy | None]:
-    """budget.choose_recipe's config, choice and measured policy; under torchrun the ranks take one
-    recipe: the first, in RECIPES' order, any rank chose."""
-    cfg, choice, measured = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config())
+def chosen_recipe(cfg: TrainConfig, train, run: RunDir, ctx: distributed.Context,
+                  started: float) -> tuple[TrainConfig, dict, tuple[Policy, budget.Speed] | None]:
+    """budget.choose_recipe's config, choice and measured policy and speed; under torchrun the ranks
+    take one recipe: the first, in RECIPES' order, any rank chose."""
+    cfg, choice, measured = budget.choose_recipe(cfg, train, ctx.policy, run.saved_config(), started)
     if choice and ctx.world_size > 1:
         names = [*RECIPES, cfg.recipe]
         agreed = names[int(ctx.smallest(names.index(cfg.recipe)))]
@@ -106,11 +106,13 @@ def chosen_recipe(cfg: TrainConfig, train, run: RunDir,
 
 
 def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ctx: distributed.Context,
-               started: float, measured: Policy | None = None) -> tuple[budget.Plan | None, dict | None]:
+               started: float, measured: tuple[Policy, budget.Speed] | None = None
+               ) -> tuple[budget.Plan | None, dict | None]:
     """Train this rank's unfinished folds (with the ranks it shares them with): the precision
-    measured (unless `measured` already was) and the run's time said first, from a few calibration
-    steps of the first (and under a budget, the plan made from them), then one progress bar over
-    them all. Returns the plan and the estimate with the time it actually took."""
+    measured and the run's time said first, from a few calibration steps of the first (or the
+    policy and speed the recipe's choice `measured` on it), and under a budget the plan made from
+    them, then one progress bar over them all. Returns the plan and the estimate with the time it
+    actually took."""
     folds, replicas = distributed.fold_groups(ctx, cfg.folds)
     mine = [run.fold(k) for k in folds]
     unfinished = [fold_dir for fold_dir in mine if not fold_dir.finished()]
@@ -123,7 +125,9 @@ def train_mine(cfg: TrainConfig, run: RunDir, fold_of: np.ndarray, fold_data, ct
         first = unfinished[0]
         made[first.fold] = fold_data(first)
         if measured is not None and replicas.size == 1:
-            policy, speed = measured, budget.Speed.of(cfg, made[first.fold], measured)
+            policy, speed = measured  # on fold 0, whose size any fold's is within one image of
+            if cfg.pseudo_labels:  # but not with the pseudo-labelled images the folds add
+                speed = budget.Speed.of(cfg, made[first.fold], policy)
         else:  # replicas measure again together: each measured the recipes alone
             policy, speed = budget.fastest_precision(cfg, made[first.fold], ctx.policy, replicas=replicas)
         if first.started():  # a resumed fold brings its own plan: the precision alone is chosen anew

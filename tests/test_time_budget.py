@@ -108,6 +108,22 @@ def test_a_resumed_fold_keeps_its_plan(small, tmp_path, monkeypatch):
     assert clock.steps - steps_before == round(planned * 2) - 3 * 2  # no calibration again, the remaining steps only
 
 
+def test_the_recipes_a_budget_chooses_from_are_planned_in_the_time_left_once_all_are_measured(small, tmp_path,
+                                                                                                 monkeypatch):
+    """Every calibration step costs 1 s here, so the fast recipes run alike. The choice reads each
+    curve at the epochs that fit in what the run's budget has left once every recipe is measured,
+    and the run trains those, measured no third time; given the whole budget from its own
+    measurement, each was read at 29.1 epochs of which the run then trained 8.1."""
+    clock = StepClock(monkeypatch)
+    summary = train_folds(TrainConfig(time_budget="30"), small, tmp_path / "run", small / ".cache", CPU)
+    choice = summary["recipe_choice"]
+    planned = {name: m["epochs"] for name, m in choice["candidates"].items() if m["epochs"] is not None}
+    assert set(planned) == {"fast", "fast_wide"} and planned["fast"] == planned["fast_wide"]
+    plan = summary["time_budget"]["plans"][0]
+    assert plan["epochs"] == planned[choice["chosen"]] and not plan["replans"]
+    assert clock.steps == 2 * CALIBRATION + round(summary["time_budget"]["epochs_per_fold"][0])  # no third calibration
+
+
 def test_a_full_fit_keeps_time_back_only_for_predicting_its_holdout_once(small, tmp_path, monkeypatch):
     from kaggle_cifar.inference import DISTINCT_VIEWS
 
