@@ -51,6 +51,7 @@ VARIANTS = {
     "flip_alternate": {"flip": "alternate"},
     "flip_alternate_seed1": {"flip": "alternate", "seed": 1},
     "whiten_stem": {"whiten_stem": True},
+    "whiten_bias_3": {"whiten_bias_epochs": 3},
     "batch_256_lr_0.03": {"batch_size": 256, "lr": 0.03},
     "batch_512_lr_0.04": {"batch_size": 512, "lr": 0.04},
     "lr_0.01": {"lr": 0.01},

@@ -156,6 +156,9 @@ class TrainConfig:
     normalization: str = _opt("auto", "per-channel mean and std the input is standardised with: data (the training "
                                       "images'), imagenet (those ImageNet weights were trained with), or auto: "
                                       "imagenet with --pretrained, data otherwise (a run's model.pt brings its own)")
+    whiten_bias_epochs: int = _opt(0, "fast_cifar's whitening layer's bias trains the first E epochs, then stays as it "
+                                      "is, as the layer's filters do (airbench's progressive freezing: 3); 0: it "
+                                      "trains throughout")
     freeze_epochs: int = _opt(0, "the first E epochs train only the classifier head, the rest of the network frozen "
                                  "(BatchNorm statistics too), as feature extraction does; then everything trains")
     # flip_translate: ahead of flip in every full-data measurement, at every length (bench/RESULTS.md),
@@ -233,6 +236,9 @@ class TrainConfig:
             ("mixup_switch_prob", 0 <= self.mixup_switch_prob <= 1, "in [0, 1]"),
             ("mixup_epochs", 0 <= self.mixup_epochs <= 1, "in [0, 1]"),
             ("normalization", self.normalization in NORMALIZATIONS, f"one of {', '.join(NORMALIZATIONS)}"),
+            ("whiten_bias_epochs", self.whiten_bias_epochs >= 0, "0 or more"),
+            ("whiten_bias_epochs", not self.whiten_bias_epochs or self.arch == "fast_cifar",
+             "0 unless --arch fast_cifar (the one with a whitening layer)"),
             ("freeze_epochs", self.freeze_epochs >= 0, "0 or more"),
             ("freeze_epochs", self.freeze_epochs < self.epochs or bool(self.time_budget),
              f"fewer than --epochs ({self.epochs}), so that the whole network trains at the end"),

@@ -171,14 +171,18 @@ class Training:
         optimizer's inf flag on the host; a fused one keeps the check on the device."""
         return int(self.scaler.is_enabled() and not self.optimizer.defaults.get("fused"))
 
-    def train_mode(self, features_frozen: bool) -> None:
+    def train_mode(self, features_frozen: bool, whiten_bias_frozen: bool = False) -> None:
         """Training mode for an epoch. With `features_frozen` only the classifier head trains, as in
         feature extraction: every other weight gets no gradient (so the optimizer leaves it as it is)
-        and its BatchNorm layers keep their statistics (eval mode)."""
+        and its BatchNorm layers keep their statistics (eval mode). With `whiten_bias_frozen`
+        fast_cifar's whitening bias gets none either: its gradient would then be the only one that
+        needs the backward pass through the first conv group's input."""
         in_head = {id(p) for p in self.model.head.parameters()}
+        whiten = getattr(self.model.network, "whiten", None)
+        frozen = {id(whiten.bias)} if whiten_bias_frozen and whiten is not None else set()
         for group in self.optimizer.param_groups:  # the trainable weights; frozen-by-design ones are not here
             for p in group["params"]:
-                p.requires_grad_(id(p) in in_head or not features_frozen)
+                p.requires_grad_((id(p) in in_head or not features_frozen) and id(p) not in frozen)
         self.model.train(not features_frozen)
         self.model.head.train()
 
@@ -309,7 +313,7 @@ def train_one_epoch(t: Training, cfg: TrainConfig, data: FoldData, epoch: int, b
     resumed run replays it)."""
     steps = steps or t.steps_per_epoch
     t0 = time.perf_counter()
-    t.train_mode(features_frozen=epoch < cfg.freeze_epochs)
+    t.train_mode(features_frozen=epoch < cfg.freeze_epochs, whiten_bias_frozen=0 < cfg.whiten_bias_epochs <= epoch)
     device = data.train_images.device
     generator = torch.Generator(device=device).manual_seed(run_seed(cfg, data.fold, epoch))
     # Summed on the device, no host sync per step. A step the loss scaler skipped (one overflow in

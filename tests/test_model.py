@@ -67,6 +67,31 @@ def test_fast_cifar_trains_and_predicts_through_the_pipeline(tmp_path):
     assert fast < resnet / 3
 
 
+def test_the_whitening_bias_trains_its_epochs_and_then_stays_while_the_rest_trains_on(tmp_path, monkeypatch):
+    from conftest import make_competition
+    from kaggle_cifar import distributed, train
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.cv import train_folds
+    from kaggle_cifar.errors import ConfigError
+
+    small = make_competition(tmp_path / "input", per_class=6, n_test=3)
+    cfg = TrainConfig(folds=1, epochs=3, arch="fast_cifar", width=4, batch_size=4, lr=0.05, whiten_bias_epochs=1)
+    states, real_epoch = [train.initial_model(cfg, 3, 0).state_dict()], train.train_one_epoch
+
+    def recorded(t, *args, **kwargs):
+        row = real_epoch(t, *args, **kwargs)
+        states.append({name: value.clone() for name, value in t.model.state_dict().items()})
+        return row
+
+    monkeypatch.setattr(train, "train_one_epoch", recorded)
+    train_folds(cfg, small, tmp_path / "run", small / ".cache", distributed.setup("cpu", "float32"))
+    bias = [state["1.whiten.bias"] for state in states]
+    assert not torch.equal(bias[1], bias[0]) and torch.equal(bias[2], bias[1]) and torch.equal(bias[3], bias[1])
+    assert not torch.equal(states[3]["1.head.weight"], states[2]["1.head.weight"])  # the rest trains on
+    with pytest.raises(ConfigError, match="whiten_bias_epochs must be 0 unless --arch fast_cifar"):
+        TrainConfig(whiten_bias_epochs=3)
+
+
 @pytest.mark.parametrize("arch", ["resnet34_cifar", "resnet50_cifar", "resnext50_32x4d_cifar"])
 def test_the_resnet_family_keeps_a_32x32_image_whole_into_its_first_stage(arch):
     from kaggle_cifar.model import build_model
