@@ -253,11 +253,11 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: Trai
     """Under --time-budget with no --recipe (and none of a recipe's settings given), the recipe
     expected to score best in that time here: each one's epochs that fit, from a few calibration
     steps of it on this device (in the faster precision, where that is measured), read on its
-    measured learning curve. Every recipe is planned once all are measured, in the budget the run
-    (which began at `started`) has left then: the one measured first is not given the time the
-    others' measurements take, and the chosen one's plan is the run's. A run dir made before keeps
-    the recipe chosen then. Returns the config, what a choice was made from, and the policy and
-    speed measured for the chosen recipe (None: not measured)."""
+    measured learning curve. Every recipe is planned once all are measured, in what the budget of
+    the run (begun at `started`) has left then, the measurements' time spent: the epochs a curve is
+    read at are those the chosen recipe then trains. A run dir made before keeps the recipe chosen
+    then. Returns the config, what a choice was made from, and the policy and speed measured for
+    the chosen recipe (None: not measured)."""
     set_by_recipes = {key for values in RECIPES.values() for key in values}
     defaults = TrainConfig()
     if not cfg.time_budget or cfg.recipe or any(getattr(cfg, k) != getattr(defaults, k) for k in set_by_recipes):
@@ -271,9 +271,9 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: Trai
     for name, candidate in candidates.items():
         if saved == candidate:
             return candidate, {"chosen": name, "why": "the recipe this run dir was made with"}, None
-    speeds = {}  # nothing to read its epochs on (no learning curve): not worth its calibration
+    speeds = {}
     for name, candidate in candidates.items():
-        if LEARNING_CURVES.get(name):
+        if LEARNING_CURVES.get(name):  # without a curve nothing reads its epochs: not worth its calibration
             data = DeviceTrainSet.of(train, policy.device).fold(fold_split(candidate, train.labels), 0)
             speeds[name] = fastest_precision(candidate, data, policy)
     measured = {}
