@@ -251,8 +251,8 @@ def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_p
         return np.mean([with_temperature(stream_probs([m], images, TTA_VIEWS[cfg.tta], CPU), t).numpy()
                         for m in load_fold_models(RunDir(run), cfg, classes, CPU)], axis=0)
 
-    blended = ensemble_probs(competition, [a, c], cache, cpu, weights="oof")[1]
-    np.testing.assert_allclose(blended, weights[0] * recalibrated_run(a, temperatures[0])
+    predicted = ensemble_probs(competition, [a, c], cache, cpu, weights="oof")[1]
+    np.testing.assert_allclose(predicted, weights[0] * recalibrated_run(a, temperatures[0])
                                + weights[1] * recalibrated_run(c, temperatures[1]), atol=1e-5)
     sub = tmp_path / "sub.csv"
     proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
