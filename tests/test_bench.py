@@ -103,9 +103,9 @@ def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_ta
     from kaggle_cifar.predict import cross_fitted
 
     runs = [tmp_path / "narrow", tmp_path / "wide"]
-    for run, width in zip(runs, ("4", "8")):
+    for run, width in zip(runs, ("4", "8")):  # in one precision: the re-finish below predicts again, in the same
         run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
-                   "--epochs", "2", "--holdout", "12", "--width", width, "--folds", "1")
+                   "--epochs", "2", "--holdout", "12", "--width", width, "--folds", "1", "--precision", "float32")
     frames = [pd.read_csv(run / "oof.csv") for run in runs]  # a full fit's out-of-fold images: the holdout
     targets = pd.Categorical(frames[0]["label"], categories=[c[2:] for c in frames[0].filter(like="p_")]).codes
     kept = [np.load(run / "fold0" / "holdout.npz") for run in runs]  # every view set, as a k-fold run keeps
@@ -129,7 +129,7 @@ def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_ta
                                      f"{runs[1] / 'fold0' / 'result.json'} and run train_folds.py")
     (runs[1] / "fold0" / "result.json").unlink()  # as it says: the final files again, from the last checkpoint
     run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(runs[1]),
-               "--config", str(runs[1] / "config.json"))
+               "--config", str(runs[1] / "config.json"), "--precision", "float32")
     np.testing.assert_allclose(np.load(runs[1] / "fold0" / "holdout.npz")["flip"], kept[1]["flip"], atol=1e-6)
     assert bench("blend.py", *map(str, runs), "--tta", "flip") == out
 
