@@ -362,22 +362,26 @@ def test_runs_are_compared_in_one_table_and_one_picture(competition, tmp_path):
 
 
 def test_the_quick_start_says_how_long_what_it_chose_and_what_to_run_next(competition, tmp_path):
-    """README's quick start as a user runs it (a time budget, no recipe), on tiny data."""
+    """README's quick start as a user runs it (a time budget, no recipe), on tiny data. What fits in
+    the budget depends on this machine's speed and load (the calibrations are part of the budget),
+    so the choice is checked against what the run measured; test_time_budget checks it exactly."""
     run = tmp_path / "run"
     train = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--time-budget", "45")
     said = train.stderr
-    assert re.search(r"--time-budget 45 without --recipe, on cpu: fast(_wide)? \(", said)  # the recipe chosen, and why
-    assert "fast: " in said and "fast_wide: " in said and "expected on its measured curve" in said and "resnet18: " in said
-    assert re.search(r"1 fold x [\d.]+ epochs at [\d,]+ images/s: about \d+ s in all on cpu in (bf16 autocast|float32)",
-                     said)
+    report = json.loads((run / "report.json").read_text())
+    expected = {name: m["expected_accuracy"] for name, m in report["recipe_choice"]["candidates"].items()
+                if m["expected_accuracy"]}
+    chosen = max(expected, key=expected.get) if expected else None  # most expected in the epochs that fit
+    assert report["recipe_choice"]["chosen"] == chosen
+    assert f"--time-budget 45 without --recipe, on cpu: {chosen or 'the defaults, no recipe measured for this budget'} (" \
+        in said  # the recipe chosen, and why
+    assert "fast: " in said and "fast_wide: " in said and "resnet18: its learning curve not measured" in said
+    assert re.search(r"\d folds? x [\d.]+ epochs at [\d,]+ images/s: about \d+ s in all on cpu in "
+                     r"(bf16 autocast|float32)", said)
     measured = re.search(r"precision on cpu, measured: bf16 autocast [\d,]+ images/s, float32 [\d,]+ images/s: "
                          r"(bf16 autocast|float32) trains", said)
     assert bool(measured) == NATIVE_BF16  # where the CPU has bf16 instructions, the faster is measured
-    report = json.loads((run / "report.json").read_text())
-    expected = {name: m["expected_accuracy"] or 0 for name, m in report["recipe_choice"]["candidates"].items()}
-    chosen = max(expected, key=expected.get)  # the recipe its measured curve expects most of in the epochs that fit
-    assert chosen.startswith("fast") and report["recipe_choice"]["chosen"] == chosen
-    assert json.loads((run / "config.json").read_text())["recipe"] == chosen
+    assert json.loads((run / "config.json").read_text())["recipe"] == (chosen or "")
     next_line = said.strip().splitlines()[-1]
     assert next_line == f"next: python scripts/predict.py --run-dir {run} --output submissions/sub.csv"
     sub = tmp_path / "sub.csv"
