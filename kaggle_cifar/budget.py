@@ -145,10 +145,15 @@ class Speed:
 
     @classmethod
     def of(cls, cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
-           held_out: tuple[int, int] | None = None, replicas: Replicas = Replicas()) -> "Speed":
+           held_out: tuple[int, int] | None = None, replicas: Replicas = Replicas(),
+           limit: float = math.inf) -> "Speed | None":
         """Measured on `data` (calibrate, with the fold's `replicas`), for a fold of `train_images`
-        images and `held_out` (validation, holdout) images, by default `data`'s."""
-        step_seconds, image_seconds = calibrate(cfg, data, policy, replicas=replicas)
+        images and `held_out` (validation, holdout) images, by default `data`'s; None if its steps
+        ran past `limit` seconds (calibrate)."""
+        measured = calibrate(cfg, data, policy, replicas=replicas, limit=limit)
+        if measured is None:
+            return None
+        step_seconds, image_seconds = measured
         train_images = train_images or len(data.train_targets)
         validation, holdout = held_out or (len(data.val_targets), len(data.holdout_images))
         batch = min(cfg.batch_size, train_images)
@@ -165,21 +170,31 @@ def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_im
                       replicas: Replicas = Replicas()) -> tuple[Policy, Speed]:
     """Of the policy's precision candidates, the one whose calibration steps ran fastest here (on
     the first of the fold's `replicas`, for all of them), and its speed (Speed.of; the policy
-    itself, measured, where there is no choice)."""
-    speeds = {candidate: Speed.of(cfg, data, candidate, train_images, held_out, replicas)
-              for candidate in policy.precision_candidates()}
-    order = list(speeds)
+    itself, measured, where there is no choice). float32, the reference, is measured first; a
+    candidate whose steps take SLOWER_BY times the reference's whole calibration is stopped there,
+    slower (one replica alone: replicas step together to the end)."""
+    candidates = policy.precision_candidates()
+    speeds, limit = {}, math.inf
+    for candidate in sorted(candidates, key=lambda c: c.autocast_dtype is not None):  # float32 first
+        started = clock()
+        speeds[candidate] = Speed.of(cfg, data, candidate, train_images, held_out, replicas,
+                                     limit if replicas.size == 1 else math.inf)
+        if speeds[candidate] is not None:
+            limit = min(limit, SLOWER_BY * (clock() - started))
+    order = [c for c in candidates if speeds[c] is not None]
     fastest = order[replicas.first(min(range(len(order)), key=lambda i: speeds[order[i]].step_seconds))]
     if len(speeds) > 1 and replicas.writes:  # the first replica's measurement, which chose, is the one said
-        say_fastest({c: speed.images_per_s for c, speed in speeds.items()}, fastest, "trains")
+        say_fastest({c: speeds[c] and speeds[c].images_per_s for c in candidates}, fastest, "trains")
     return fastest, speeds[fastest]
 
 
-def say_fastest(images_per_s: dict[Policy, float], fastest: Policy, does: str) -> None:
+def say_fastest(images_per_s: dict[Policy, float | None], fastest: Policy, does: str) -> None:
     """The log line of a precision measurement: `precision on cpu, measured: bf16 autocast 412
-    images/s, float32 227 images/s: bf16 autocast trains`."""
+    images/s, float32 227 images/s: bf16 autocast trains`; a candidate stopped as slower (None)
+    `bf16 autocast stopped, slower`."""
     log.info("precision on %s, measured: %s: %s %s", fastest.device, ", ".join(
-        f"{c.precision} {rate:,.0f} images/s" for c, rate in images_per_s.items()), fastest.precision, does)
+        f"{c.precision} {f'{rate:,.0f} images/s' if rate is not None else 'stopped, slower'}"
+        for c, rate in images_per_s.items()), fastest.precision, does)
 
 
 PRECISION_PROBE_IMAGES = 512  # timed per candidate, after a warm-up batch of half as many
@@ -311,16 +326,24 @@ def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy:
 
 
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the rest are timed
+# A precision candidate measured after the reference stops once its steps (warm-up included) have
+# taken this many times the reference's whole calibration: on the Intel Xeon beside another process
+# bf16 trained at 0.1-0.4x float32's speed, so its 7 steps cost up to 10 times the reference's, at
+# the run's start and at every measurement again. Twice, not once: a faster candidate whose first
+# steps pay more for their start-up is never stopped.
+SLOWER_BY = 2.0
 
 
 def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CALIBRATION_STEPS,
               images: int | None = None, forward_compiled: bool = False,
-              replicas: Replicas = Replicas()) -> tuple[float, float]:
+              replicas: Replicas = Replicas(), limit: float = math.inf) -> tuple[float, float] | None:
     """Seconds per training step (augmentation included; the fold's `replicas` stepping together)
     and per held-out image predicted (by the model compiled for inference with
     `forward_compiled`), measured on a throwaway copy of the fold's training after a warm-up that
     pays for any compilation: `steps` steps, and `images` held-out images (default: four training
-    batches)."""
+    batches). None, and nothing more measured, once the steps have run past `limit` seconds from
+    the start (a candidate slower than one measured before it)."""
+    started = clock()
     t = train.build_training(cfg, data, policy, replicas=replicas)
     t.scheduler = train.one_cycle(t.optimizer, cfg, WARMUP_STEPS + steps)  # as long as the calibration
     device = policy.device
@@ -332,12 +355,22 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CAL
         train.train_step(t, *t.share(train.augment(data.train_images[idx], cfg, generator, flipped),
                                      data.train_targets[idx]), i + 1)
 
+    def past_limit() -> bool:
+        if limit == math.inf:
+            return False
+        synchronize(device)
+        return clock() - started > limit
+
     for i in range(WARMUP_STEPS):
         step(i)
+        if past_limit():
+            return None
     synchronize(device)
     t0 = clock()
     for i in range(steps):
         step(WARMUP_STEPS + i)
+        if past_limit():
+            return None
     synchronize(device)
     seconds_per_step = (clock() - t0) / steps
     held_out = (data.val_images if len(data.val_images) else data.train_images)[:images or 4 * t.batch_size]

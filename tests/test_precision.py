@@ -62,7 +62,7 @@ def test_a_run_trains_in_the_precision_measured_faster(native, faster, tmp_path,
     measured = calibrations(monkeypatch, {faster: 0.1, slower: 0.3})
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
     summary = train_folds(CFG, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
-    assert measured == ["bf16 autocast", "float32"]  # each once, before training
+    assert measured == ["float32", "bf16 autocast"]  # each once, before training; the reference first
     assert summary["estimate"]["precision"] == faster and summary["precision_by_fold"] == [faster, faster]
     for fold in range(2):
         assert set(pd.read_csv(tmp_path / "run" / f"fold{fold}" / "log.csv")["precision"]) == {faster}
@@ -78,7 +78,7 @@ def test_a_resumed_run_measures_the_precision_again(native, tmp_path, monkeypatc
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     measured = calibrations(monkeypatch, {"bf16 autocast": 0.3, "float32": 0.1})  # now float32 is faster
     summary = train_folds(CFG, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
-    assert measured == ["bf16 autocast", "float32"]
+    assert measured == ["float32", "bf16 autocast"]
     assert summary["precision_by_fold"] == ["bf16 autocast", "bf16 autocast then float32"]
     assert "estimate" not in summary  # the resumed fold's plan and time are its own; only the precision is new
 
@@ -93,7 +93,7 @@ def test_a_training_speed_that_moves_past_the_margin_has_both_precisions_measure
     first, second, within, slowed, after = rows(50.0, 100.0, 100.0 * (1 - 0.9 * budget.PRECISION_MARGIN), 50.0, 80.0)
     assert not any(watch.after_epoch(CFG, data, row) for row in (first, second, within))  # a start-up, the reference, noise
     assert measured == [] and watch.policy.precision == "bf16 autocast"
-    assert watch.after_epoch(CFG, data, slowed) and measured == ["bf16 autocast", "float32"]
+    assert watch.after_epoch(CFG, data, slowed) and measured == ["float32", "bf16 autocast"]
     assert watch.policy.precision == "float32" and watch.policy.measure_precision  # and it keeps watching
     assert not watch.after_epoch(CFG, data, after) and len(measured) == 2  # float32's first epoch: its reference
 
@@ -109,6 +109,31 @@ def test_epochs_too_short_to_read_never_cost_a_measurement(native, monkeypatch):
     fixed = budget.PrecisionWatch(device.Policy.of(CPU, "bf16"))  # a precision given is never measured
     assert not any(fixed.after_epoch(CFG, data, row) for row in rows(50.0, 100.0, 10.0, 500.0))
     assert measured == []
+
+
+@pytest.mark.parametrize("bf16_step_seconds, bf16_steps, faster", [(10.0, 2, "float32"), (0.5, 7, "bf16 autocast")])
+def test_a_candidate_is_measured_only_until_it_has_taken_twice_the_references_whole_calibration(
+        native, bf16_step_seconds, bf16_steps, faster, monkeypatch, caplog):
+    """float32 first, 7 steps of a second each on a fake clock: bf16 at 10 s a step has taken 20 s,
+    past twice float32's 7, after its second step, and stops there, slower (the Intel Xeon beside
+    another process: 0.1x); bf16 at 0.5 s a step trains all of its steps and is chosen."""
+    now, stepped = [0.0], []
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    real_step = train.train_step
+
+    def timed_step(t, *args, **kwargs):
+        now[0] += {"float32": 1.0, "bf16 autocast": bf16_step_seconds}[t.policy.precision]
+        stepped.append(t.policy.precision)
+        return real_step(t, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", timed_step)
+    caplog.set_level("INFO")
+    fastest, speed = budget.fastest_precision(CFG, synthetic_fold(16, CPU), device.Policy.of(CPU))
+    calibration = budget.WARMUP_STEPS + budget.CALIBRATION_STEPS
+    assert stepped == ["float32"] * calibration + ["bf16 autocast"] * bf16_steps
+    assert fastest.precision == faster and speed.step_seconds == min(1.0, bf16_step_seconds)
+    bf16 = "stopped, slower" if faster == "float32" else f"{CFG.batch_size / bf16_step_seconds:,.0f} images/s"
+    assert f"measured: bf16 autocast {bf16}, float32 4 images/s: {faster} trains" in caplog.text
 
 
 class SwitchAfter:
