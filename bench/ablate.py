@@ -48,6 +48,7 @@ VARIANTS = {
     "randaugment": {"auto_augment": "randaugment"},
     "trivialaugment": {"auto_augment": "trivialaugment"},
     "crop_pad_2": {"crop_pad": 2},
+    "crop_fill_reflect": {"crop_fill": "reflect"},
     "flip_alternate": {"flip": "alternate"},
     "flip_alternate_seed1": {"flip": "alternate", "seed": 1},
     "whiten_stem": {"whiten_stem": True},

@@ -15,10 +15,13 @@ from torchvision.transforms import v2
 FLIPS = ("random", "alternate", "none")  # --flip: see train.epoch_flips for alternate
 
 
+CROP_FILLS = ("zeros", "reflect")  # torch.nn.functional.pad's modes: "constant" (zeros) or "reflect"
+
+
 def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: bool = True,
-              flipped: torch.Tensor | None = None) -> torch.Tensor:
+              flipped: torch.Tensor | None = None, fill: str = "zeros") -> torch.Tensor:
     """Horizontal flip of the images `flipped` names (one bool each; default: each with p=0.5),
-    then a random crop back to size from a zero-padded copy."""
+    then a random crop back to size from a copy padded by `fill` (CROP_FILLS)."""
     n, _, h, w = images.shape
     device = images.device
     if flip:
@@ -27,7 +30,7 @@ def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: 
         images = torch.where(flipped[:, None, None, None], images.flip(3), images)
     if pad == 0:
         return images
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect" if fill == "reflect" else "constant")
     dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
     # One gather: row index dy+i and column index dx+j for every image at once.

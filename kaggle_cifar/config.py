@@ -137,6 +137,8 @@ class TrainConfig:
                                "(each image flipped every other epoch, from a side drawn once per fold: airbench's "
                                "alternating flip), or none")
     crop_pad: int = _opt(4, "random-crop padding in pixels (0: no crop)")
+    crop_fill: str = _opt("zeros", "what the crop's padding holds: zeros, or reflect (the image mirrored at its "
+                                   "border, as airbench's crops and the translated TTA views)")
     auto_augment: str = _opt("", "RandAugment-style ops after flip/crop, drawn per image on the device: "
                                  "randaugment, trivialaugment, or empty for none")
     cutout: int = _opt(0, "side of a random square zeroed in each training image (0: off)")
@@ -200,7 +202,7 @@ class TrainConfig:
         optimizers)."""
         from timm.optim import list_optimizers
 
-        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, FLIPS, TTA_VIEWS
+        from kaggle_cifar.augment import AUTO_AUGMENT_POLICIES, CROP_FILLS, FLIPS, TTA_VIEWS
         from kaggle_cifar.model import ARCHS, SCALABLE_ARCHS
 
         problems = [f"{name} must be {rule}" for name, ok, rule in [
@@ -225,6 +227,9 @@ class TrainConfig:
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("flip", self.flip in FLIPS, f"one of {', '.join(FLIPS)}"),
             ("crop_pad", self.crop_pad >= 0, "0 or more"),
+            ("crop_fill", self.crop_fill in CROP_FILLS, f"one of {', '.join(CROP_FILLS)}"),
+            ("crop_pad", self.crop_fill != "reflect" or self.crop_pad < 32,
+             "under 32 with --crop-fill reflect (a reflection is narrower than the image)"),
             ("auto_augment", self.auto_augment in ("", *AUTO_AUGMENT_POLICIES),
              f"empty or one of {', '.join(AUTO_AUGMENT_POLICIES)}"),
             ("cutout", self.cutout >= 0, "0 or more"),

@@ -77,7 +77,7 @@ def epoch_flips(cfg: TrainConfig, data: FoldData, epoch: int) -> torch.Tensor | 
 def augment(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
             flipped: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 NHWC batch in, augmented uint8 NCHW batch out; `flipped`: the batch's rows of epoch_flips."""
-    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator, cfg.flip != "none", flipped)
+    x = flip_crop(images.permute(0, 3, 1, 2), cfg.crop_pad, generator, cfg.flip != "none", flipped, cfg.crop_fill)
     if cfg.auto_augment:
         x = auto_augment(x, cfg.auto_augment, generator)
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x

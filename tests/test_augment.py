@@ -13,14 +13,16 @@ def random_images(n=64, h=8, w=8):
     return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def test_flip_crop_output_is_a_flipped_or_not_crop_of_the_zero_padded_image():
+@pytest.mark.parametrize("fill, mode", [("zeros", "constant"), ("reflect", "reflect")])
+def test_flip_crop_output_is_a_flipped_or_not_crop_of_the_image_padded_by_its_fill(fill, mode):
     images, pad = random_images(), 2
-    out = flip_crop(images, pad, torch.Generator().manual_seed(1))
+    out = flip_crop(images, pad, torch.Generator().manual_seed(1), fill=fill)
     assert out.shape == images.shape and out.dtype == torch.uint8
     flips, shifts = 0, set()
     for src, dst in zip(images, out):
+        padded = [torch.nn.functional.pad(s[None], (pad,) * 4, mode=mode)[0] for s in (src, src.flip(2))]
         matches = [(f, dy, dx) for f in (False, True) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                   if torch.equal(torch.nn.functional.pad(src.flip(2) if f else src, (pad,) * 4)[:, dy:dy + 8, dx:dx + 8], dst)]
+                   if torch.equal(padded[f][:, dy:dy + 8, dx:dx + 8], dst)]
         assert len(matches) == 1, "every output must be exactly one flip/crop of its own input"
         flips += matches[0][0]
         shifts.add(matches[0][1:])
@@ -147,6 +149,19 @@ def test_augment_flips_exactly_the_images_it_is_told_to():
     out = augment(images, TrainConfig(flip="alternate", crop_pad=0), torch.Generator().manual_seed(0), flipped)
     for src, dst, f in zip(images.permute(0, 3, 1, 2), out, flipped):
         assert torch.equal(dst, src.flip(2) if f else src)
+
+
+def test_training_crops_pad_with_the_configs_fill_and_a_config_saved_without_one_pads_with_zeros(tmp_path):
+    import json
+
+    from kaggle_cifar.config import TrainConfig
+    from kaggle_cifar.train import augment
+
+    images = random_images(16).permute(0, 2, 3, 1)  # NHWC, as the training set holds them
+    (tmp_path / "config.json").write_text(json.dumps({"crop_pad": 3}))  # saved before --crop-fill existed
+    for cfg, fill in ((TrainConfig(crop_pad=3, crop_fill="reflect"), "reflect"), (TrainConfig.from_json(tmp_path / "config.json"), "zeros")):
+        out = augment(images, cfg, torch.Generator().manual_seed(0))
+        assert torch.equal(out, flip_crop(images.permute(0, 3, 1, 2), 3, torch.Generator().manual_seed(0), fill=fill))
 
 
 def test_a_config_saved_with_flips_as_yes_or_no_reads_as_random_or_none(tmp_path):

@@ -89,11 +89,13 @@ def test_a_holdout_that_empties_a_fold_of_a_class_is_refused_before_training(sma
 
 def test_bad_config_values_are_all_named_in_one_error_before_anything_runs(small, tmp_path):
     proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
-                      "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", "--auto-augment", "autoaugment", check=False)
+                      "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", "--auto-augment", "autoaugment",
+                      "--crop-fill", "mirror", check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: invalid config: optimizer must be a timm optimizer name")
     assert "lr must be positive" in proc.stderr and "tta must be one of none, flip, flip_translate" in proc.stderr
     assert "auto_augment must be empty or one of randaugment, trivialaugment" in proc.stderr
+    assert "crop_fill must be one of zeros, reflect" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
