@@ -202,15 +202,22 @@ PRECISION_PROBE_IMAGES = 512  # timed per candidate, after a warm-up batch of ha
 
 def fastest_for_inference(models: list[torch.nn.Module], images, policy: Policy) -> Policy:
     """Of the policy's precision candidates, the one whose forward passes of `models` (eager) over
-    a few hundred of `images` ran fastest here; the policy itself where there is no choice."""
+    a few hundred of `images` ran fastest here; the policy itself where there is no choice. float32
+    is measured first; a candidate whose warm-up takes SLOWER_BY times float32's whole measurement
+    is stopped there, slower."""
     candidates = policy.precision_candidates()
     if len(candidates) == 1:
         return policy
     sample = images[:PRECISION_PROBE_IMAGES]
-    seconds = {c: forward_seconds(models, sample, dataclasses.replace(c, compile=False), len(sample) // 2)
-               for c in candidates}
-    fastest = min(seconds, key=seconds.get)
-    say_fastest({c: 1 / s for c, s in seconds.items()}, fastest, "predicts")
+    seconds, limit = {}, math.inf
+    for candidate in sorted(candidates, key=lambda c: c.autocast_dtype is not None):  # float32 first
+        started = clock()
+        seconds[candidate] = forward_seconds(models, sample, dataclasses.replace(candidate, compile=False),
+                                             len(sample) // 2, limit)
+        if seconds[candidate] is not None:
+            limit = min(limit, SLOWER_BY * (clock() - started))
+    fastest = min((c for c in candidates if seconds[c] is not None), key=seconds.get)
+    say_fastest({c: seconds[c] and 1 / seconds[c] for c in candidates}, fastest, "predicts")
     return fastest
 
 
@@ -314,11 +321,15 @@ def choose_recipe(cfg: TrainConfig, train: TrainSet, policy: Policy, saved: Trai
 
 
 def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,
-                    batch_size: int = PREDICT_BATCH) -> float:
+                    batch_size: int = PREDICT_BATCH, limit: float = math.inf) -> float | None:
     """Seconds per image of stream_probs over `images` (one view), after a warm-up batch that pays
-    for any compilation."""
+    for any compilation; None, and nothing more measured, if the warm-up ran past `limit` seconds
+    (a candidate slower than one measured before it)."""
+    started = clock()
     stream_probs(models, images[:batch_size], TTA_VIEWS["none"], policy, batch_size)
     synchronize(policy.device)
+    if clock() - started > limit:
+        return None
     t0 = clock()
     stream_probs(models, images, TTA_VIEWS["none"], policy, batch_size)
     synchronize(policy.device)
@@ -326,8 +337,9 @@ def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy:
 
 
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the rest are timed
-# A precision candidate measured after the reference stops once its steps (warm-up included) have
-# taken this many times the reference's whole calibration: on the Intel Xeon beside another process
+# A precision candidate measured after the reference stops once its training steps (warm-up
+# included), or its forward passes' warm-up, have taken this many times the reference's whole
+# measurement: on the Intel Xeon beside another process
 # bf16 trained at 0.1-0.4x float32's speed, so its 7 steps cost up to 10 times the reference's, at
 # the run's start and at every measurement again. Twice, not once: a faster candidate whose first
 # steps pay more for their start-up is never stopped.

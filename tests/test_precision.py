@@ -136,6 +136,28 @@ def test_a_candidate_is_measured_only_until_it_has_taken_twice_the_references_wh
     assert f"measured: bf16 autocast {bf16}, float32 4 images/s: {faster} trains" in caplog.text
 
 
+@pytest.mark.parametrize("bf16_image_seconds, bf16_images, faster", [(0.1, 256, "float32"), (0.005, 768, "bf16 autocast")])
+def test_a_forward_pass_candidate_is_stopped_after_its_warm_up_past_twice_the_references_measurement(
+        native, bf16_image_seconds, bf16_images, faster, monkeypatch, caplog):
+    """float32 first, 768 images (a warm-up batch of 256, then 512 timed) at 0.01 s each on a fake
+    clock: bf16 at 0.1 s an image has taken 25.6 s, past twice float32's 7.68, after its warm-up,
+    and stops there, slower; bf16 at 0.005 s an image forwards all 768 and is chosen."""
+    now, forwarded = [0.0], []
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+
+    def timed_probs(models, images, views, policy, batch_size):
+        now[0] += len(images) * {"float32": 0.01, "bf16 autocast": bf16_image_seconds}[policy.precision]
+        forwarded.extend([policy.precision] * len(images))
+
+    monkeypatch.setattr(budget, "stream_probs", timed_probs)
+    caplog.set_level("INFO")
+    images = synthetic_fold(1024, CPU).train_images
+    assert budget.fastest_for_inference([], images, device.Policy.of(CPU)).precision == faster
+    assert forwarded == ["float32"] * 768 + ["bf16 autocast"] * bf16_images
+    bf16 = "stopped, slower" if faster == "float32" else "200 images/s"
+    assert f"measured: bf16 autocast {bf16}, float32 100 images/s: {faster} predicts" in caplog.text
+
+
 class SwitchAfter:
     """A PrecisionWatch that switches to float32 after epoch `epoch`."""
 
@@ -171,7 +193,7 @@ def test_a_fold_switched_to_float32_trains_on_in_float32_muon_included(native, o
 def test_predictions_are_made_in_the_precision_whose_forward_pass_measured_faster(native, faster, monkeypatch):
     timed = []
 
-    def fake(models, images, policy, batch_size):
+    def fake(models, images, policy, batch_size, limit):
         timed.append((policy.precision, policy.compile, len(images)))
         return 0.001 if policy.precision == faster else 0.003
 
@@ -179,6 +201,6 @@ def test_predictions_are_made_in_the_precision_whose_forward_pass_measured_faste
     images = synthetic_fold(1024, CPU).train_images
     assert budget.fastest_for_inference([], images, device.Policy.of(CPU)).precision == faster
     probe = budget.PRECISION_PROBE_IMAGES
-    assert timed == [("bf16 autocast", False, probe), ("float32", False, probe)]  # eager, a few hundred images
+    assert timed == [("float32", False, probe), ("bf16 autocast", False, probe)]  # eager, a few hundred images
     forced = device.Policy.of(CPU, "bf16")
     assert budget.fastest_for_inference([], images, forced) is forced and len(timed) == 2
