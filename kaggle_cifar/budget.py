@@ -174,18 +174,26 @@ def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_im
     candidate whose steps take SLOWER_BY times the reference's whole calibration is stopped there,
     slower (one replica alone: replicas step together to the end)."""
     candidates = policy.precision_candidates()
-    speeds, limit = {}, math.inf
-    for candidate in sorted(candidates, key=lambda c: c.autocast_dtype is not None):  # float32 first
-        started = clock()
-        speeds[candidate] = Speed.of(cfg, data, candidate, train_images, held_out, replicas,
-                                     limit if replicas.size == 1 else math.inf)
-        if speeds[candidate] is not None:
-            limit = min(limit, SLOWER_BY * (clock() - started))
+    speeds = reference_first(candidates, lambda candidate, limit: Speed.of(
+        cfg, data, candidate, train_images, held_out, replicas, limit if replicas.size == 1 else math.inf))
     order = [c for c in candidates if speeds[c] is not None]
     fastest = order[replicas.first(min(range(len(order)), key=lambda i: speeds[order[i]].step_seconds))]
     if len(speeds) > 1 and replicas.writes:  # the first replica's measurement, which chose, is the one said
         say_fastest({c: speeds[c] and speeds[c].images_per_s for c in candidates}, fastest, "trains")
     return fastest, speeds[fastest]
+
+
+def reference_first(candidates: tuple[Policy, ...], measure) -> dict:
+    """`measure(candidate, limit)` of each precision candidate, float32 (the reference) first; each
+    later one given SLOWER_BY times the quickest whole measurement before it as its `limit`, past
+    which `measure` stops and returns None (slower)."""
+    measured, limit = {}, math.inf
+    for candidate in sorted(candidates, key=lambda c: c.autocast_dtype is not None):
+        started = clock()
+        measured[candidate] = measure(candidate, limit)
+        if measured[candidate] is not None:
+            limit = min(limit, SLOWER_BY * (clock() - started))
+    return measured
 
 
 def say_fastest(images_per_s: dict[Policy, float | None], fastest: Policy, does: str) -> None:
@@ -209,13 +217,8 @@ def fastest_for_inference(models: list[torch.nn.Module], images, policy: Policy)
     if len(candidates) == 1:
         return policy
     sample = images[:PRECISION_PROBE_IMAGES]
-    seconds, limit = {}, math.inf
-    for candidate in sorted(candidates, key=lambda c: c.autocast_dtype is not None):  # float32 first
-        started = clock()
-        seconds[candidate] = forward_seconds(models, sample, dataclasses.replace(candidate, compile=False),
-                                             len(sample) // 2, limit)
-        if seconds[candidate] is not None:
-            limit = min(limit, SLOWER_BY * (clock() - started))
+    seconds = reference_first(candidates, lambda candidate, limit: forward_seconds(
+        models, sample, dataclasses.replace(candidate, compile=False), len(sample) // 2, limit))
     fastest = min((c for c in candidates if seconds[c] is not None), key=seconds.get)
     say_fastest({c: seconds[c] and 1 / seconds[c] for c in candidates}, fastest, "predicts")
     return fastest
