@@ -300,8 +300,10 @@ def test_muon_in_padded_buckets_makes_timms_update(optimizer, buckets, head_apar
 
 def test_muon_in_bf16_padded_is_as_close_to_float32s_update_as_timms_bf16():
     """bf16 rounds the padded batches differently from timm's one-by-one iteration (and ours
-    normalises in float32): every weight's update is as close to float32's as timm's bf16 one (for
-    the ResNet18 at width 8: 0.6-1.2% against timm's 0.7-1.4%, the head 20% against 25%)."""
+    normalises in float32): the weights' updates are in all as close to float32's as timm's bf16
+    ones (for the ResNet18 at width 8, over eight seeds: 0.63-0.82 of timm's error), and none far
+    off. Weight by weight the two roundings trade places: one weight's error was up to 1.15 times
+    timm's (seed 5) on an AVX2 CPU, and other CPUs' bf16 kernels round differently again."""
     from timm.optim import create_optimizer_v2
 
     from kaggle_cifar.optim import build_optimizer
@@ -312,12 +314,11 @@ def test_muon_in_bf16_padded_is_as_close_to_float32s_update_as_timms_bf16():
     steps(ours, build_optimizer(TrainConfig(), ours, torch.bfloat16, 3), batch)
     steps(theirs, create_optimizer_v2(theirs, "muon", lr=0.02, weight_decay=0.01, momentum=0.95), batch)
     steps(reference, build_optimizer(TrainConfig(), reference, torch.float32), batch)
-    compared = 0
-    for a, b, r, p0 in zip(ours.parameters(), theirs.parameters(), reference.parameters(), start, strict=True):
-        if p0.ndim >= 2 and (b - r).any():
-            assert (a - r).norm() <= 1.1 * (b - r).norm()
-            compared += 1
-    assert compared >= 5
+    errors = torch.tensor([((a - r).norm(), (b - r).norm()) for a, b, r, p0 in zip(
+        ours.parameters(), theirs.parameters(), reference.parameters(), start, strict=True) if p0.ndim >= 2 and (b - r).any()])
+    ours_error, timms_error = errors.T
+    assert len(errors) >= 5 and ours_error.norm() <= timms_error.norm()  # in all
+    assert (ours_error <= 1.5 * timms_error).all()  # and weight by weight
 
 
 def test_padded_buckets_cost_the_fewest_newton_schulz_flops():
