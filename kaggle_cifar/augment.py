@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 FLIPS = ("random", "alternate", "none")  # --flip: see train.epoch_flips for alternate
 
 
-CROP_FILLS = ("zeros", "reflect")  # torch.nn.functional.pad's modes: "constant" (zeros) or "reflect"
+CROP_FILLS = {"zeros": "constant", "reflect": "reflect"}  # --crop-fill: torch.nn.functional.pad's mode
 
 
 def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: bool = True,
@@ -30,7 +30,7 @@ def flip_crop(images: torch.Tensor, pad: int, generator: torch.Generator, flip: 
         images = torch.where(flipped[:, None, None, None], images.flip(3), images)
     if pad == 0:
         return images
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect" if fill == "reflect" else "constant")
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode=CROP_FILLS[fill])
     dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
     # One gather: row index dy+i and column index dx+j for every image at once.

@@ -172,10 +172,10 @@ def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_im
     the first of the fold's `replicas`, for all of them), and its speed (Speed.of; the policy
     itself, measured, where there is no choice). float32, the reference, is measured first; a
     candidate whose steps take SLOWER_BY times the reference's whole calibration is stopped there,
-    slower (one replica alone: replicas step together to the end)."""
+    slower (calibrate: one replica alone)."""
     candidates = policy.precision_candidates()
     speeds = reference_first(candidates, lambda candidate, limit: Speed.of(
-        cfg, data, candidate, train_images, held_out, replicas, limit if replicas.size == 1 else math.inf))
+        cfg, data, candidate, train_images, held_out, replicas, limit))
     order = [c for c in candidates if speeds[c] is not None]
     fastest = order[replicas.first(min(range(len(order)), key=lambda i: speeds[order[i]].step_seconds))]
     if len(speeds) > 1 and replicas.writes:  # the first replica's measurement, which chose, is the one said
@@ -342,10 +342,10 @@ def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy:
 WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the rest are timed
 # A precision candidate measured after the reference stops once its training steps (warm-up
 # included), or its forward passes' warm-up, have taken this many times the reference's whole
-# measurement: on the Intel Xeon beside another process
-# bf16 trained at 0.1-0.4x float32's speed, so its 7 steps cost up to 10 times the reference's, at
-# the run's start and at every measurement again. Twice, not once: a faster candidate whose first
-# steps pay more for their start-up is never stopped.
+# measurement: on the Intel Xeon beside another process bf16 trained at 0.1-0.4x float32's speed,
+# so its 7 steps cost up to 10 times the reference's, at the run's start and at every measurement
+# again. Twice, not once: a faster candidate whose first steps pay more for their start-up is never
+# stopped.
 SLOWER_BY = 2.0
 
 
@@ -357,7 +357,8 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CAL
     `forward_compiled`), measured on a throwaway copy of the fold's training after a warm-up that
     pays for any compilation: `steps` steps, and `images` held-out images (default: four training
     batches). None, and nothing more measured, once the steps have run past `limit` seconds from
-    the start (a candidate slower than one measured before it)."""
+    the start (a candidate slower than one measured before it); replicas step together to the end,
+    since one stopping alone would leave the others waiting in a collective."""
     started = clock()
     t = train.build_training(cfg, data, policy, replicas=replicas)
     t.scheduler = train.one_cycle(t.optimizer, cfg, WARMUP_STEPS + steps)  # as long as the calibration
@@ -371,7 +372,7 @@ def calibrate(cfg: TrainConfig, data: FoldData, policy: Policy, steps: int = CAL
                                      data.train_targets[idx]), i + 1)
 
     def past_limit() -> bool:
-        if limit == math.inf:
+        if limit == math.inf or replicas.size > 1:
             return False
         synchronize(device)
         return clock() - started > limit

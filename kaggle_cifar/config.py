@@ -91,8 +91,9 @@ LEARNING_CURVES = {"fast": {4: 0.8856, 5: 0.892, 6: 0.8986, 7: 0.903, 8: 0.903, 
 class TrainConfig:
     recipe: str = _opt("", "a named set of the values below, recorded in config.json: resnet18 (the defaults: 5 "
                            "folds x 30 epochs, for a GPU and hours), fast (a full fit of fast_cifar with 2-pixel "
-                           "crops, the best of these for short budgets; give it a --time-budget) or fast_wide (fast at width 96 with label smoothing 0.2: level with "
-                           "it or ahead for budgets of 10 of its epochs or more); flags given beside it override it")
+                           "crops, the best of these for short budgets; give it a --time-budget) or fast_wide "
+                           "(fast at width 96 with label smoothing 0.2: level with it or ahead for budgets of 10 "
+                           "of its epochs or more); flags given beside it override it")
     arch: str = _opt("resnet18_cifar", "model: resnet18_cifar (3x3 stride-1 stem, no max-pool), fast_cifar "
                                        "(airbench-style: whitened 2x2 stem, three conv groups), resnet34_cifar, "
                                        "resnet50_cifar, resnet101_cifar, resnet152_cifar, resnext50_32x4d_cifar, "
