@@ -220,10 +220,12 @@ def test_muon_orthogonalises_in_bf16_only_where_the_device_computes_it_and_never
 
 @pytest.mark.parametrize("gradient_scale", [1.0, 1e-4])
 def test_fp16_newton_schulz_makes_float32s_update_for_gradients_large_and_small(gradient_scale):
-    """A T4's Muon orthogonalises in fp16: its update is float32's within 3% for every weight
-    (0.08-0.15% for the convolutions, 2.4% for the 10 x 64 head, whose iteration converges least)
-    and at most a fifth of bf16's error (timm's default: 0.7-1.4%, and 25% for the head), also for
-    gradients whose entries fp16 cannot hold. Zero-initialised residual branches get no update yet."""
+    """A T4's Muon orthogonalises in fp16: its update is float32's within 5% for every weight
+    and at most a quarter of bf16's error (timm's default), also for gradients whose entries fp16
+    cannot hold. Over six seeds on an AVX2 CPU the head, whose iteration converges least, was
+    2.1-2.9% off (the convolutions far less), at most 0.17 of bf16's error; casting to fp16
+    before normalising (timm's order) flushes the small gradients' update: 110% off, 100 times
+    bf16's error. Zero-initialised residual branches get no update yet."""
     from kaggle_cifar.model import build_model
     from kaggle_cifar.optim import build_optimizer
 
@@ -245,7 +247,7 @@ def test_fp16_newton_schulz_makes_float32s_update_for_gradients_large_and_small(
             assert not fp16.any()
             continue
         error = (fp16 - reference).norm() / reference.norm()
-        assert torch.isfinite(fp16).all() and error < 0.03 and error < (bf16 - reference).norm() / reference.norm() / 5
+        assert torch.isfinite(fp16).all() and error < 0.05 and error < (bf16 - reference).norm() / reference.norm() / 4
 
 
 def two_models(arch: str = "resnet18_cifar", width: int = 8):
