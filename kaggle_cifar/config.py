@@ -79,9 +79,10 @@ RECIPES = {
 # recipe under --time-budget; a recipe not measured is not chosen. fast: 5 and 7 epochs, the scored
 # test images (the project's scoring, Intel Xeon, one core, 20 minutes); 6 epochs, the mean of two
 # seeds on a 5,000-image holdout (AMD EPYC Zen 3); 4, 8 and 12 epochs, one seed on that holdout
-# (AMD EPYC Zen 4); 16 epochs, one seed on it (Intel Xeon). fast_wide: 4 epochs, one seed (AMD
-# EPYC Zen 4; label smoothing 0.1, which at 3 epochs of fast measured level with 0.2), and 10, the
-# mean of three seeds (Intel Xeon), on that holdout; bench/RESULTS.md.
+# (AMD EPYC Zen 4); 10 epochs, one seed on it (AMD EPYC Zen 3, float32); 16 epochs, one seed on it
+# (Intel Xeon). fast_wide: 4 epochs, one seed (AMD EPYC Zen 4; label smoothing 0.1, which at 3
+# epochs of fast measured level with 0.2), and 10, the mean of three seeds (Intel Xeon), on that
+# holdout; bench/RESULTS.md.
 # resnet18 (5 folds of width 64): not measured on the full data.
 LEARNING_CURVES = {"fast": {4: 0.8856, 5: 0.892, 6: 0.8986, 7: 0.903, 8: 0.903, 10: 0.9048, 12: 0.9078, 16: 0.9082},
                    "fast_wide": {4: 0.8962, 10: 0.9109}, "resnet18": {}}

@@ -224,8 +224,8 @@ def test_fp16_newton_schulz_makes_float32s_update_for_gradients_large_and_small(
     and at most a quarter of bf16's error (timm's default), also for gradients whose entries fp16
     cannot hold. Over six seeds on an AVX2 CPU the head, whose iteration converges least, was
     2.1-2.9% off (the convolutions far less), at most 0.17 of bf16's error; casting to fp16
-    before normalising (timm's order) flushes the small gradients' update: 110% off, 100 times
-    bf16's error. Zero-initialised residual branches get no update yet."""
+    before normalising (timm's order) flushes the small gradients' update: weights up to 115% off,
+    about 100 times bf16's error. Zero-initialised residual branches get no update yet."""
     from kaggle_cifar.model import build_model
     from kaggle_cifar.optim import build_optimizer
 
