@@ -1,13 +1,14 @@
 """Gated and weighted TTA on a finished run's holdout: its fold ensemble predicts the holdout images
-under every test-time view (as predict does the test images), then scores each view set on every
-image, and with the other views only for the images whose top probability under the first view is
-below a gate (what `predict.py --tta-gate` does), with the views an image that implies.
+under every view set (as predict does the test images), each with every view on every image, then
+with predict's gate at each `--gates` value (`inference.gated_probs`: the views one at a time, each
+only for the images whose mean so far has its top two classes under the gate apart), with the views
+an image that took.
 
-    python bench/tta_gate.py --run-dir runs/fast-holdout --gates 0.5 0.7 0.8 0.9 0.95
+    python bench/tta_gate.py --run-dir runs/fast-holdout --gates 0.3 0.5 0.7 1.0
 
 Accuracy and speed-up are against the run's own views (its --tta) on every image, what predict does
 without a gate; the speed-up is in forward passes. `--test-sample N` also times predict's passes
-over N random test images, where the unscored fillers change how many images the gate lets through.
+over N random test images, where the unscored fillers change how many views the gate lets through.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ def time_test_sample(run: RunDir, cfg, models: list, policy, n: int, gates: list
         t0 = time.perf_counter()
         if gate is None:
             stream_probs(compiled, images, TTA_VIEWS[name], policy, cfg.predict_batch)
-            unsure = len(images)
+            passes = len(images) * len(set(TTA_VIEWS[name]))
         else:
-            unsure = gated_probs(compiled, images, TTA_VIEWS[name], gate, policy, cfg.predict_batch)[1]
+            passes = gated_probs(compiled, images, TTA_VIEWS[name], gate, policy, cfg.predict_batch)[1]
         synchronize(policy.device)
         seconds = time.perf_counter() - t0
         every = every or seconds  # the first row: the run's views on every image
         table.add(views=name, gate="-" if gate is None else gate, test_images=f"{len(images):,}",
-                  share_gated=f"{unsure / len(images):.1%}", seconds=f"{seconds:.1f}", speedup=f"{every / seconds:.2f}")
+                  views_per_image=f"{passes / len(images):.2f}", seconds=f"{seconds:.1f}",
+                  speedup=f"{every / seconds:.2f}")
     print(f"\n{len(images):,} of the {len(ids):,} test images (seed 0), {policy.describe()}; speed-up against "
           f"{cfg.tta} on every image\n")
     print(table)
@@ -59,7 +61,7 @@ def time_test_sample(run: RunDir, cfg, models: list, policy, n: int, gates: list
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished run trained with --holdout")
-    parser.add_argument("--gates", type=cli.probability, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    parser.add_argument("--gates", type=cli.non_negative, nargs="+", default=[0.3, 0.5, 0.7, 1.0, 1.5])
     parser.add_argument("--test-sample", type=cli.positive_int, default=None, metavar="N",
                         help="also time predict's passes over N test images drawn at random (the unscored fillers "
                              "among them in their share): the run's views on every image, and flip and the run's "
@@ -76,26 +78,22 @@ def main() -> int:
     policy = budget.fastest_for_inference(models, images, ctx.policy)
     ensemble = {name: p.cpu().numpy() for name, p in view_set_probs(models, images, policy, cfg.predict_batch).items()}
     targets = labels.targets[holdout]
-    sure = ensemble["none"].max(1)
     # Every row against the run's own views on every image: what predict does without a gate.
     reference, reference_views = accuracy(ensemble[cfg.tta], targets), len(set(TTA_VIEWS[cfg.tta]))
     table = Table()
 
-    def add(name: str, gate, probs, unsure_share: float, per_image: float) -> None:
+    def add(name: str, gate, probs, per_image: float) -> None:
         scored = accuracy(probs, targets)
-        table.add(views=name, gate=gate, accuracy=f"{scored:.4f}",
-                  points_vs_all=f"{100 * (scored - reference):+.2f}", share_gated=f"{unsure_share:.1%}",
+        table.add(views=name, gate=gate, accuracy=f"{scored:.4f}", points_vs_all=f"{100 * (scored - reference):+.2f}",
                   views_per_image=f"{per_image:.2f}", speedup=f"{reference_views / per_image:.2f}")
 
     for name, views in TTA_VIEWS.items():
         if name == "none":
             continue
-        distinct = len(set(views))
-        add(name, "-", ensemble[name], 1.0, distinct)
+        add(name, "-", ensemble[name], len(set(views)))
         for gate in args.gates:
-            unsure = sure < gate
-            add(name, gate, np.where(unsure[:, None], ensemble[name], ensemble["none"]), unsure.mean(),
-                1 + unsure.mean() * (distinct - 1))
+            probs, passes = gated_probs(models, images, views, gate, policy, cfg.predict_batch)
+            add(name, gate, probs.cpu().numpy(), passes / len(images))
     if args.test_sample:
         time_test_sample(run, cfg, models, policy, args.test_sample, args.gates)
     print(f"\n{run.path}: {len(models)} fold model(s), {len(targets):,} holdout images, {policy.precision}; "

@@ -170,13 +170,16 @@ def translate(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 # Test-time views: (horizontal flip, dy, dx), averaged with equal weights, a view listed twice
 # weighing twice (and predicted once). flip_translate is the flip pair at the original position and
 # shifted one pixel each diagonal way, as the fastest CIFAR-10 trainers use; its weighted form is
-# airbench's, the untranslated pair weighing as much as the four shifted views together. Every set
-# starts with the untranslated, unflipped view (gated TTA's first pass: inference.gated_probs).
+# airbench's, the untranslated pair weighing as much as the four shifted views together. Gated TTA
+# (inference.gated_probs) adds a set's views in this order, each only for the images still unsure:
+# the plain view first, then the flip, then shifts that alternate flip and direction, so that each
+# next view is the one least like those before it.
+_SHIFTED = [(True, 1, 1), (False, -1, -1), (True, -1, -1), (False, 1, 1)]
 TTA_VIEWS = {
     "none": [(False, 0, 0)],
     "flip": [(False, 0, 0), (True, 0, 0)],
-    "flip_translate": [(f, d, d) for f in (False, True) for d in (0, -1, 1)],
-    "flip_translate_weighted": [(f, d, d) for f in (False, True) for d in (0, 0, -1, 1)],
+    "flip_translate": [(False, 0, 0), (True, 0, 0), *_SHIFTED],
+    "flip_translate_weighted": [(False, 0, 0), (False, 0, 0), (True, 0, 0), (True, 0, 0), *_SHIFTED],
 }
 
 

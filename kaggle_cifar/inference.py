@@ -1,9 +1,9 @@
 """Class probabilities of uint8 NHWC images under one or more models and test-time views, named in
 the order they compose: one device batch (`batch_probs`) -> a whole image set streamed to the device
-in chunks (`stream_probs`) -> every TTA view set at once (`view_set_probs`), or a view set only where
-the first view is unsure (`gated_probs`). Ensembles over runs and the submission are built on these
-in predict.py; a finished fold's model is loaded here, and compiled where the device policy says
-(`for_inference`)."""
+in chunks (`stream_probs`) -> every TTA view set at once (`view_set_probs`), or a view set's views
+each only where the ones before it leave an image unsure (`gated_probs`). Ensembles over runs and
+the submission are built on these in predict.py; a finished fold's model is loaded here, and
+compiled where the device policy says (`for_inference`)."""
 
 from __future__ import annotations
 
@@ -129,31 +129,50 @@ def stream_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tenso
 DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for view in view_set))
 
 
+def top_two_gap(probs: torch.Tensor) -> torch.Tensor:
+    """How sure a prediction is: log p1 - log p2 of its two most probable classes. For one view's
+    softmax that is the gap between its top two logits; unlike the top probability it stays large
+    for an image torn between no two classes (most of Kaggle's unscored fillers), whose extra views
+    could not change the label."""
+    top = probs.clamp_min(1e-12).log().topk(2, 1).values
+    return top[:, 0] - top[:, 1]
+
+
 @torch.no_grad()
 def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor, views: list, gate: float,
                 policy: Policy, batch_size: int = PREDICT_BATCH, desc: str | None = None,
                 weights: list[float] | None = None, temperatures: list[float] | None = None) -> tuple[torch.Tensor, int]:
-    """stream_probs with `views` where the first view alone is unsure, and the first view's elsewhere:
-    every image goes through `views[0]`; those whose weighted top probability there is under `gate`
-    through the other views too, and get the mean over all of `views`. Each model is streamed on its
-    own (a chunk crosses the bus once a model, against the model's forward passes over it) so that
-    the gate reads the probabilities it was scored on (bench/tta_gate.py), not recalibrated ones,
-    and each model's whole view mean is recalibrated by its temperature, as it was fitted. Returns
-    the probabilities and how many images took every view (the host reads which ones: one wait)."""
-    with tqdm(total=len(images) * len(models), desc=desc and f"{desc}, first view", unit="img", unit_scale=True,
+    """stream_probs with `views`, each added only where the views before it leave the image unsure:
+    every image goes through `views[0]`; then, one distinct view at a time in the set's order, the
+    images whose mean over the views so far (the models' weighted blend) has a top_two_gap under
+    `gate` times the share of the set's views still to come go through the next one too (a view
+    listed twice weighing twice); the others keep their mean. The views still to come can move the
+    mean by no more than their share of it, so the gap an image needs shrinks as its views add up.
+    Each model is streamed on its own so that the gate reads raw probabilities, as it was scored
+    (bench/tta_gate.py), not recalibrated ones, and each model's view mean is recalibrated by its
+    temperature, as it was fitted. Returns the probabilities and each model's forward passes. The
+    host reads which images go on once a view: one wait each."""
+    order = Counter(views)  # the distinct views, in the set's order, with their weights
+    (first, count), *rest = order.items()
+    with tqdm(total=len(images) * len(models) * len(order), desc=desc, unit="img", unit_scale=True,
               disable=desc is None) as bar:
-        firsts = [stream_probs([model], images, views[:1], policy, batch_size, bar=bar) for model in models]
-    unsure = (blend(firsts, weights).max(1).values < gate).nonzero().flatten().cpu()
-    rest = [view for view in views if view != views[0]]
-    if len(unsure) and rest:
-        chosen = images[unsure.numpy()] if isinstance(images, np.ndarray) else images[unsure.to(images.device)]
-        first_weight, at = (len(views) - len(rest)) / len(views), unsure.to(firsts[0].device)
-        with tqdm(total=len(chosen) * len(models) * len(set(rest)), desc=desc and f"{desc}, other views of the unsure",
-                  unit="img", unit_scale=True, disable=desc is None) as bar:
-            for first, model in zip(firsts, models):
-                others = stream_probs([model], chosen, rest, policy, batch_size, bar=bar)
-                first[at] = first_weight * first[at] + (1 - first_weight) * others
-    return blend(firsts, weights, temperatures), len(unsure)
+        sums = [count * stream_probs([model], images, [first], policy, batch_size, bar=bar) for model in models]
+        seen = torch.full((len(images), 1), float(count), device=sums[0].device)
+        going, passes = torch.arange(len(images), device=sums[0].device), len(images)
+        for k, (view, count) in enumerate(rest):
+            to_come = sum(c for _, c in rest[k:]) / len(views)
+            going = going[top_two_gap(blend([s[going] / seen[going] for s in sums], weights)) < gate * to_come]
+            bar.total = bar.n + len(going) * len(models) * (len(rest) - k)  # the most still to come
+            bar.refresh()
+            if not len(going):
+                break
+            at = going.cpu()
+            chosen = images[at.numpy()] if isinstance(images, np.ndarray) else images[at.to(images.device)]
+            for s, model in zip(sums, models):
+                s[going] += count * stream_probs([model], chosen, [view], policy, batch_size, bar=bar)
+            seen[going] += count
+            passes += len(going)
+    return blend([s / seen for s in sums], weights, temperatures), passes
 
 
 def view_set_probs(models: list[torch.nn.Module], images: torch.Tensor, policy: Policy,

@@ -141,10 +141,10 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     `run_dirs` (`weights`: every fold the same, or each run's folds sharing its weight and its
     temperature fitted on the runs' OOF predictions: oof_weights), and its record (runs, weights and
     temperatures, views, gate: what the submission's record keeps); with the `tta` views (default:
-    the first run's; with a `gate`, only for the images whose top probability under the first view
-    is below it: inference.gated_probs), computed as the context's device policy says (in the
-    precision measured faster, where it measures), `batch_size` images a forward pass (default: the
-    smallest of the runs' predict_batch); on every rank."""
+    the first run's; with a `gate`, each view only for the images the views before it leave with
+    their top two classes under `gate` apart: inference.gated_probs), computed as the context's device
+    policy says (in the precision measured faster, where it measures), `batch_size` images a forward
+    pass (default: the smallest of the runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
@@ -164,11 +164,11 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     desc = "predict (images x views x folds)" if ctx.world_size == 1 else f"predict rank {ctx.rank}"
     t0 = time.perf_counter()
     if gate:
-        local, unsure = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights,
-                                    temperatures)
-        forwards = n_local + unsure * (distinct - 1)
-        log.info("rank %d: gated TTA: %d of %d images (%.1f%%) under top probability %g with the first view "
-                 "took all %d views", ctx.rank, unsure, n_local, 100 * unsure / max(n_local, 1), gate, distinct)
+        local, forwards = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights,
+                                      temperatures)
+        log.info("rank %d: gated TTA: each next of the %d views only for the images whose top two classes are "
+                 "still under %g apart (log-probability): %.2f views an image, %.2fx fewer than every view",
+                 ctx.rank, distinct, gate, forwards / max(n_local, 1), n_local * distinct / max(forwards, 1))
     else:
         local = stream_probs(models, images[rows], views, policy, batch_size, desc, weights=model_weights,
                              temperatures=temperatures)

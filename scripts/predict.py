@@ -23,9 +23,10 @@ def main() -> int:
                         help="test-time views: none (1), flip (2), flip_translate (6), flip_translate_weighted (the 6, "
                              "the untranslated pair weighing as much as the 4 shifted views) (default: the --tta of "
                              "--run-dir's run)")
-    parser.add_argument("--tta-gate", type=cli.probability, default=TTA_GATE, metavar="P",
-                        help="the other views only for images whose top probability under the first (untranslated, "
-                             "unflipped) view is below P; the rest keep that view's prediction (default: "
+    parser.add_argument("--tta-gate", type=cli.non_negative, default=TTA_GATE, metavar="GAP",
+                        help="add the views one at a time (the untranslated, unflipped one first), each only for "
+                             "the images whose mean over the views so far has its top two classes less than GAP "
+                             "apart in log-probability; the rest keep that mean (default: "
                              f"{TTA_GATE}; 0: every view on every image)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "

@@ -54,19 +54,19 @@ def test_the_gpu_estimate_counts_each_muon_step_on_each_gpu():
 def test_the_tta_gate_table_scores_every_view_set_and_gate_on_the_holdout(competition, tmp_path):
     run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
                *TINY, "--holdout", "12")
-    out = bench("tta_gate.py", "--run-dir", str(tmp_path / "run"), "--gates", "0.5", "1.0", "--test-sample", "5")
+    out = bench("tta_gate.py", "--run-dir", str(tmp_path / "run"), "--gates", "0.5", "100", "--test-sample", "5")
     timed = [row.split(" | ") for row in out[out.index("| views | gate | test_images |"):].splitlines()[2:]]
     assert [row[:2] for row in timed[:6]] == [
-        ["| flip_translate", "-"], ["| flip", "-"], ["| flip", "0.5"], ["| flip_translate", "0.5"], ["| flip", "1.0"],
-        ["| flip_translate", "1.0"]] and timed[6] == [""]
-    assert all(row[2] == "5" for row in timed[:6]) and timed[5][3] == "100.0%"  # gate 1: every image all views
+        ["| flip_translate", "-"], ["| flip", "-"], ["| flip", "0.5"], ["| flip_translate", "0.5"], ["| flip", "100.0"],
+        ["| flip_translate", "100.0"]] and timed[6] == [""]
+    assert all(row[2] == "5" for row in timed[:6]) and timed[5][3] == "6.00"  # gate 100: every image all views
     table = out[out.index("| views | gate | accuracy |"):].splitlines()
     rows = [row.split(" | ")[:2] for row in table[2:]]
     assert rows == [[f"| {name}", gate] for name in ("flip", "flip_translate", "flip_translate_weighted")
-                    for gate in ("-", "0.5", "1.0")]
+                    for gate in ("-", "0.5", "100.0")]
     assert "12 holdout images" in out
-    every_view = next(row for row in table if row.startswith("| flip_translate | 1.0 |")).split(" | ")
-    assert every_view[3:] == ["+0.00", "100.0%", "6.00", "1.00 |"]  # gate 1 gives every image all views: the run's own
+    every_view = next(row for row in table if row.startswith("| flip_translate | 100.0 |")).split(" | ")
+    assert every_view[3:] == ["+0.00", "6.00", "1.00 |"]  # gate 100 gives every image all views: the run's own
     flip = next(row for row in table if row.startswith("| flip | - |")).split(" | ")
     assert flip[-1] == "3.00 |"  # 2 views against the run's 6
 

@@ -126,8 +126,8 @@ def test_what_used_to_be_a_traceback_is_one_error_line(case, small, tmp_path):
     if case == "predict batch size 0":
         assert "--batch-size: 0 is not at least 1" in one_error_line(run_script("predict.py", *args, "--batch-size", "0",
                                                                                 check=False))
-        assert "--tta-gate: 1.5 is not between 0 and 1" in one_error_line(run_script("predict.py", *args, "--tta-gate",
-                                                                                     "1.5", check=False))
+        assert "--tta-gate: -1 is not a finite number of at least 0" in one_error_line(
+            run_script("predict.py", *args, "--tta-gate", "-1", check=False))
     elif case == "output is a folder":
         assert "is a folder" in one_error_line(run_script("predict.py", *args, "--output", str(tmp_path), check=False))
     else:

@@ -215,15 +215,15 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
     probs_b = ensemble_probs(competition, [b], cache, cpu)[1]
     probs = ensemble_probs(competition, [a, b], cache, cpu)[1]
     np.testing.assert_allclose(probs, (2 * probs_a + 3 * probs_b) / 5, atol=1e-6)  # 2 + 3 folds, each the same weight
-    np.testing.assert_allclose(ensemble_probs(competition, [a], cache, cpu, gate=1.0)[1], probs_a, atol=1e-6)  # all unsure
+    np.testing.assert_allclose(ensemble_probs(competition, [a], cache, cpu, gate=100.0)[1], probs_a, atol=1e-6)  # all unsure
     assert not np.allclose(probs_a, probs_b, atol=1e-3)  # so the check above tells the weights apart
 
     proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(b))
     sub = pd.read_csv(io.StringIO(proc.stdout))
     gated = ensemble_probs(competition, [a, b], cache, cpu, gate=TTA_GATE)[1]  # predict's default
     assert sub["label"].tolist() == np.asarray(classes)[gated.argmax(1)].tolist()
-    assert re.search(rf"gated TTA: \d+ of 24 images \([\d.]+%\) under top probability {TTA_GATE} with the first view",
-                     proc.stderr)
+    assert re.search(rf"gated TTA: each next of the \d views only for the images whose top two classes are still "
+                     rf"under {TTA_GATE} apart .*: [\d.]+ views an image", proc.stderr)
 
     with pytest.raises(RunDirError, match=r"--weights oof: .* holds out other images than .*use --weights equal"):
         ensemble_probs(competition, [a, b], cache, cpu, weights="oof")  # 2 folds against 3
