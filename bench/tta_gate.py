@@ -61,7 +61,9 @@ def time_test_sample(run: RunDir, cfg, models: list, policy, n: int, gates: list
 def main() -> int:
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished run trained with --holdout")
-    parser.add_argument("--gates", type=cli.non_negative, nargs="+", default=[0.3, 0.5, 0.7, 1.0, 1.5])
+    parser.add_argument("--gates", type=cli.non_negative, nargs="+", default=[0.3, 0.5, 0.7, 1.0, 1.5],
+                        help="values of predict's --tta-gate to score (here 0 gives every image the first view alone; "
+                             "predict reads 0 as no gate)")
     parser.add_argument("--test-sample", type=cli.positive_int, default=None, metavar="N",
                         help="also time predict's passes over N test images drawn at random (the unscored fillers "
                              "among them in their share): the run's views on every image, and flip and the run's "

@@ -132,8 +132,8 @@ DISTINCT_VIEWS = list(dict.fromkeys(view for view_set in TTA_VIEWS.values() for 
 def top_two_gap(probs: torch.Tensor) -> torch.Tensor:
     """How sure a prediction is: log p1 - log p2 of its two most probable classes. For one view's
     softmax that is the gap between its top two logits; unlike the top probability it stays large
-    for an image torn between no two classes (most of Kaggle's unscored fillers), whose extra views
-    could not change the label."""
+    for an image torn between no two classes (most of Kaggle's unscored fillers), whose label more
+    views seldom change."""
     top = probs.clamp_min(1e-12).log().topk(2, 1).values
     return top[:, 0] - top[:, 1]
 

@@ -142,7 +142,7 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     temperature fitted on the runs' OOF predictions: oof_weights), and its record (runs, weights and
     temperatures, views, gate: what the submission's record keeps); with the `tta` views (default:
     the first run's; with a `gate`, each view only for the images the views before it leave with
-    their top two classes under `gate` apart: inference.gated_probs), computed as the context's device
+    their top two classes under `gate` times the share of views to come apart: inference.gated_probs), computed as the context's device
     policy says (in the precision measured faster, where it measures), `batch_size` images a forward
     pass (default: the smallest of the runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
@@ -167,7 +167,8 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
         local, forwards = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights,
                                       temperatures)
         log.info("rank %d: gated TTA: each next of the %d views only for the images whose top two classes are "
-                 "still under %g apart (log-probability): %.2f views an image, %.2fx fewer than every view",
+                 "still under %g x the share of views to come apart (log-probability): %.2f views an image, "
+                 "%.2fx fewer than every view",
                  ctx.rank, distinct, gate, forwards / max(n_local, 1), n_local * distinct / max(forwards, 1))
     else:
         local = stream_probs(models, images[rows], views, policy, batch_size, desc, weights=model_weights,

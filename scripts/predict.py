@@ -26,7 +26,8 @@ def main() -> int:
     parser.add_argument("--tta-gate", type=cli.non_negative, default=TTA_GATE, metavar="GAP",
                         help="add the views one at a time (the untranslated, unflipped one first), each only for "
                              "the images whose mean over the views so far has its top two classes less than GAP "
-                             "apart in log-probability; the rest keep that mean (default: "
+                             "times the share of the views still to come apart in log-probability; the rest keep "
+                             "that mean (default: "
                              f"{TTA_GATE}; 0: every view on every image)")
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="more finished runs (other seeds, models, a pseudo-label round) whose folds join "
