@@ -166,8 +166,7 @@ def gated_probs(models: list[torch.nn.Module], images: np.ndarray | torch.Tensor
             bar.refresh()
             if not len(going):
                 break
-            at = going.cpu()
-            chosen = images[at.numpy()] if isinstance(images, np.ndarray) else images[at.to(images.device)]
+            chosen = images[going.cpu().numpy()] if isinstance(images, np.ndarray) else images[going.to(images.device)]
             for s, model in zip(sums, models):
                 s[going] += count * stream_probs([model], chosen, [view], policy, batch_size, bar=bar)
             seen[going] += count
