@@ -146,11 +146,11 @@ class Speed:
     @classmethod
     def of(cls, cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
            held_out: tuple[int, int] | None = None, replicas: Replicas = Replicas(),
-           limit: float = math.inf) -> "Speed | None":
-        """Measured on `data` (calibrate, with the fold's `replicas`), for a fold of `train_images`
-        images and `held_out` (validation, holdout) images, by default `data`'s; None if its steps
-        ran past `limit` seconds (calibrate)."""
-        measured = calibrate(cfg, data, policy, replicas=replicas, limit=limit)
+           limit: float = math.inf, steps: int | None = None) -> "Speed | None":
+        """Measured on `data` (calibrate, `steps` timed steps, with the fold's `replicas`), for a
+        fold of `train_images` images and `held_out` (validation, holdout) images, by default
+        `data`'s; None if its steps ran past `limit` seconds (calibrate)."""
+        measured = calibrate(cfg, data, policy, steps or CALIBRATION_STEPS, replicas=replicas, limit=limit)
         if measured is None:
             return None
         step_seconds, image_seconds = measured
@@ -167,7 +167,7 @@ class Speed:
 
 def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
                       held_out: tuple[int, int] | None = None,
-                      replicas: Replicas = Replicas()) -> tuple[Policy, Speed]:
+                      replicas: Replicas = Replicas(), steps: int | None = None) -> tuple[Policy, Speed]:
     """Of the policy's precision candidates, the one whose calibration steps ran fastest here (on
     the first of the fold's `replicas`, for all of them), and its speed (Speed.of; the policy
     itself, measured, where there is no choice). float32, the reference, is measured first; a
@@ -175,7 +175,7 @@ def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_im
     slower (calibrate: one replica alone)."""
     candidates = policy.precision_candidates()
     speeds = reference_first(candidates, lambda candidate, limit: Speed.of(
-        cfg, data, candidate, train_images, held_out, replicas, limit))
+        cfg, data, candidate, train_images, held_out, replicas, limit, steps))
     order = [c for c in candidates if speeds[c] is not None]
     fastest = order[replicas.first(min(range(len(order)), key=lambda i: speeds[order[i]].step_seconds))]
     if len(speeds) > 1 and replicas.writes:  # the first replica's measurement, which chose, is the one said

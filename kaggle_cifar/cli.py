@@ -8,15 +8,16 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import sys
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kaggle_cifar.atomic import free_space
-from kaggle_cifar.config import PRECISIONS
+from kaggle_cifar.config import PRECISIONS, parse_duration
 from kaggle_cifar.data import default_cache_dir
-from kaggle_cifar.errors import EXPECTED_ERRORS
+from kaggle_cifar.errors import EXPECTED_ERRORS, ConfigError
 from kaggle_cifar.prepare import prepare
 
 DEFAULT_RUN_DIR = Path("runs/default")
@@ -31,34 +32,23 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
+def _checked(parse, ok, what: str):
+    """An argparse type: `parse(text)` where it parses and `ok` holds, else one message saying what
+    the flag takes ("'-1' is not a whole number of at least 1")."""
+    def check(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, ConfigError):
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return check
 
 
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive, finite number of seconds")
-    return value
-
-
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number of at least 0")
-    return value
+positive_int = _checked(int, lambda n: n >= 1, "a whole number of at least 1")
+non_negative = _checked(float, lambda x: 0 <= x < math.inf, "a finite number of at least 0")
+duration = _checked(parse_duration, lambda s: 0 < s < math.inf, "a duration such as 900, 15m or 1h30m")
 
 
 def add_input_flag(parser: argparse.ArgumentParser, of_the_run: bool = False) -> None:

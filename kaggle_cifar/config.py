@@ -258,7 +258,8 @@ class TrainConfig:
         ] if not ok]
         if self.time_budget:
             try:
-                parse_duration(self.time_budget)
+                if parse_duration(self.time_budget) == 0:
+                    problems.append(f"time_budget {self.time_budget!r}: no time to train in")
             except ConfigError as e:
                 problems.append(str(e))
         if self.arch not in ARCHS and not _is_timm_model(self.arch):

@@ -146,9 +146,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device: str | None = None, precision: str = "auto", compile: bool | None = None) -> Context:
+def setup(device: str | None = None, precision: str = "auto", compile: bool | None = None, say=log.info) -> Context:
     """Join the torchrun group if launched by torchrun; pick this process's device (see
-    device.select) and how it computes there (device.Policy)."""
+    device.select) and how it computes there (device.Policy), said in one line (`say`)."""
     world_size = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -172,7 +172,7 @@ def setup(device: str | None = None, precision: str = "auto", compile: bool | No
         if dist.get_backend() != "gloo":
             wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     policy = devices.Policy.of(device, precision, compile)
-    log.info("%s%s", f"rank {rank}: " if world_size > 1 else "", policy.describe())
+    say(f"rank {rank}: {policy.describe()}" if world_size > 1 else policy.describe())
     return Context(rank, world_size, policy, wait_group)
 
 

@@ -52,9 +52,7 @@ def versions() -> str:
             f"torchvision {torchvision.__version__}, timm {timm.__version__}")
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+def describe_gpu(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     major, minor = torch.cuda.get_device_capability(device)
     return f"{device} {props.name}, compute capability {major}.{minor}, {props.total_memory / GiB:.1f} GiB"
@@ -102,17 +100,15 @@ def run(requested_device: str | None, input_dir: Path | None, cache_dir: Path | 
     (distributed.setup: cuDNN's autotuning and TF32 on a GPU)."""
     say(versions())
     try:
-        ctx = distributed.setup(requested_device, precision)
+        ctx = distributed.setup(requested_device, precision, say=say)  # in the report, not the log as well
     except EXPECTED_ERRORS as e:
         return [Verdict("device and torch build", str(e))]
     device = ctx.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    say(ctx.policy.describe())
-    say(f"device: {describe_device(device)}" + (f"; this torch has kernels for {', '.join(torch.cuda.get_arch_list())}"
-                                                  if device.type == "cuda" else ""))
-    if device.type == "cuda" and not ctx.policy.compile_training:
-        say("torch.compile is off by default here: Triton needs compute capability 7.0")
+        say(f"device: {describe_gpu(device)}; this torch has kernels for {', '.join(torch.cuda.get_arch_list())}")
+        if not ctx.policy.compile_training:
+            say("torch.compile is off by default here: Triton needs compute capability 7.0")
     p = Probe.on(ctx.policy)
     verdicts = [Verdict("device and torch build"), check_compiled(p, say), *check_eager(p, say), check_memory(device, say)]
     say_how_long_runs_take(ctx.policy, say)
@@ -181,7 +177,10 @@ def check_eager(p: Probe, say) -> list[Verdict]:
 
 def say_how_long_runs_take(policy: devices.Policy, say) -> None:
     """The default run's time on the full competition here, and the fast recipes' per epoch, from a
-    few steps of each at full size on synthetic images (50,000 training images: 40,000 a fold)."""
+    few steps of each at full size on synthetic images (50,000 training images: 40,000 a fold). On
+    a CPU a step takes seconds, long enough to time alone: one timed step after the warm-up rather
+    than a run's five, which would make the doctor minutes longer there."""
+    timed_steps = None if policy.device.type == "cuda" else 1
     for name, what in [("resnet18", "the default run (5 folds x 30 epochs, ResNet18 width 64)"),
                        ("fast", "the fast recipe (--recipe fast: one fast_cifar on 50,000 images)"),
                        ("fast_wide", "the wide fast recipe (--recipe fast_wide: fast at width 96, label smoothing 0.2)")]:
@@ -189,7 +188,7 @@ def say_how_long_runs_take(policy: devices.Policy, say) -> None:
         train_images = 50_000 * (cfg.folds - 1) // cfg.folds if cfg.folds > 1 else 50_000
         held_out = 50_000 - train_images
         fastest, speed = fastest_precision(cfg, synthetic_fold(4 * cfg.batch_size, policy.device), policy,
-                                           train_images, (held_out, 0))
+                                           train_images, (held_out, 0), steps=timed_steps)
         at = f"({fastest.precision}, {speed.images_per_s:,.0f} images/s)"
         if cfg.full_fit:
             say(f"{what}: {human_duration(speed.epoch_s)} an epoch here {at}; give it the --time-budget you have")

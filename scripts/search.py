@@ -33,7 +33,8 @@ def main() -> int:
     search.add_argument("--space-file", type=cli.Path, help="a file with one NAME=... per line (# comments)")
     search.add_argument("--trials", type=cli.positive_int, default=20,
                         help="finished trials (completed or pruned) the study should hold (default: 20)")
-    search.add_argument("--timeout", type=cli.positive_seconds, default=None, help="stop starting trials after SECONDS")
+    search.add_argument("--timeout", type=cli.duration, default=None, metavar="DURATION",
+                        help="stop starting trials after this long, e.g. 900, 45m or 2h")
     search.add_argument("--storage", default=None,
                         help="Optuna database URL to share a study between processes or machines, e.g. "
                              "postgresql://host/db (default: sqlite in RUN_DIR/study.db)")

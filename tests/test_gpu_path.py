@@ -505,6 +505,7 @@ def test_the_doctor_on_a_t4_expects_the_loss_scalers_sync_only_with_an_unfused_o
 def test_doctor_passes_here_and_names_what_fails(tmp_path):
     competition = make_competition(tmp_path / "input", per_class=6, n_test=3)
     proc = run_script("doctor.py", "--input", str(competition))
+    assert proc.stdout.count("device cpu (") == 1 and "device cpu (" not in proc.stderr  # said once, in the report
     verdicts = [line for line in proc.stdout.splitlines() if line.startswith(("ok ", "FAIL "))]
     assert len(verdicts) == 5 and all(line.startswith("ok ") for line in verdicts), proc.stdout
     for shown in ("compiled step: 1 graph(s), 0 graph break(s), 0 recompile(s)",

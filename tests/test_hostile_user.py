@@ -4,9 +4,11 @@ and nothing finished is lost."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY, make_competition, run_script
-from kaggle_cifar import checkpoint, data, distributed
+from kaggle_cifar import checkpoint, cli, data, distributed
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
 from kaggle_cifar.errors import CheckpointError, InputError
@@ -37,6 +39,18 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: " if code == 2 else "interrupted: ")
     return last
+
+
+@pytest.mark.parametrize("parse, text", [
+    (cli.positive_int, "0"), (cli.positive_int, "1.5"), (cli.non_negative, "-0.1"), (cli.non_negative, "nan"),
+    (cli.non_negative, "inf"), (cli.duration, "0m"), (cli.duration, "inf"), (cli.duration, "1h30"), (cli.duration, "-5")])
+def test_a_number_flag_names_the_text_it_refuses_and_what_it_takes(parse, text):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(text)) + " is not (a whole|a finite|a duration)"):
+        parse(text)
+
+
+def test_number_flags_take_what_they_say():
+    assert (cli.positive_int("3"), cli.non_negative("0"), cli.duration("1h30m"), cli.duration("90")) == (3, 0, 5400, 90)
 
 
 def test_a_warm_cache_never_serves_pixels_that_are_not_in_the_files(small):
@@ -124,9 +138,9 @@ def test_what_used_to_be_a_traceback_is_one_error_line(case, small, tmp_path):
     train_folds(TrainConfig(folds=2, epochs=1, width=4, batch_size=4), small, run, small / ".cache", CPU)
     args = ["--input", str(small), "--run-dir", str(run)]
     if case == "predict batch size 0":
-        assert "--batch-size: 0 is not at least 1" in one_error_line(run_script("predict.py", *args, "--batch-size", "0",
-                                                                                check=False))
-        assert "--tta-gate: -1 is not a finite number of at least 0" in one_error_line(
+        assert "--batch-size: '0' is not a whole number of at least 1" in one_error_line(
+            run_script("predict.py", *args, "--batch-size", "0", check=False))
+        assert "--tta-gate: '-1' is not a finite number of at least 0" in one_error_line(
             run_script("predict.py", *args, "--tta-gate", "-1", check=False))
     elif case == "output is a folder":
         assert "is a folder" in one_error_line(run_script("predict.py", *args, "--output", str(tmp_path), check=False))

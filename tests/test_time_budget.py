@@ -54,6 +54,8 @@ def test_durations_are_read_as_a_person_writes_them():
         TrainConfig(time_budget="15 minutes")
     with pytest.raises(ConfigError, match=r"time_budget '1h30': 30 of what\? Give its unit, e.g. 1h30m"):
         TrainConfig(time_budget="1h30")  # 30 minutes or 30 seconds: refused, not guessed
+    with pytest.raises(ConfigError, match=r"time_budget '0m': no time to train in"):
+        TrainConfig(time_budget="0m")
 
 
 def test_every_fold_trains_the_same_epochs_and_ends_inside_the_budget_with_a_complete_schedule(small, tmp_path,
