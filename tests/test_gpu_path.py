@@ -226,21 +226,14 @@ def test_fp16_newton_schulz_makes_float32s_update_for_gradients_large_and_small(
     2.1-2.9% off (the convolutions far less), at most 0.17 of bf16's error; casting to fp16
     before normalising (timm's order) flushes the small gradients' update: weights up to 115% off,
     about 100 times bf16's error. Zero-initialised residual branches get no update yet."""
-    from kaggle_cifar.model import build_model
     from kaggle_cifar.optim import build_optimizer
 
-    torch.manual_seed(0)
-    start = build_model("resnet18_cifar", 10, 8).state_dict()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (8,), generator=g)
-
     def update(newton_schulz_dtype: torch.dtype) -> list[torch.Tensor]:
-        model = build_model("resnet18_cifar", 10, 8)
-        model.load_state_dict(start)
+        model, _, batch = two_models()
+        start = [p.detach().clone() for p in model.parameters()]
         optimizer = build_optimizer(TrainConfig(optimizer="muon", weight_decay=0.0), model, newton_schulz_dtype)
-        (torch.nn.functional.cross_entropy(model(x), y) * gradient_scale).backward()
-        optimizer.step()
-        return [p.detach() - start[name] for name, p in model.named_parameters() if p.ndim >= 2]
+        steps(model, optimizer, batch, loss_scale=gradient_scale)
+        return [p.detach() - p0 for p, p0 in zip(model.parameters(), start, strict=True) if p.ndim >= 2]
 
     for fp16, bf16, reference in zip(update(torch.float16), update(torch.bfloat16), update(torch.float32), strict=True):
         if not reference.any():
@@ -261,10 +254,10 @@ def two_models(arch: str = "resnet18_cifar", width: int = 8):
     return ours, theirs, batch
 
 
-def steps(model, optimizer, batch, n: int = 1) -> None:
+def steps(model, optimizer, batch, n: int = 1, loss_scale: float = 1.0) -> None:
     for _ in range(n):
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        (torch.nn.functional.cross_entropy(model(batch[0]), batch[1]) * loss_scale).backward()
         optimizer.step()
 
 
