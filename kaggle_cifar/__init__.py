@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # about a GPU toolkit in the middle of a CPU run's progress, and nothing the CPU kernels use.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-# At exit the interpreter's garbage collections walk every object torch and its compilers made,
-# about 1.3 s of CPU after a script's work is done (bench/RESULTS.md). Nothing then needs them:
-# exit handlers have run and files are closed by their `with` blocks. Frozen, they are not walked.
+# At exit the interpreter's garbage collections walk every object torch and its compilers made:
+# over a second after a script's work is done (bench/RESULTS.md). Nothing then needs them: exit
+# handlers have run and files are closed by their `with` blocks. Frozen, they are not walked.
 atexit.register(gc.freeze)

@@ -150,7 +150,8 @@ class Speed:
         """Measured on `data` (calibrate, `steps` timed steps, with the fold's `replicas`), for a
         fold of `train_images` images and `held_out` (validation, holdout) images, by default
         `data`'s; None if its steps ran past `limit` seconds (calibrate)."""
-        measured = calibrate(cfg, data, policy, steps or CALIBRATION_STEPS, replicas=replicas, limit=limit)
+        measured = calibrate(cfg, data, policy, CALIBRATION_STEPS if steps is None else steps, replicas=replicas,
+                             limit=limit)
         if measured is None:
             return None
         step_seconds, image_seconds = measured
