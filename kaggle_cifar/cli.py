@@ -48,7 +48,7 @@ def _checked(parse, ok, what: str):
 
 positive_int = _checked(int, lambda n: n >= 1, "a whole number of at least 1")
 non_negative = _checked(float, lambda x: 0 <= x < math.inf, "a finite number of at least 0")
-duration = _checked(parse_duration, lambda s: 0 < s < math.inf, "a duration such as 900, 15m or 1h30m")
+duration = _checked(parse_duration, lambda s: 0 < s < math.inf, "a duration above 0, such as 900, 15m or 1h30m")
 
 
 def add_input_flag(parser: argparse.ArgumentParser, of_the_run: bool = False) -> None:
