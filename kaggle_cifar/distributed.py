@@ -46,6 +46,11 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def speaker(self) -> str:
+        """`rank 3: ` before a line that one process of several logs; nothing for a process alone."""
+        return f"rank {self.rank}: " if self.world_size > 1 else ""
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.wait_group)
@@ -172,8 +177,9 @@ def setup(device: str | None = None, precision: str = "auto", compile: bool | No
         if dist.get_backend() != "gloo":
             wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     policy = devices.Policy.of(device, precision, compile)
-    say(f"rank {rank}: {policy.describe()}" if world_size > 1 else policy.describe())
-    return Context(rank, world_size, policy, wait_group)
+    ctx = Context(rank, world_size, policy, wait_group)
+    say(ctx.speaker + policy.describe())
+    return ctx
 
 
 def teardown(ctx: Context) -> None:

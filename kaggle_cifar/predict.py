@@ -166,18 +166,18 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     if gate:
         local, forwards = gated_probs(models, images[rows], views, gate, policy, batch_size, desc, model_weights,
                                       temperatures)
-        log.info("rank %d: gated TTA: each next of the %d views only for the images whose top two classes are "
+        log.info("%sgated TTA: each next of the %d views only for the images whose top two classes are "
                  "still under %g x the share of views to come apart (log-probability): %.2f views an image, "
                  "%.2fx fewer than every view",
-                 ctx.rank, distinct, gate, forwards / max(n_local, 1), n_local * distinct / max(forwards, 1))
+                 ctx.speaker, distinct, gate, forwards / max(n_local, 1), n_local * distinct / max(forwards, 1))
     else:
         local = stream_probs(models, images[rows], views, policy, batch_size, desc, weights=model_weights,
                              temperatures=temperatures)
         forwards = n_local * distinct
     synchronize(ctx.device)
     seconds = time.perf_counter() - t0
-    log.info("rank %d: %d images, %.2g views an image on average, x %d fold%s in %.1fs (%.0f images/s per view "
-             "and fold)", ctx.rank, n_local, forwards / max(n_local, 1), len(models), "" if len(models) == 1 else "s",
+    log.info("%s%d images, %.2g views an image on average, x %d fold%s in %.1fs (%.0f images/s per view "
+             "and fold)", ctx.speaker, n_local, forwards / max(n_local, 1), len(models), "" if len(models) == 1 else "s",
              seconds, forwards * len(models) / seconds)
     record.update(tta=tta, tta_gate=gate)
     return ids, distributed.gather_rows(local, len(images), ctx).cpu().numpy(), classes, record

@@ -66,6 +66,7 @@ def test_two_processes_give_the_same_run_and_submission_as_one(one_process, tmp_
     sub_single = run_script("predict.py", "--input", str(competition), "--run-dir", str(single)).stdout
     proc = torchrun("predict.py", "--input", str(competition), "--run-dir", str(multi))
     assert proc.stdout == sub_single  # rank 0 alone writes, after gathering both shards
+    assert all(re.search(rf"^rank {rank}: \d+ images, ", proc.stderr, flags=re.M) for rank in (0, 1))  # each its shard
     assert len(proc.stdout.splitlines()) == 25
     assert np.array_equal(pd.read_csv(multi / "folds.csv"), pd.read_csv(single / "folds.csv"))
 

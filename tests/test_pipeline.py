@@ -222,8 +222,10 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
     sub = pd.read_csv(io.StringIO(proc.stdout))
     gated = ensemble_probs(competition, [a, b], cache, cpu, gate=TTA_GATE)[1]  # predict's default
     assert sub["label"].tolist() == np.asarray(classes)[gated.argmax(1)].tolist()
-    assert re.search(rf"gated TTA: each next of the \d views only for the images whose top two classes are still "
-                     rf"under {TTA_GATE} x the share of views to come apart .*: [\d.]+ views an image", proc.stderr)
+    assert re.search(rf"^gated TTA: each next of the \d views only for the images whose top two classes are still "
+                     rf"under {TTA_GATE} x the share of views to come apart .*: [\d.]+ views an image", proc.stderr,
+                     flags=re.M)  # a process alone names no rank
+    assert re.search(r"^\d+ images, [\d.]+ views an image on average", proc.stderr, flags=re.M)
 
     with pytest.raises(RunDirError, match=r"--weights oof: .* holds out other images than .*use --weights equal"):
         ensemble_probs(competition, [a, b], cache, cpu, weights="oof")  # 2 folds against 3
