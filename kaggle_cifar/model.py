@@ -248,8 +248,16 @@ def load_pretrained(model: nn.Sequential, path: Path) -> None:
                               f"another architecture or --width?")
     model.load_state_dict(matched, strict=False)
     skipped = sorted(set(own) - set(matched))
-    log.info("pretrained %s: %d of %d tensors loaded; kept fresh: %s", path, len(matched), len(own),
-             ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+    said = (f"pretrained {path}: {len(matched)} of {len(own)} tensors loaded; kept fresh: "
+            + ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+    if said not in _PRETRAINED_SAID:
+        log.info(said)
+        _PRETRAINED_SAID.add(said)
+
+
+# What load_pretrained has logged in this process: the calibration and every fold load the same
+# file into the same model, and one line says it for all of them.
+_PRETRAINED_SAID: set[str] = set()
 
 
 def training_flops_per_image(model: nn.Module, image_shape: tuple[int, int, int]) -> float:

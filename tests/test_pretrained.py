@@ -57,7 +57,7 @@ def test_weights_of_another_width_are_refused_not_half_loaded(tmp_path):
         load_pretrained(fresh(), tmp_path / "wider.pth")
 
 
-def test_training_starts_every_fold_from_the_pretrained_weights(tmp_path):
+def test_training_starts_every_fold_from_the_pretrained_weights(tmp_path, caplog):
     import dataclasses
 
     from conftest import make_competition
@@ -70,7 +70,10 @@ def test_training_starts_every_fold_from_the_pretrained_weights(tmp_path):
     torch.nn.init.normal_(source[1].stem[0].weight)
     torch.save(source[1].state_dict(), tmp_path / "weights.pth")
     cfg = TrainConfig(folds=2, epochs=1, width=4, batch_size=4, lr=1e-9, pretrained=str(tmp_path / "weights.pth"))
-    train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    with caplog.at_level("INFO"):
+        train_folds(cfg, competition, tmp_path / "run", competition / ".cache", distributed.setup("cpu"))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrained ")]
+    assert len(said) == 1 and "weights.pth: 122 of 124 tensors loaded" in said[0], said  # once for both folds
     for fold in (0, 1):
         trained = torch.load(tmp_path / "run" / f"fold{fold}" / "model.pt", weights_only=True)["model"]
         torch.testing.assert_close(trained["1.stem.0.weight"], source[1].stem[0].weight, rtol=0, atol=1e-6)
