@@ -134,6 +134,9 @@ class Plan:
         self.mark = clock()
 
 
+WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the rest are timed
+
+
 @dataclass(frozen=True)
 class Speed:
     """A fold's measured costs: a training step, an epoch (its steps and evaluation), the final
@@ -146,12 +149,11 @@ class Speed:
     @classmethod
     def of(cls, cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
            held_out: tuple[int, int] | None = None, replicas: Replicas = Replicas(),
-           limit: float = math.inf, steps: int | None = None) -> "Speed | None":
+           limit: float = math.inf, steps: int = CALIBRATION_STEPS) -> "Speed | None":
         """Measured on `data` (calibrate, `steps` timed steps, with the fold's `replicas`), for a
         fold of `train_images` images and `held_out` (validation, holdout) images, by default
         `data`'s; None if its steps ran past `limit` seconds (calibrate)."""
-        measured = calibrate(cfg, data, policy, CALIBRATION_STEPS if steps is None else steps, replicas=replicas,
-                             limit=limit)
+        measured = calibrate(cfg, data, policy, steps, replicas=replicas, limit=limit)
         if measured is None:
             return None
         step_seconds, image_seconds = measured
@@ -168,7 +170,7 @@ class Speed:
 
 def fastest_precision(cfg: TrainConfig, data: FoldData, policy: Policy, train_images: int | None = None,
                       held_out: tuple[int, int] | None = None,
-                      replicas: Replicas = Replicas(), steps: int | None = None) -> tuple[Policy, Speed]:
+                      replicas: Replicas = Replicas(), steps: int = CALIBRATION_STEPS) -> tuple[Policy, Speed]:
     """Of the policy's precision candidates, the one whose calibration steps ran fastest here (on
     the first of the fold's `replicas`, for all of them), and its speed (Speed.of; the policy
     itself, measured, where there is no choice). float32, the reference, is measured first; a
@@ -340,7 +342,6 @@ def forward_seconds(models: list[torch.nn.Module], images: torch.Tensor, policy:
     return (clock() - t0) / max(1, len(images))
 
 
-WARMUP_STEPS, CALIBRATION_STEPS = 2, 5  # the first pay for any compilation; the rest are timed
 # A precision candidate measured after the reference stops once its training steps (warm-up
 # included), or its forward passes' warm-up, have taken this many times the reference's whole
 # measurement: on the Intel Xeon beside another process bf16 trained at 0.1-0.4x float32's speed,

@@ -38,11 +38,11 @@ def _checked(parse, ok, what: str):
     def check(text: str):
         try:
             value = parse(text)
+            if ok(value):
+                return value
         except (ValueError, ConfigError):
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return check
 
 

@@ -15,7 +15,7 @@ import torch
 from kaggle_cifar import device as devices
 from kaggle_cifar import distributed, probe
 from kaggle_cifar.augment import TTA_VIEWS
-from kaggle_cifar.budget import fastest_precision
+from kaggle_cifar.budget import CALIBRATION_STEPS, fastest_precision
 from kaggle_cifar.config import RECIPES, TrainConfig, human_duration
 from kaggle_cifar.cv import check_input
 from kaggle_cifar.errors import EXPECTED_ERRORS
@@ -180,7 +180,7 @@ def say_how_long_runs_take(policy: devices.Policy, say) -> None:
     few steps of each at full size on synthetic images (50,000 training images: 40,000 a fold). On
     a CPU a step takes seconds, long enough to time alone: one timed step after the warm-up rather
     than a run's five, which would make the doctor minutes longer there."""
-    timed_steps = None if policy.device.type == "cuda" else 1
+    timed_steps = CALIBRATION_STEPS if policy.device.type == "cuda" else 1
     for name, what in [("resnet18", "the default run (5 folds x 30 epochs, ResNet18 width 64)"),
                        ("fast", "the fast recipe (--recipe fast: one fast_cifar on 50,000 images)"),
                        ("fast_wide", "the wide fast recipe (--recipe fast_wide: fast at width 96, label smoothing 0.2)")]:

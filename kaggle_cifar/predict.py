@@ -142,9 +142,10 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     temperature fitted on the runs' OOF predictions: oof_weights), and its record (runs, weights and
     temperatures, views, gate: what the submission's record keeps); with the `tta` views (default:
     the first run's; with a `gate`, each view only for the images the views before it leave with
-    their top two classes under `gate` times the share of views to come apart: inference.gated_probs), computed as the context's device
-    policy says (in the precision measured faster, where it measures), `batch_size` images a forward
-    pass (default: the smallest of the runs' predict_batch); on every rank."""
+    their top two classes under `gate` times the share of views to come apart:
+    inference.gated_probs), computed as the context's device policy says (in the precision measured
+    faster, where it measures), `batch_size` images a forward pass (default: the smallest of the
+    runs' predict_batch); on every rank."""
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])
