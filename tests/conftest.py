@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +114,9 @@ def shell_env() -> dict[str, str]:
 
 
 def run_python(script: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """A script run as from a user's shell (one importing torch before the package is caught here)."""
+    """A script run as from a user's shell, in a process of its own (one importing torch before the
+    package is caught here): for the README's commands as a user types them and for what only a
+    process shows; call_python for the rest."""
     env = dict(shell_env(), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
@@ -121,6 +128,47 @@ def run_python(script: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run_python(ROOT / "scripts" / name, *args, check=check)
+
+
+def call_python(script: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` from the repository's root, run in this process: what the script prints,
+    logs and warns, and its exit code, without the 6 s of imports and the teardown a new process
+    pays (bench/RESULTS.md). For what a script does; run_python for what only a process of its own
+    shows (its import order, a signal, torchrun)."""
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level, argv, path = root.handlers[:], root.level, sys.argv, sys.path[:]
+    shown = logging.StreamHandler(err)  # cli.run's logging.basicConfig does nothing where pytest's handlers are
+    shown.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(shown)
+    root.setLevel(logging.INFO)
+    sys.argv = [str(script), *args]
+    sys.path.insert(0, str(script.parent))  # as python does for a script: its folder's modules import
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(ROOT), \
+                warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("default")
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch._dynamo.reset()  # a new process compiles afresh: no graph kept from an earlier call
+    err.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in warned)
+    proc = subprocess.CompletedProcess([script.name, *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script.name} exited {code}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def call_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return call_python(ROOT / "scripts" / name, *args, check=check)
 
 
 def torchrun(script: str, *args: str, launcher: tuple[str, ...] = ("--standalone", "--nproc_per_node=2"),
@@ -145,9 +193,9 @@ def train_and_predict_from_random_timm_weights(tmp_path: Path, timm_name: str, *
     source = timm.create_model(timm_name, pretrained=False)
     torch.save(source.state_dict(), tmp_path / f"{timm_name}.pth")
     run = tmp_path / "run"
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--folds", "2",
-                      "--batch-size", "4", "--pretrained", str(tmp_path / f"{timm_name}.pth"), *train_flags)
-    sub = run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
+    proc = call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--folds", "2",
+                       "--batch-size", "4", "--pretrained", str(tmp_path / f"{timm_name}.pth"), *train_flags)
+    sub = call_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout
     assert len(sub.splitlines()) == 4
     return source, run, proc
 

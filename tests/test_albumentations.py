@@ -8,7 +8,7 @@ import torch
 
 A = pytest.importorskip("albumentations")
 
-from conftest import CALIBRATION, make_competition, run_script  # noqa: E402
+from conftest import CALIBRATION, make_competition, call_script  # noqa: E402
 from kaggle_cifar import distributed, train  # noqa: E402
 from kaggle_cifar.config import TrainConfig  # noqa: E402
 from kaggle_cifar.cv import check_named_files, train_folds  # noqa: E402
@@ -67,8 +67,8 @@ def test_a_file_that_is_no_usable_pipeline_is_refused_in_one_sentence(small, tmp
                       ("missing.json", "no such file")]:
         with pytest.raises(ConfigError, match=why):
             check_named_files(TrainConfig(albumentations=str(tmp_path / name)))
-    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
-                      "--albumentations", str(tmp_path / "resize.json"), check=False)
+    proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
+                       "--albumentations", str(tmp_path / "resize.json"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --albumentations")
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
@@ -77,9 +77,9 @@ def test_a_pipeline_that_fails_only_in_a_worker_is_one_error_line_and_keeps_the_
     """A transform drawn with probability 0.3 passes the one-image check, then meets a worker's image."""
     A.save(A.Compose([A.Resize(64, 64, p=0.3)]), str(tmp_path / "sometimes.json"))
     check_named_files(TrainConfig(albumentations=str(tmp_path / "sometimes.json")))  # passes
-    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2",
-                      "--epochs", "2", "--width", "4", "--batch-size", "4",
-                      "--albumentations", str(tmp_path / "sometimes.json"), check=False)
+    proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2",
+                       "--epochs", "2", "--width", "4", "--batch-size", "4",
+                       "--albumentations", str(tmp_path / "sometimes.json"), check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert last.startswith(f"error: --albumentations {tmp_path / 'sometimes.json'}: failed in a worker process")

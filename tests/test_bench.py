@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from conftest import ROOT, TINY, run_python
+from conftest import ROOT, TINY, call_python
 
 from kaggle_cifar.folds import HOLDOUT
 
 
 def bench(name: str, *args: str) -> str:
-    return run_python(ROOT / "bench" / name, *args).stdout
+    return call_python(ROOT / "bench" / name, *args).stdout
 
 
 def test_bench_prints_the_pipeline_table_and_the_accuracy_report(competition):
@@ -52,8 +52,8 @@ def test_the_gpu_estimate_counts_each_muon_step_on_each_gpu():
 
 
 def test_the_tta_gate_table_scores_every_view_set_and_gate_on_the_holdout(competition, tmp_path):
-    run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
-               *TINY, "--holdout", "12")
+    call_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
+                *TINY, "--holdout", "12")
     out = bench("tta_gate.py", "--run-dir", str(tmp_path / "run"), "--gates", "0.5", "100", "--test-sample", "5")
     timed = [row.split(" | ") for row in out[out.index("| views | gate | test_images |"):].splitlines()[2:]]
     assert [row[:2] for row in timed[:6]] == [
@@ -77,8 +77,8 @@ def test_the_blend_table_scores_runs_alone_and_blended_on_their_shared_holdout(c
 
     runs = [tmp_path / "narrow", tmp_path / "wide"]
     for run, width in zip(runs, ("4", "8")):
-        run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
-                   "--epochs", "2", "--holdout", "12", "--width", width)
+        call_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
+                    "--epochs", "2", "--holdout", "12", "--width", width)
     out = bench("blend.py", *map(str, runs))
     table = [row.split(" | ") for row in out[out.index("| ensemble |"):].splitlines()[2:]]
     assert [row[0] for row in table] == [f"| {runs[0]}", f"| {runs[1]}", "| equal weights", "| OOF weights",
@@ -104,8 +104,8 @@ def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_ta
 
     runs = [tmp_path / "narrow", tmp_path / "wide"]
     for run, width in zip(runs, ("4", "8")):  # in one precision: the re-finish below predicts again, in the same
-        run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
-                   "--epochs", "2", "--holdout", "12", "--width", width, "--folds", "1", "--precision", "float32")
+        call_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY,
+                    "--epochs", "2", "--holdout", "12", "--width", width, "--folds", "1", "--precision", "float32")
     frames = [pd.read_csv(run / "oof.csv") for run in runs]  # a full fit's out-of-fold images: the holdout
     targets = pd.Categorical(frames[0]["label"], categories=[c[2:] for c in frames[0].filter(like="p_")]).codes
     kept = [np.load(run / "fold0" / "holdout.npz") for run in runs]  # every view set, as a k-fold run keeps
@@ -123,13 +123,13 @@ def test_full_fits_blend_on_their_holdout_predictions_under_any_views_and_the_ta
     assert "12 out-of-fold and 12 holdout images" in out and "OOF weights were fitted on the images they are scored" in out
     assert "equal weights' and the cross-fitted row's are" in out
     (runs[1] / "fold0" / "holdout.npz").unlink()  # a full fit finished before full fits kept it
-    refused = run_python(ROOT / "bench" / "blend.py", *map(str, runs), check=False)
+    refused = call_python(ROOT / "bench" / "blend.py", *map(str, runs), check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert refused.stderr.startswith(f"error: {runs[1] / 'fold0' / 'holdout.npz'}: missing; delete "
                                      f"{runs[1] / 'fold0' / 'result.json'} and run train_folds.py")
     (runs[1] / "fold0" / "result.json").unlink()  # as it says: the final files again, from the last checkpoint
-    run_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(runs[1]),
-               "--config", str(runs[1] / "config.json"), "--precision", "float32")
+    call_python(ROOT / "scripts" / "train_folds.py", "--input", str(competition), "--run-dir", str(runs[1]),
+                "--config", str(runs[1] / "config.json"), "--precision", "float32")
     np.testing.assert_allclose(np.load(runs[1] / "fold0" / "holdout.npz")["flip"], kept[1]["flip"], atol=1e-6)
     assert bench("blend.py", *map(str, runs), "--tta", "flip") == out
 

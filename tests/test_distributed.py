@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, hooked_pythonpath, make_competition, run_script, torchrun
+from conftest import ROOT, TINY, hooked_pythonpath, make_competition, call_script, torchrun
 
 
 # Rank 1 of torchrun's first attempt kills itself (SIGKILL, as the OOM killer or a lost node would)
@@ -44,7 +44,7 @@ def one_process(tmp_path_factory) -> tuple[Path, Path]:
     """A competition, and a run of it in one process: what every launch below must reproduce."""
     root = tmp_path_factory.mktemp("one_process")
     competition = make_competition(root / "input")
-    run_script("train_folds.py", "--input", str(competition), *SETTINGS, "--run-dir", str(root / "single"))
+    call_script("train_folds.py", "--input", str(competition), *SETTINGS, "--run-dir", str(root / "single"))
     return competition, root / "single"
 
 
@@ -63,7 +63,7 @@ def test_two_processes_give_the_same_run_and_submission_as_one(one_process, tmp_
     same_weights(single, multi)
     pd.testing.assert_frame_equal(pd.read_csv(multi / "oof.csv"), pd.read_csv(single / "oof.csv"), atol=1e-5)
 
-    sub_single = run_script("predict.py", "--input", str(competition), "--run-dir", str(single)).stdout
+    sub_single = call_script("predict.py", "--input", str(competition), "--run-dir", str(single)).stdout
     proc = torchrun("predict.py", "--input", str(competition), "--run-dir", str(multi))
     assert proc.stdout == sub_single  # rank 0 alone writes, after gathering both shards
     assert all(re.search(rf"^rank {rank}: \d+ images, ", proc.stderr, flags=re.M) for rank in (0, 1))  # each its shard
@@ -131,7 +131,7 @@ def full_fit(request, one_process, tmp_path_factory) -> tuple[Path, list[str], P
     """A full fit in one process: the competition, the flags, the run dir."""
     competition, flags = one_process[0], ["--input", str(one_process[0]), *FULL_FIT, "--optimizer", request.param]
     run_dir = tmp_path_factory.mktemp("full_fit") / request.param
-    run_script("train_folds.py", *flags, "--run-dir", str(run_dir))
+    call_script("train_folds.py", *flags, "--run-dir", str(run_dir))
     return competition, flags, run_dir
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CALIBRATION, ROOT, make_competition, record_newton_schulz, run_script
+from conftest import CALIBRATION, ROOT, call_script, make_competition, record_newton_schulz, run_script
 from kaggle_cifar import device, distributed, doctor, probe
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -41,8 +41,8 @@ def gpus(monkeypatch):
 
 def test_cuda_on_a_machine_without_one_is_one_error_line(tmp_path):
     competition = make_competition(tmp_path / "input", per_class=4, n_test=3)
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
-                      "--device", "cuda", check=False)
+    proc = call_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "run"),
+                       "--device", "cuda", check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --device cuda: torch sees no CUDA GPU here") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, make_competition, run_script
+from conftest import ROOT, TINY, call_script, make_competition
 from kaggle_cifar import checkpoint, cli, data, distributed
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -85,19 +85,19 @@ def test_a_warm_cache_never_serves_pixels_that_are_not_in_the_files(small):
 def test_a_typo_is_refused_before_the_run_dir_is_written_and_the_fixed_command_runs(small, tmp_path):
     run = tmp_path / "run"
     flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
-    last = one_error_line(run_script("train_folds.py", *flags, "--arch", "resnet18_cifra", check=False))
+    last = one_error_line(call_script("train_folds.py", *flags, "--arch", "resnet18_cifra", check=False))
     assert "arch must be resnet18_cifar or fast_cifar or" in last and "(did you mean resnet18_cifar" in last
-    last = one_error_line(run_script("train_folds.py", *flags, "--pseudo-labels", str(tmp_path / "fisrt"), check=False))
+    last = one_error_line(call_script("train_folds.py", *flags, "--pseudo-labels", str(tmp_path / "fisrt"), check=False))
     assert "--pseudo-labels" in last and "no such run dir" in last
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"epochs": 1.5}))
-    last = one_error_line(run_script("train_folds.py", *flags, "--config", str(bad), check=False))
+    last = one_error_line(call_script("train_folds.py", *flags, "--config", str(bad), check=False))
     assert "bad.json" in last and "epochs must be a whole number, not 1.5" in last
     bad.write_text(json.dumps({"lr": "0.2"}))
-    assert "lr must be float, not '0.2'" in one_error_line(run_script("train_folds.py", *flags, "--config", str(bad),
-                                                                      check=False))
+    assert "lr must be float, not '0.2'" in one_error_line(call_script("train_folds.py", *flags, "--config", str(bad),
+                                                                       check=False))
     assert not run.exists()
-    run_script("train_folds.py", *flags)
+    call_script("train_folds.py", *flags)
     assert (run / "report.json").exists()
 
 
@@ -115,11 +115,11 @@ def test_what_used_to_be_a_traceback_is_one_error_line(case, small, tmp_path):
     run = tmp_path / "run"
     if case == "run dir is a file":
         run.write_text("not a folder")
-        proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(run), *TINY, check=False)
+        proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(run), *TINY, check=False)
         assert "is a file, not a run dir" in one_error_line(proc)
         return
     if case == "more folds than images":
-        proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(run), "--folds", "50", check=False)
+        proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(run), "--folds", "50", check=False)
         assert "--folds 50: 3 of the 3 classes" in one_error_line(proc) and "use --folds 6 or fewer" in proc.stderr
         return
     if case == "prepare without py7zr":
@@ -139,14 +139,14 @@ def test_what_used_to_be_a_traceback_is_one_error_line(case, small, tmp_path):
     args = ["--input", str(small), "--run-dir", str(run)]
     if case == "predict batch size 0":
         assert "--batch-size: '0' is not a whole number of at least 1" in one_error_line(
-            run_script("predict.py", *args, "--batch-size", "0", check=False))
+            call_script("predict.py", *args, "--batch-size", "0", check=False))
         assert "--tta-gate: '-1' is not a finite number of at least 0" in one_error_line(
-            run_script("predict.py", *args, "--tta-gate", "-1", check=False))
+            call_script("predict.py", *args, "--tta-gate", "-1", check=False))
     elif case == "output is a folder":
-        assert "is a folder" in one_error_line(run_script("predict.py", *args, "--output", str(tmp_path), check=False))
+        assert "is a folder" in one_error_line(call_script("predict.py", *args, "--output", str(tmp_path), check=False))
     else:
         (run / "classes.json").unlink()
-        assert "classes.json: missing" in one_error_line(run_script("predict.py", *args, check=False))
+        assert "classes.json: missing" in one_error_line(call_script("predict.py", *args, check=False))
 
 
 def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -194,7 +194,7 @@ def test_ctrl_c_says_what_was_kept_and_the_same_command_resumes(small, tmp_path)
     assert "run the same command again to resume" in one_error_line(proc, code=130)
     epoch = torch.load(run / "fold0" / "last.pt", weights_only=True)["epoch"]
     assert epoch < 39
-    proc = run_script("train_folds.py", *cmd[2:])
+    proc = call_script("train_folds.py", *cmd[2:])
     assert f"fold 0: resuming after epoch {epoch + 1}" in proc.stderr and (run / "report.json").exists()
 
 
@@ -266,28 +266,28 @@ def test_a_second_writer_of_a_run_dir_is_refused_naming_the_holder_and_a_dead_on
     try:
         assert holder.stdout.readline() == "held\n"
         flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
-        last = one_error_line(run_script("train_folds.py", *flags, check=False))
+        last = one_error_line(call_script("train_folds.py", *flags, check=False))
         assert last.startswith(f"error: {run}: pid {holder.pid} on ") and "is training this run dir" in last
         assert not (run / "config.json").exists()  # refused before writing anything
     finally:
         holder.kill()  # dies holding the lock, as a crashed training does
         holder.wait()
-    run_script("train_folds.py", *flags)
+    call_script("train_folds.py", *flags)
     assert (run / "report.json").exists()
 
 
 def test_a_damaged_file_of_a_run_dir_is_named_with_the_way_to_write_it_again(small, tmp_path):
     run = tmp_path / "run"
     flags = ["--input", str(small), "--run-dir", str(run), *TINY[:4], "--epochs", "1"]
-    run_script("train_folds.py", *flags)
+    call_script("train_folds.py", *flags)
     report = run / "report.json"
     report.write_text(report.read_text()[:40])  # truncated
-    last = one_error_line(run_script("report.py", str(run), check=False))
+    last = one_error_line(call_script("report.py", str(run), check=False))
     assert last.startswith(f"error: {report}: unreadable (JSONDecodeError: ") and "run train_folds.py on this" in last
     result = run / "fold1" / "result.json"
     result.write_text("{")
-    last = one_error_line(run_script("train_folds.py", *flags, check=False))
+    last = one_error_line(call_script("train_folds.py", *flags, check=False))
     assert last.startswith(f"error: {result}: unreadable") and f"delete {result} and run train_folds.py" in last
     result.unlink()  # as the line says
-    run_script("train_folds.py", "--config", str(run / "config.json"), "--input", str(small), "--run-dir", str(run))
+    call_script("train_folds.py", "--config", str(run / "config.json"), "--input", str(small), "--run-dir", str(run))
     assert json.loads(result.read_text())["fold"] == 1 and json.loads(report.read_text())["cv_accuracy"] > 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_competition, run_script
+from conftest import call_script, make_competition
 from kaggle_cifar.data import cached_images, load_test, load_train
 from kaggle_cifar.errors import InputError
 
@@ -106,7 +106,7 @@ def test_truncated_cache_is_rebuilt(small):
 
 def test_check_mode_reports_the_problem_and_trains_nothing(small, tmp_path):
     (small / "train" / "4.png").write_bytes(b"garbage")
-    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2", "--check", check=False)
+    proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2", "--check", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "4.png: not a readable PNG" in proc.stderr
@@ -114,6 +114,6 @@ def test_check_mode_reports_the_problem_and_trains_nothing(small, tmp_path):
 
 
 def test_check_mode_on_good_input(small, tmp_path):
-    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2", "--check")
+    proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--folds", "2", "--check")
     assert "input OK" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -53,8 +53,26 @@ def test_the_unpacking_script_does_not_load_torch():
     assert out.strip() == "False"
 
 
+@pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for folder in ("scripts", "bench")
+                                           for p in (ROOT / folder).glob("*.py")))
+def test_a_script_imports_the_package_before_any_library_that_may_load_torch(script):
+    """Most tests run a script in their own process (conftest.call_python), where the package has
+    long been loaded: so each script's first import outside the standard library is read here. It
+    must be the package (or bench/common.py, which imports it first): it sets OpenMP's wait policy,
+    which torch reads once, as it loads. The tests that start a script as a process of its own also
+    check what it printed (conftest.run_python)."""
+    import sys
+
+    tree = ast.parse((ROOT / script).read_text())
+    imports = sorted((node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))),
+                     key=lambda node: node.lineno)
+    modules = [name.split(".")[0] for node in imports
+               for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])]
+    outside = [name for name in modules if name not in (*sys.stdlib_module_names, "__future__")]
+    assert outside and outside[0] in ("kaggle_cifar", "common"), f"{script} imports {outside[:1]} first"
+
+
 def test_torch_loaded_before_the_package_is_named_since_openmp_then_keeps_spinning():
-    """The scripts' and benchmarks' own imports are checked by every test that runs them."""
     import subprocess
     import sys
 

@@ -52,15 +52,15 @@ def test_fast_cifar_trains_and_predicts_through_the_pipeline(tmp_path):
 
     import pandas as pd
 
-    from conftest import TINY, make_competition, run_script
+    from conftest import TINY, call_script, make_competition
     from kaggle_cifar.model import build_model, training_flops_per_image
 
     competition = make_competition(tmp_path / "input")
     run = tmp_path / "run"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY[:-4], "--batch-size", "16",
-               "--lr", "0.5", "--epochs", "8", "--arch", "fast_cifar")  # its 1/9 output scale wants a high rate
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY[:-4], "--batch-size", "16",
+                "--lr", "0.5", "--epochs", "8", "--arch", "fast_cifar")  # its 1/9 output scale wants a high rate
     assert json.loads((run / "report.json").read_text())["cv_accuracy"] > 0.6  # chance: 1/3
-    sub = pd.read_csv(io.StringIO(run_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout))
+    sub = pd.read_csv(io.StringIO(call_script("predict.py", "--input", str(competition), "--run-dir", str(run)).stdout))
     assert len(sub) == 24
     fast = training_flops_per_image(build_model("fast_cifar", 10, 64), (3, 32, 32))
     resnet = training_flops_per_image(build_model("resnet18_cifar", 10, 64), (3, 32, 32))

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import CLASSES, NATIVE_BF16, TINY, run_script
+from conftest import CLASSES, NATIVE_BF16, TINY, call_script, run_script
 from kaggle_cifar import checkpoint, distributed
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TTA_GATE, TrainConfig
@@ -33,7 +33,7 @@ CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision mak
 
 def test_train_then_predict_from_the_run_dir_alone_writes_a_valid_submission(competition, tmp_path):
     run = tmp_path / "run"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
     report = json.loads((run / "report.json").read_text())
     assert report["classes"] == sorted(CLASSES)
     assert len(report["fold_accuracy"]) == 2
@@ -41,7 +41,7 @@ def test_train_then_predict_from_the_run_dir_alone_writes_a_valid_submission(com
 
     assert json.loads((run / "input.json").read_text()) == {"input": str(competition),
                                                             "cache_dir": str(competition / ".cache")}
-    proc = run_script("predict.py", "--run-dir", str(run))  # the run knows its input (./input is empty)
+    proc = call_script("predict.py", "--run-dir", str(run))  # the run knows its input (./input is empty)
     sub = pd.read_csv(io.StringIO(proc.stdout), dtype=str)  # stdout holds the CSV and nothing else
     assert list(sub.columns) == ["id", "label"]
     assert sub["id"].tolist() == [str(i) for i in range(1, 25)]
@@ -52,7 +52,7 @@ def test_train_then_predict_from_the_run_dir_alone_writes_a_valid_submission(com
 
 def test_oof_probabilities_come_from_the_model_that_held_the_image_out(competition, tmp_path):
     run = tmp_path / "run"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
     cfg = TrainConfig.from_json(run / "config.json")
     classes = json.loads((run / "classes.json").read_text())
     folds = pd.read_csv(run / "folds.csv")
@@ -78,10 +78,10 @@ def test_predict_orders_ids_numerically(tmp_path):
 
     competition = make_competition(tmp_path / "input", per_class=4, n_test=12)
     run = tmp_path / "run"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--folds", "2", "--epochs", "1",
-               "--width", "4", "--batch-size", "8")
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), "--folds", "2", "--epochs", "1",
+                "--width", "4", "--batch-size", "8")
     out = tmp_path / "sub.csv"
-    run_script("predict.py", "--input", str(competition), "--run-dir", str(run), "--tta", "none", "--output", str(out))
+    call_script("predict.py", "--input", str(competition), "--run-dir", str(run), "--tta", "none", "--output", str(out))
     assert pd.read_csv(out)["id"].tolist() == list(range(1, 13))  # 10, 11, 12 after 9, not after 1
 
 
@@ -89,7 +89,7 @@ def test_report_pictures_are_made_by_training_and_by_report_script(competition, 
     from PIL import Image
 
     run = tmp_path / "run"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY[:-4])
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY[:-4])
     pictures = sorted((run / "report").glob("*.png"))
     assert [p.name for p in pictures] == ["confusion.png", "curves.png", "mistakes.png", "per_class.png"]
     for p in pictures:
@@ -105,13 +105,13 @@ def test_report_pictures_are_made_by_training_and_by_report_script(competition, 
 
 def test_config_round_trips_and_flags_override_it(competition, tmp_path):
     first = tmp_path / "first"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(first), *TINY[:-2], "--epochs", "1",
-               "--label-smoothing", "0.05")
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(first), *TINY[:-2], "--epochs", "1",
+                "--label-smoothing", "0.05")
     saved = TrainConfig.from_json(first / "config.json")
     assert saved.label_smoothing == 0.05 and saved.epochs == 1 and saved.width == 8
     second = tmp_path / "second"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), "--config",
-               str(first / "config.json"), "--seed", "7")
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), "--config",
+                str(first / "config.json"), "--seed", "7")
     import dataclasses
     assert TrainConfig.from_json(second / "config.json") == dataclasses.replace(saved, seed=7)
 
@@ -128,8 +128,8 @@ def train_with_holdout(competition, run, *flags) -> SimpleNamespace:
     and the holdout's images and true classes."""
     from kaggle_cifar.folds import HOLDOUT
 
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY, "--holdout", "12",
-                      *flags)
+    proc = call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY, "--holdout", "12",
+                       *flags)
     cfg = TrainConfig.from_json(run / "config.json")
     classes = json.loads((run / "classes.json").read_text())
     folds = pd.read_csv(run / "folds.csv")
@@ -197,8 +197,8 @@ def test_a_full_fit_without_a_holdout_trains_on_every_image_and_predicts(competi
 def test_compiled_training_step_computes_what_the_eager_one_does(competition, tmp_path):
     """torch.compile is on by default on GPUs; tracing it here catches graph breaks and wrong results on CPU."""
     flags = ["--input", str(competition), "--folds", "2", "--epochs", "1", "--width", "4", "--batch-size", "16"]
-    run_script("train_folds.py", *flags, "--run-dir", str(tmp_path / "eager"), "--no-compile")
-    run_script("train_folds.py", *flags, "--run-dir", str(tmp_path / "compiled"), "--compile")
+    call_script("train_folds.py", *flags, "--run-dir", str(tmp_path / "eager"), "--no-compile")
+    call_script("train_folds.py", *flags, "--run-dir", str(tmp_path / "compiled"), "--compile")
     for fold in range(2):
         eager = np.load(tmp_path / "eager" / f"fold{fold}" / "oof.npy")
         compiled = np.load(tmp_path / "compiled" / f"fold{fold}" / "oof.npy")
@@ -208,8 +208,8 @@ def test_compiled_training_step_computes_what_the_eager_one_does(competition, tm
 
 def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(b), *TINY, "--folds", "3", "--seed", "1")
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(b), *TINY, "--folds", "3", "--seed", "1")
     cpu, cache = distributed.setup("cpu"), competition / ".cache"
     ids, probs_a, classes, _ = ensemble_probs(competition, [a], cache, cpu)
     probs_b = ensemble_probs(competition, [b], cache, cpu)[1]
@@ -218,7 +218,7 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
     np.testing.assert_allclose(ensemble_probs(competition, [a], cache, cpu, gate=100.0)[1], probs_a, atol=1e-6)  # all unsure
     assert not np.allclose(probs_a, probs_b, atol=1e-3)  # so the check above tells the weights apart
 
-    proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(b))
+    proc = call_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(b))
     sub = pd.read_csv(io.StringIO(proc.stdout))
     gated = ensemble_probs(competition, [a, b], cache, cpu, gate=TTA_GATE)[1]  # predict's default
     assert sub["label"].tolist() == np.asarray(classes)[gated.argmax(1)].tolist()
@@ -239,8 +239,8 @@ def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_p
     folds sharing its weight and each fold model's probabilities recalibrated by its run's
     temperature; the weights and temperatures are logged and recorded."""
     a, c = tmp_path / "a", tmp_path / "c"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(c), *TINY, "--width", "4", "--epochs", "1")
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(a), *TINY)
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(c), *TINY, "--width", "4", "--epochs", "1")
     cpu, cache = distributed.setup("cpu"), competition / ".cache"
     classes = json.loads((a / "classes.json").read_text())
     temperatures, weights, _ = oof_weights([RunDir(a), RunDir(c)], classes)
@@ -257,8 +257,8 @@ def test_predict_weighs_runs_by_their_out_of_fold_predictions(competition, tmp_p
     np.testing.assert_allclose(predicted, weights[0] * recalibrated_run(a, temperatures[0])
                                + weights[1] * recalibrated_run(c, temperatures[1]), atol=1e-5)
     sub = tmp_path / "sub.csv"
-    proc = run_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
-                      "--weights", "oof", "--output", str(sub))
+    proc = call_script("predict.py", "--input", str(competition), "--run-dir", str(a), "--ensemble", str(c),
+                       "--weights", "oof", "--output", str(sub))
     record = json.loads((tmp_path / "sub.csv.json").read_text())  # the submission's record, beside it
     assert record["runs"] == [str(a), str(c)] and record["by"] == "oof" and record["tta"] == "flip_translate"
     np.testing.assert_allclose(record["weights"], weights, atol=1e-9)
@@ -351,9 +351,9 @@ def test_runs_are_compared_in_one_table_and_one_picture(competition, tmp_path):
     runs = []
     for name, extra in [("narrow", ["--width", "4"]), ("fast", ["--recipe", "fast", "--width", "8", "--holdout", "6"])]:
         runs.append(tmp_path / name)
-        run_script("train_folds.py", "--input", str(competition), "--run-dir", str(runs[-1]), "--epochs", "2",
-                   "--batch-size", "16", *(["--folds", "2"] if name == "narrow" else []), *extra)
-    proc = run_script("report.py", "--compare", *map(str, runs), "--picture", str(tmp_path / "compare.png"))
+        call_script("train_folds.py", "--input", str(competition), "--run-dir", str(runs[-1]), "--epochs", "2",
+                    "--batch-size", "16", *(["--folds", "2"] if name == "narrow" else []), *extra)
+    proc = call_script("report.py", "--compare", *map(str, runs), "--picture", str(tmp_path / "compare.png"))
     header, rule, narrow, fast = proc.stdout.strip().splitlines()
     assert header.startswith("| run | recipe | settings | accuracy | TTA none | TTA flip | TTA flip_translate |")
     assert "| - | arch=resnet18_cifar, width=4, folds=2, holdout=0, crop_pad=4 | CV " in narrow

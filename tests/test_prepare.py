@@ -77,11 +77,11 @@ def test_nothing_to_prepare_is_an_error(tmp_path):
 
 
 def test_train_folds_prepares_a_raw_download_by_itself(download, tmp_path):
-    from conftest import run_script
+    from conftest import call_script
 
     folder, _ = download
-    proc = run_script("train_folds.py", "--input", str(folder), "--run-dir", str(tmp_path / "run"), "--folds", "2",
-                      "--check")
+    proc = call_script("train_folds.py", "--input", str(folder), "--run-dir", str(tmp_path / "run"), "--folds", "2",
+                       "--check")
     assert "input OK: 12 training images in 3 classes" in proc.stderr
     assert (folder / "train").is_dir() and (folder / "test").is_dir()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, make_competition, run_script
+from conftest import TINY, call_script, make_competition
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.data import load_test
@@ -30,7 +30,7 @@ def competition(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_round(competition):
     run = competition.parent / "first"  # trained once for the module; the tests only read it
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
     return run
 
 
@@ -67,8 +67,8 @@ def test_second_round_trains_on_its_images_plus_the_pseudo_labelled_ones(competi
                                  test_images, TTA_VIEWS[cfg.tta], CPU).max(1).values for fold in range(2)]
     threshold = float(f"{min(c.median() for c in confidences):.6f}")  # every fold gets at least half
     second = tmp_path / "second"
-    run_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), *TINY,  # the teacher
-               "--pseudo-labels", str(first_round), "--pseudo-threshold", str(threshold), "--precision", "float32")  # as here
+    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(second), *TINY,  # the teacher
+                "--pseudo-labels", str(first_round), "--pseudo-threshold", str(threshold), "--precision", "float32")  # as here
     for fold in range(2):
         confident = int((confidences[fold] >= threshold).sum())
         first = json.loads((first_round / f"fold{fold}" / "result.json").read_text())
@@ -84,8 +84,8 @@ def test_a_first_round_with_another_fold_split_is_refused(competition, first_rou
     swapped = folds_csv.replace(",0\n", ",x\n").replace(",1\n", ",0\n").replace(",x\n", ",1\n")
     with pytest.raises(ConfigError, match=r"its fold split differs from this run's"):
         open_teacher(first_round, swapped, classes)
-    proc = run_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "other"),
-                      *TINY, "--seed", "1", "--pseudo-labels", str(first_round), check=False)
+    proc = call_script("train_folds.py", "--input", str(competition), "--run-dir", str(tmp_path / "other"),
+                       *TINY, "--seed", "1", "--pseudo-labels", str(first_round), check=False)
     assert proc.returncode == 2 and "fold split differs" in proc.stderr
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from conftest import CALIBRATION, make_competition, run_script
+from conftest import CALIBRATION, call_script, make_competition
 from kaggle_cifar import checkpoint, distributed, train
 from kaggle_cifar.config import TrainConfig
 from kaggle_cifar.cv import train_folds
@@ -88,9 +88,9 @@ def test_a_holdout_that_empties_a_fold_of_a_class_is_refused_before_training(sma
 
 
 def test_bad_config_values_are_all_named_in_one_error_before_anything_runs(small, tmp_path):
-    proc = run_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
-                      "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", "--auto-augment", "autoaugment",
-                      "--crop-fill", "mirror", check=False)
+    proc = call_script("train_folds.py", "--input", str(small), "--run-dir", str(tmp_path / "run"),
+                       "--optimizer", "sgdd", "--lr", "-1", "--tta", "all", "--auto-augment", "autoaugment",
+                       "--crop-fill", "mirror", check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: invalid config: optimizer must be a timm optimizer name")
     assert "lr must be positive" in proc.stderr and "tta must be one of none, flip, flip_translate" in proc.stderr
@@ -212,8 +212,8 @@ def test_predict_refuses_a_run_with_a_missing_fold(small, tmp_path):
     run(dataclasses.replace(CFG, epochs=1), small, tmp_path / "run")
     (tmp_path / "run" / "fold1" / "model.pt").unlink()
     out = tmp_path / "sub.csv"
-    proc = run_script("predict.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--output", str(out),
-                      check=False)
+    proc = call_script("predict.py", "--input", str(small), "--run-dir", str(tmp_path / "run"), "--output", str(out),
+                       check=False)
     assert proc.returncode == 2 and "fold1/model.pt: missing; fold 1 has not finished" in proc.stderr
     assert proc.stdout == "" and not out.exists()
 

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy
 import torch
 
-from conftest import ROOT, hooked_pythonpath, make_competition, run_script, torchrun
+from conftest import ROOT, call_script, hooked_pythonpath, make_competition, run_script, torchrun
 from kaggle_cifar import search as search_module
 from kaggle_cifar import train
 from kaggle_cifar.config import TrainConfig
@@ -120,9 +120,9 @@ def test_search_writes_trials_pictures_and_a_best_config_and_goes_on(tiny, tmp_p
     assert best == dataclasses.replace(TrainConfig(folds=2, epochs=2, width=8, batch_size=8), lr=top["params_lr"],
                                        optimizer=top["params_optimizer"])
     assert (where / "report" / "history.png").stat().st_size > 0 and (where / "report" / "slices.png").exists()
-    run_script("search.py", *args, "3")
+    call_script("search.py", *args, "3")
     assert len(pd.read_csv(where / "trials.csv")) == 3  # the same study, one trial more
-    bad = run_script("search.py", *args, "3", "--storage", "nosuchdb://x", check=False)
+    bad = call_script("search.py", *args, "3", "--storage", "nosuchdb://x", check=False)
     first, *_, last = bad.stderr.splitlines()
     assert bad.returncode == 2 and last.startswith("error: nosuchdb://x: cannot hold the study")
     assert first.startswith("device cpu (") and "training eager" in first  # how it computes, said first
