@@ -59,10 +59,11 @@ def add_input_flag(parser: argparse.ArgumentParser, of_the_run: bool = False) ->
                         help=f"competition folder: trainLabels.csv, train/, test/, or the raw download (default: {default})")
 
 
-def inputs_of_the_run(args: argparse.Namespace, source: dict[str, Path]) -> None:
-    """Without --input, the input folder (and, without --cache-dir, the image cache) a run was
-    trained from (`source`: RunDir.source()); `input` for a run that did not record them."""
+def inputs_of_the_run(args: argparse.Namespace, run) -> None:
+    """Without --input, the input folder (and, without --cache-dir, the image cache) `run` (a
+    RunDir) was trained from; `input` for a run that did not record them."""
     if args.input is None:
+        source = run.source()
         args.input = source.get("input", DEFAULT_INPUT)
         if vars(args).get("cache_dir", False) is None and "cache_dir" in source:
             args.cache_dir = source["cache_dir"]

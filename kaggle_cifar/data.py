@@ -105,11 +105,18 @@ def image_ids(folder: Path) -> np.ndarray:
     if not folder.is_dir():
         raise InputError(f"{folder}: missing image folder (run scripts/prepare.py on the Kaggle download)")
     names = [e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith(".")]
+    # What an operating system or a tool leaves beside the images (Thumbs.db, desktop.ini, notes) is
+    # no image of the competition's; an image under another name may be one, and is refused.
+    images = Image.registered_extensions()
+    others = sorted(n for n in names if Path(n).suffix.lower() not in images)
+    if others:
+        log.warning("warning: %s: left out %d file(s) that are not images: %s", folder, len(others), listing(others))
+    names = [n for n in names if Path(n).suffix.lower() in images]
     if not names:
         raise InputError(f"{folder}: empty image folder")
     bad = sorted(n for n in names if not (n.endswith(".png") and n[:-4].isdigit()))
     if bad:
-        raise InputError(f"{folder}: files not named <id>.png: {listing(bad)}")
+        raise InputError(f"{folder}: images not named <id>.png: {listing(bad)}")
     return np.sort(np.array([int(n[:-4]) for n in names], dtype=np.int64))
 
 

@@ -219,8 +219,7 @@ class RunDir:
         differs. One whose folds never started (a typo stopped it) takes the new identity.
         `source` (input and cache_dir) records where the images came from: not identity, the
         latest is kept."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
+        self._refuse_a_file()
         self.path.mkdir(parents=True, exist_ok=True)
         started = self.started()
         for name, content, what in [("config.json", cfg.to_json(), "config"),
@@ -253,6 +252,7 @@ class RunDir:
     def source(self) -> dict[str, Path]:
         """The input folder and cache the run was trained from (empty for a run made before they
         were recorded)."""
+        self.require()
         path = self.path / "input.json"
         if not path.is_file():
             return {}
@@ -262,12 +262,23 @@ class RunDir:
             raise RunDirError(f"{path}: unreadable ({first_line(e, typed=True)}); train_folds.py writes it again, "
                               f"or give --input") from None
 
-    def read(self) -> tuple[TrainConfig, list[str]]:
-        """The run's config and classes."""
+    def _refuse_a_file(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
+
+    def require(self) -> None:
+        """Refuse, naming what is wrong, a path that holds no training run."""
+        self._refuse_a_file()
+        if not self.path.exists():
+            raise RunDirError(f"{self.path}: no such run dir (train_folds.py --run-dir {self.path} trains one)")
         for name in ("config.json", "classes.json"):
             if not (self.path / name).is_file():
                 raise RunDirError(f"{self.path / name}: missing; {self.path} is not a training run "
                                   f"(run train_folds.py)")
+
+    def read(self) -> tuple[TrainConfig, list[str]]:
+        """The run's config and classes."""
+        self.require()
         try:
             classes = json.loads((self.path / "classes.json").read_text())
         except json.JSONDecodeError as e:
@@ -307,8 +318,7 @@ class RunDir:
         """This process is the run dir's one writer while the block runs: a second training of it is
         refused, naming the holder (with `wait`, it waits for the holder to end). The lock is the
         kernel's (flock), so a process that dies releases it; readers (predict, report) take none."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"{self.path}: is a file, not a run dir; give --run-dir a folder")
+        self._refuse_a_file()
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / "writer.lock", "a+") as lock:
             try:

@@ -54,7 +54,7 @@ def main() -> int:
 
     if args.tta is not None and args.tta not in TTA_VIEWS:
         parser.error(f"--tta {args.tta}: use one of {', '.join(TTA_VIEWS)}")
-    cli.inputs_of_the_run(args, RunDir(args.run_dir).source())
+    cli.inputs_of_the_run(args, RunDir(args.run_dir))
     ctx = distributed.setup(args.device, args.precision, args.compile)
     try:
         cli.resolve_paths(args, ctx)

@@ -44,8 +44,9 @@ def main() -> int:
     from kaggle_cifar.report import describe
 
     run = RunDir(args.run_dir)
-    print(describe(run.read_report(), run.read()[0].tta))
-    cli.inputs_of_the_run(args, run.source())
+    cfg, _ = run.read()  # first: a path that holds no run is named as such
+    print(describe(run.read_report(), cfg.tta))
+    cli.inputs_of_the_run(args, run)
     ids = read_labels(args.input).ids
     images = cached_images(args.input / "train", ids, cli.cache_dir_of(args))
     for path in plots.write_report(run, ids, images):

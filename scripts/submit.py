@@ -83,12 +83,14 @@ def main() -> int:
     parser.add_argument("--timeout", type=cli.positive_int, default=600,
                         help="seconds to wait for the Kaggle CLI's upload (default: 600)")
     args = parser.parse_args()
+    if not args.file.is_file():  # a mistyped name is named before anything else is asked of the user
+        parser.error(f"{args.file}: {'a folder' if args.file.is_dir() else 'no such file'}, not a submission CSV")
     if shutil.which("kaggle") is None:  # before the validation, which reads every test file name
         raise ToolError("the Kaggle CLI is not installed: pip install kaggle (or pip install -e '.[extras]')")
     from kaggle_cifar.rundir import RunDir  # after the flags: --help answers without loading torch
 
     run = RunDir(args.run_dir)
-    cli.inputs_of_the_run(args, run.source())
+    cli.inputs_of_the_run(args, run)
     check_file(args.file, args.input)
     message = args.message or message_for(run, read_record(args.file))
     print(f"uploading {args.file} with the Kaggle CLI (waiting up to {args.timeout} s) ...", file=sys.stderr)

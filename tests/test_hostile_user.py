@@ -109,6 +109,20 @@ def test_a_run_dir_whose_folds_never_started_takes_a_new_config(small, tmp_path)
     assert TrainConfig.from_json(tmp_path / "run" / "config.json").epochs == 1
 
 
+def test_every_script_that_reads_a_run_names_a_path_that_holds_none(small, tmp_path):
+    """Not the input it would otherwise look for in ./input: the run dir given is what is wrong."""
+    missing, empty = tmp_path / "runn", tmp_path / "empty"
+    empty.mkdir()
+    for script, flag in [("predict.py", "--run-dir"), ("report.py", "--run-dir"), ("report.py", "--compare")]:
+        last = one_error_line(call_script(script, flag, str(missing), check=False))
+        assert last == f"error: {missing}: no such run dir (train_folds.py --run-dir {missing} trains one)", script
+        last = one_error_line(call_script(script, flag, str(empty), check=False))
+        assert last == f"error: {empty / 'config.json'}: missing; {empty} is not a training run (run train_folds.py)"
+    sub = tmp_path / "sub.csv"  # named before the Kaggle CLI is looked for
+    assert one_error_line(call_script("submit.py", str(sub), check=False)) == \
+        f"error: {sub}: no such file, not a submission CSV (see submit.py --help)"
+
+
 @pytest.mark.parametrize("case", ["run dir is a file", "predict batch size 0", "output is a folder",
                                   "run without classes.json", "prepare without py7zr", "more folds than images"])
 def test_what_used_to_be_a_traceback_is_one_error_line(case, small, tmp_path):

@@ -43,6 +43,17 @@ def test_empty_folder(small):
         load_test(small, small / ".cache")
 
 
+def test_files_beside_the_images_are_left_out_with_a_warning_and_an_image_misnamed_is_refused(small, caplog):
+    (small / "test" / "Thumbs.db").write_bytes(b"\0" * 64)  # what Windows and macOS leave in a folder of images
+    (small / "test" / ".DS_Store").write_bytes(b"\0" * 64)
+    (small / "test" / "notes").write_text("to do")
+    assert load_test(small, small / ".cache")[0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert "test: left out 2 file(s) that are not images: Thumbs.db, notes" in caplog.text
+    Image.open(small / "test" / "1.png").save(small / "test" / "1.jpg")
+    with pytest.raises(InputError, match=r"test: images not named <id>\.png: 1\.jpg"):
+        load_test(small, small / ".cache")
+
+
 def test_duplicate_id(small):
     with open(small / "trainLabels.csv", "a") as f:
         f.write("3,dog\n")
