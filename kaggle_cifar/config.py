@@ -250,7 +250,7 @@ class TrainConfig:
             ("whiten_bias_epochs", not self.whiten_bias_epochs or self.arch == "fast_cifar",
              "0 unless --arch fast_cifar (the one with a whitening layer)"),
             ("freeze_epochs", self.freeze_epochs >= 0, "0 or more"),
-            ("freeze_epochs", self.freeze_epochs < self.epochs or bool(self.time_budget),
+            ("freeze_epochs", not self.freeze_epochs or self.freeze_epochs < self.epochs or bool(self.time_budget),
              f"fewer than --epochs ({self.epochs}), so that the whole network trains at the end"),
             ("tta", self.tta in TTA_VIEWS, f"one of {', '.join(TTA_VIEWS)}"),
             ("pseudo_threshold", 0 < self.pseudo_threshold <= 1, "in (0, 1]"),

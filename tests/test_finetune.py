@@ -45,6 +45,8 @@ def test_normalization_follows_the_weights_it_serves():
         TrainConfig(normalization="cifar")
     with pytest.raises(ConfigError, match=r"freeze_epochs must be fewer than --epochs \(3\)"):
         TrainConfig(epochs=3, freeze_epochs=3)
+    with pytest.raises(ConfigError, match=r"^invalid config: epochs must be at least 1$"):  # no freeze phase to blame
+        TrainConfig(epochs=0)
 
 
 def test_frozen_epochs_train_only_the_head_and_a_resume_lands_in_the_right_phase(tmp_path, monkeypatch):
