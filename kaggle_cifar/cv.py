@@ -169,8 +169,8 @@ def say_how_long(cfg: TrainConfig, speed: budget.Speed, folds: int, epochs: floa
     seconds = speed.run_seconds(folds, epochs)
     how = f"planned for --time-budget {cfg.time_budget}" if cfg.time_budget else "from a few calibration steps"
     log.info("%d fold%s x %g epoch%s at %s images/s: about %s in all on %s in %s (%s)", folds,
-             "s" if folds != 1 else "", epochs, "s" if epochs != 1 else "", f"{speed.images_per_s:,.0f}", human_duration(seconds), policy.device,
-             policy.precision, how)
+             "s" if folds != 1 else "", epochs, "s" if epochs != 1 else "", f"{speed.images_per_s:,.0f}",
+             human_duration(seconds), policy.device, policy.precision, how)
     if seconds > parse_duration(LONG_RUN) and not cfg.time_budget:
         faster = "" if cfg.recipe == "fast" else "--recipe fast "
         log.warning("warning: that is longer than %s: for a result within it here, %s--time-budget %s "

@@ -146,9 +146,10 @@ def call_python(script: Path, *args: str, check: bool = True) -> subprocess.Comp
     root.setLevel(logging.INFO)
     sys.argv = [str(script), *args]
     sys.path.insert(0, str(script.parent))  # as python does for a script: its folder's modules import
-    code = 0
+    cwd, code = os.getcwd(), 0
+    os.chdir(ROOT)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(ROOT), \
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("default")
             try:
@@ -157,6 +158,7 @@ def call_python(script: Path, *args: str, check: bool = True) -> subprocess.Comp
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv, sys.path[:] = argv, path
+        os.chdir(cwd)
         root.handlers[:] = handlers
         root.setLevel(level)
         torch._dynamo.reset()  # a new process compiles afresh: no graph kept from an earlier call

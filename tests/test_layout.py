@@ -56,11 +56,11 @@ def test_the_unpacking_script_does_not_load_torch():
 @pytest.mark.parametrize("script", sorted(p.relative_to(ROOT).as_posix() for folder in ("scripts", "bench")
                                            for p in (ROOT / folder).glob("*.py")))
 def test_a_script_imports_the_package_before_any_library_that_may_load_torch(script):
-    """Most tests run a script in their own process (conftest.call_python), where the package has
-    long been loaded: so each script's first import outside the standard library is read here. It
-    must be the package (or bench/common.py, which imports it first): it sets OpenMP's wait policy,
-    which torch reads once, as it loads. The tests that start a script as a process of its own also
-    check what it printed (conftest.run_python)."""
+    """Most tests run a script inside the test's process (conftest.call_python), where the package
+    has long been loaded, so each script's first import outside the standard library is read here.
+    It must be the package (or bench/common.py, which imports it first): it sets OpenMP's wait
+    policy, which torch reads once, as it loads. The tests that start a script as a process of its
+    own also check what it printed (conftest.run_python)."""
     import sys
 
     tree = ast.parse((ROOT / script).read_text())
