@@ -146,6 +146,10 @@ def ensemble_probs(input_dir: Path, run_dirs: list[Path], cache_dir: Path, ctx: 
     inference.gated_probs), computed as the context's device policy says (in the precision measured
     faster, where it measures), `batch_size` images a forward pass (default: the smallest of the
     runs' predict_batch); on every rank."""
+    resolved = [Path(path).resolve() for path in run_dirs]
+    twice = [str(path) for k, path in enumerate(run_dirs) if resolved[k] in resolved[:k]]
+    if twice:  # it would weigh twice, and an OOF fit would blend a run with itself
+        raise RunDirError(f"{', '.join(twice)}: in the ensemble twice (--run-dir and --ensemble name each run once)")
     runs = [RunDir(path) for path in run_dirs]
     configs = [run.read() for run in runs]
     classes = same_classes([(run, run_classes) for run, (_, run_classes) in zip(runs, configs)])

@@ -229,6 +229,8 @@ def test_predict_ensembles_every_fold_of_every_run_with_equal_weight(competition
 
     with pytest.raises(RunDirError, match=r"--weights oof: .* holds out other images than .*use --weights equal"):
         ensemble_probs(competition, [a, b], cache, cpu, weights="oof")  # 2 folds against 3
+    with pytest.raises(RunDirError, match=rf"^{re.escape(str(b / '..' / 'a'))}: in the ensemble twice"):
+        ensemble_probs(competition, [a, b, b / ".." / "a"], cache, cpu)  # the same run, however it is spelled
     (b / "classes.json").write_text(json.dumps(["ant", "bee", "cow"]) + "\n")
     with pytest.raises(RunDirError, match=r"trained on the classes \['ant', 'bee', 'cow'\]"):
         ensemble_probs(competition, [a, b], cache, cpu)
