@@ -67,8 +67,18 @@ def _extract_7z(archive: Path, dest: Path, part: str) -> None:
 
 
 def prepare(input_dir: Path, dest: Path | None = None) -> Path:
-    """Make sure the competition layout exists; return the folder that holds it."""
+    """Make sure the competition layout exists; return the folder that holds it. `input_dir` is
+    the competition's folder, or the download (a zip) itself, which is unpacked beside it."""
     input_dir = Path(input_dir)
+    zip_path = input_dir / ZIP_NAME
+    if input_dir.is_file() and zipfile.is_zipfile(input_dir):
+        input_dir, zip_path = input_dir.parent, input_dir
+    elif input_dir.is_file():
+        raise InputError(f"{input_dir}: a file; give the competition's folder (trainLabels.csv, train/, test/) or "
+                         f"its download ({ZIP_NAME}, or the folder holding it)")
+    elif not input_dir.is_dir():  # before anything is made for it, as a writable copy of a read-only input
+        raise InputError(f"{input_dir}: no such folder (download the competition with: kaggle competitions "
+                         f"download -c cifar-10 -p {input_dir})")
     if is_prepared(input_dir):
         return input_dir
     if dest is None:  # Kaggle notebooks mount the input read-only
@@ -78,7 +88,6 @@ def prepare(input_dir: Path, dest: Path | None = None) -> Path:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     source, unzipped = input_dir, False
-    zip_path = input_dir / ZIP_NAME
     if not (input_dir / "train.7z").is_file() and zip_path.is_file():
         log.info("unzipping %s", zip_path)
         try:
@@ -92,8 +101,10 @@ def prepare(input_dir: Path, dest: Path | None = None) -> Path:
             continue
         archive = source / f"{part}.7z"
         if not archive.is_file():
-            raise InputError(f"{input_dir}: no {part}/ folder, {part}.7z or {ZIP_NAME} "
-                             f"(download with: kaggle competitions download -c cifar-10 -p {input_dir})")
+            images = next(input_dir.glob("*.png"), None) is not None  # e.g. --input input/train
+            raise InputError(f"{input_dir}: no {part}/ folder, {part}.7z or {ZIP_NAME} " + (
+                f"(it holds images itself: the competition's folder is the one above it, {input_dir.parent})"
+                if images else f"(download with: kaggle competitions download -c cifar-10 -p {input_dir})"))
         _extract_7z(archive, dest, part)
     for name in CSV_FILES:
         if not (dest / name).is_file() and (source / name).is_file():

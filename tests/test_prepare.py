@@ -72,8 +72,30 @@ def test_corrupt_archive_is_named(download):
 
 
 def test_nothing_to_prepare_is_an_error(tmp_path):
-    with pytest.raises(InputError, match=r"no train/ folder, train\.7z or cifar-10\.zip"):
+    with pytest.raises(InputError, match=r"no train/ folder, train\.7z or cifar-10\.zip \(download with"):
         prepare(tmp_path)
+
+
+def test_the_download_itself_is_unpacked_beside_it(download, tmp_path):
+    folder, src = download
+    renamed = folder / "cifar-10 (1).zip"  # as a browser saves a second download
+    (folder / "cifar-10.zip").rename(renamed)
+    assert prepare(renamed) == folder and len(load_test(folder, folder / ".cache")[0]) == 6
+    assert prepare(renamed) == folder  # then a no-op
+
+
+def test_an_input_that_is_no_competition_folder_is_named_with_what_to_give_and_nothing_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a read-only input's copy would go
+    competition = make_competition(tmp_path / "competition", per_class=2, n_test=2)
+    made = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=r"train: no train/ folder.*it holds images itself: the competition's "
+                                         rf"folder is the one above it, {competition}\)"):
+        prepare(competition / "train")
+    with pytest.raises(InputError, match=r"trainLabels\.csv: a file; give the competition's folder"):
+        prepare(competition / "trainLabels.csv")
+    with pytest.raises(InputError, match=r"nothere: no such folder \(download the competition with"):
+        prepare(tmp_path / "nothere")
+    assert sorted(tmp_path.rglob("*")) == made
 
 
 def test_train_folds_prepares_a_raw_download_by_itself(download, tmp_path):
