@@ -9,6 +9,8 @@ import argparse
 import errno
 import logging
 import math
+import os
+import select
 import sys
 from pathlib import Path
 
@@ -127,10 +129,26 @@ def describe_os_error(e: OSError) -> str:
     return text
 
 
+def _stdout_closed() -> bool:
+    """Has the reader of standard output gone (`predict.py | head`)? Then nothing more can be said
+    there, and the interpreter's last flush is pointed at /dev/null instead of failing again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poll.poll(0)):  # a pipe whose reader closed
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def run(main, interrupted: str = "nothing was written") -> None:
     """Run `main()`; the project's expected errors and the environment's (a full disk, a folder
     where a file should be) become one `error:` line and exit code 2, Ctrl-C one line saying what
-    was kept (`interrupted`) and exit code 130."""
+    was kept (`interrupted`) and exit code 130; a reader of standard output that has gone, nothing
+    and exit code 141."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         with logging_redirect_tqdm():  # log lines go above a progress bar, never into it
@@ -139,8 +157,11 @@ def run(main, interrupted: str = "nothing was written") -> None:
         print("error:", " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         code = 2
     except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        code = 2
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            code = 128 + 13  # as a shell's tools end when their reader has gone (SIGPIPE): in silence
+        else:
+            print(f"error: {describe_os_error(e)}", file=sys.stderr)
+            code = 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         code = 130

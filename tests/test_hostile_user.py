@@ -109,6 +109,22 @@ def test_a_run_dir_whose_folds_never_started_takes_a_new_config(small, tmp_path)
     assert TrainConfig.from_json(tmp_path / "run" / "config.json").epochs == 1
 
 
+def test_a_reader_of_the_csv_that_goes_early_ends_the_script_in_silence_and_another_broken_pipe_is_named(capsys):
+    code = ("import sys, time\nfrom kaggle_cifar import cli\n"
+            "def main():\n    sys.stdout.write('id,label\\n'); sys.stdout.flush(); time.sleep(0.5)\n"
+            "    sys.stdout.write('1,cat\\n' * 100_000)\n    return 0\ncli.run(main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.readline() == b"id,label\n"
+    proc.stdout.close()  # as `predict.py | head -1` does
+    assert proc.wait(60) == 141 and proc.stderr.read() == b""  # no error line, no "Exception ignored"
+
+    def fails():  # a pipe that is not standard output's (a worker's, a tool's)
+        raise BrokenPipeError(32, "Broken pipe")
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(fails)
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: [Errno 32] Broken pipe\n"
+
+
 def test_every_script_that_reads_a_run_names_a_path_that_holds_none(small, tmp_path):
     """Not the input it would otherwise look for in ./input: the run dir given is what is wrong."""
     missing, empty = tmp_path / "runn", tmp_path / "empty"
