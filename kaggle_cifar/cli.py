@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import select
+import shlex
 import sys
 from pathlib import Path
 
@@ -80,8 +81,9 @@ def add_io_flags(parser: argparse.ArgumentParser, run_dir: Path | None = DEFAULT
 
 
 def run_dir_flag(run_dir: Path) -> str:
-    """` --run-dir RUN_DIR` for a next-step command, or nothing for the default run dir."""
-    return "" if Path(run_dir) == DEFAULT_RUN_DIR else f" --run-dir {run_dir}"
+    """` --run-dir RUN_DIR` for a next-step command, quoted for a shell, or nothing for the default
+    run dir."""
+    return "" if Path(run_dir) == DEFAULT_RUN_DIR else f" --run-dir {shlex.quote(str(run_dir))}"
 
 
 def add_cache_flag(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ to stdout (or --output), written only once every prediction is done and the CSV 
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def main() -> int:
         rows = csv.count("\n") - 1
         where = f"wrote {args.output} and its record {record_path(args.output).name}" if args.output else \
             "wrote the submission to stdout"
-        print(f"{where}: {rows:,} rows, valid; next: python scripts/submit.py {args.output or 'FILE'}"
+        print(f"{where}: {rows:,} rows, valid; next: python scripts/submit.py {shlex.quote(str(args.output or 'FILE'))}"
               f"{cli.run_dir_flag(args.run_dir)}", file=sys.stderr)
     return 0
 

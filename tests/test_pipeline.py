@@ -32,8 +32,10 @@ CPU = Policy.of(torch.device("cpu"), "float32")  # as conftest.one_precision mak
 
 
 def test_train_then_predict_from_the_run_dir_alone_writes_a_valid_submission(competition, tmp_path):
-    run = tmp_path / "run"
-    call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY)
+    run = tmp_path / "my run"  # a name a shell splits: the next commands printed quote it
+    said = call_script("train_folds.py", "--input", str(competition), "--run-dir", str(run), *TINY).stderr
+    assert said.strip().splitlines()[-1] == \
+        f"next: python scripts/predict.py --run-dir '{run}' --output submissions/sub.csv"
     report = json.loads((run / "report.json").read_text())
     assert report["classes"] == sorted(CLASSES)
     assert len(report["fold_accuracy"]) == 2
