@@ -149,9 +149,12 @@ def call_python(script: Path, *args: str, check: bool = True) -> subprocess.Comp
     cwd, code = os.getcwd(), 0
     os.chdir(ROOT)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                warnings.catch_warnings(record=True) as warned:
-            warnings.simplefilter("default")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # a new interpreter's filters: the warnings a user's terminal shows, in place
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
             try:
                 runpy.run_path(str(script), run_name="__main__")
             except SystemExit as e:
@@ -162,7 +165,6 @@ def call_python(script: Path, *args: str, check: bool = True) -> subprocess.Comp
         root.handlers[:] = handlers
         root.setLevel(level)
         torch._dynamo.reset()  # a new process compiles afresh: no graph kept from an earlier call
-    err.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in warned)
     proc = subprocess.CompletedProcess([script.name, *args], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"{script.name} exited {code}:\n{proc.stderr[-4000:]}")

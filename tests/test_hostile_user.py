@@ -113,10 +113,10 @@ def test_a_reader_of_the_csv_that_goes_early_ends_the_script_in_silence_and_anot
     code = ("import sys, time\nfrom kaggle_cifar import cli\n"
             "def main():\n    sys.stdout.write('id,label\\n'); sys.stdout.flush(); time.sleep(0.5)\n"
             "    sys.stdout.write('1,cat\\n' * 100_000)\n    return 0\ncli.run(main)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    assert proc.stdout.readline() == b"id,label\n"
-    proc.stdout.close()  # as `predict.py | head -1` does
-    assert proc.wait(60) == 141 and proc.stderr.read() == b""  # no error line, no "Exception ignored"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT) as proc:
+        assert proc.stdout.readline() == b"id,label\n"
+        proc.stdout.close()  # as `predict.py | head -1` does
+        assert proc.wait(60) == 141 and proc.stderr.read() == b""  # no error line, no "Exception ignored"
 
     def fails():  # a pipe that is not standard output's (a worker's, a tool's)
         raise BrokenPipeError(32, "Broken pipe")
