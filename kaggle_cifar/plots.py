@@ -33,6 +33,7 @@ def save_figure(fig, path: Path) -> None:
 
 def learning_curves(run: RunDir, folds: int):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold in range(folds):
@@ -43,6 +44,7 @@ def learning_curves(run: RunDir, folds: int):
         ax_acc.plot(log_csv["epoch"], log_csv["val_acc"], "--", color=line.get_color(), label=f"fold {fold} val")
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs end on whole numbers (a budget's last excepted)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=7, ncol=2)

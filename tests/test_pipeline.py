@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import CLASSES, NATIVE_BF16, TINY, call_script, run_script
-from kaggle_cifar import checkpoint, distributed
+from kaggle_cifar import checkpoint, distributed, plots
 from kaggle_cifar.augment import TTA_VIEWS
 from kaggle_cifar.config import TTA_GATE, TrainConfig
 from kaggle_cifar.data import cached_images, load_test
@@ -103,6 +103,8 @@ def test_report_pictures_are_made_by_training_and_by_report_script(competition, 
     assert proc.stdout.startswith("CV accuracy (out-of-fold, TTA flip_translate): ")  # the report as training ended it
     assert {Path(line).name for line in proc.stdout.splitlines()[-4:]} == {p.name for p in pictures}
     assert all(p.exists() for p in pictures)
+    fig = plots.learning_curves(RunDir(run), 2)  # epochs on the x axis are whole numbers, not 1.5 or 2.5
+    assert all(float(tick).is_integer() for ax in fig.axes for tick in ax.get_xticks())
 
 
 def test_config_round_trips_and_flags_override_it(competition, tmp_path):
