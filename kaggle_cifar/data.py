@@ -108,10 +108,11 @@ def image_ids(folder: Path) -> np.ndarray:
     # What an operating system or a tool leaves beside the images (Thumbs.db, desktop.ini, notes) is
     # no image of the competition's; an image under another name may be one, and is refused.
     image_suffixes = Image.registered_extensions()
-    others = sorted(n for n in names if Path(n).suffix.lower() not in image_suffixes)
+    others = [n for n in names if not n.endswith(".png") and os.path.splitext(n)[1].lower() not in image_suffixes]
     if others:
-        log.warning("warning: %s: left out %d file(s) that are not images: %s", folder, len(others), listing(others))
-    names = [n for n in names if Path(n).suffix.lower() in image_suffixes]
+        log.warning("warning: %s: left out %d file(s) that are not images: %s", folder, len(others),
+                    listing(sorted(others)))
+        names = sorted(set(names) - set(others))
     if not names:
         raise InputError(f"{folder}: empty image folder")
     bad = sorted(n for n in names if not (n.endswith(".png") and n[:-4].isdigit()))
