@@ -142,7 +142,9 @@ def _stdout_closed() -> bool:
     poll.register(fd, select.POLLOUT)
     if not any(events & select.POLLERR for _, events in poll.poll(0)):  # a pipe whose reader closed
         return False
-    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
     return True
 
 

@@ -8,7 +8,7 @@ import torch
 
 A = pytest.importorskip("albumentations")
 
-from conftest import CALIBRATION, make_competition, call_script  # noqa: E402
+from conftest import CALIBRATION, call_script, make_competition  # noqa: E402
 from kaggle_cifar import distributed, train  # noqa: E402
 from kaggle_cifar.config import TrainConfig  # noqa: E402
 from kaggle_cifar.cv import check_named_files, train_folds  # noqa: E402

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY, hooked_pythonpath, make_competition, call_script, torchrun
+from conftest import ROOT, TINY, call_script, hooked_pythonpath, make_competition, torchrun
 
 
 # Rank 1 of torchrun's first attempt kills itself (SIGKILL, as the OOM killer or a lost node would)

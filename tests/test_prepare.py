@@ -76,8 +76,8 @@ def test_nothing_to_prepare_is_an_error(tmp_path):
         prepare(tmp_path)
 
 
-def test_the_download_itself_is_unpacked_beside_it(download, tmp_path):
-    folder, src = download
+def test_the_download_itself_is_unpacked_beside_it(download):
+    folder, _ = download
     renamed = folder / "cifar-10 (1).zip"  # as a browser saves a second download
     (folder / "cifar-10.zip").rename(renamed)
     assert prepare(renamed) == folder and len(load_test(folder, folder / ".cache")[0]) == 6
